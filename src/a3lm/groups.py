@@ -1,0 +1,207 @@
+"""Group ids: which positions are predicted together, and in which order.
+
+A `group_ids` tensor [B, N] (int64) assigns every real token a group; a smaller id is an earlier
+group. Ids need not be contiguous nor sorted by position. Padded positions (attention_mask == 0)
+carry `PAD_GROUP` (-1). A position is *predictable* when some real token has a smaller id, so the
+earliest group of each sample (usually BOS alone) is context only.
+
+Every builder takes the `attention_mask` [B, N] (1 = real token) so that groupings are counted over
+real tokens only: left- and right-padded rows get the same grouping of their real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD_GROUP = -1
+ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
+
+
+def _as_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, N], got shape {tuple(attention_mask.shape)}")
+    return attention_mask.bool()
+
+
+def _chunk_ids(n: int, n_lead: int, size: int, device: torch.device) -> torch.Tensor:
+    """Group id of the k-th position in fill order: `n_lead` singletons, then chunks of `size`."""
+    k = torch.arange(n, device=device)
+    return torch.where(k < n_lead, k, n_lead + torch.div(k - n_lead, size, rounding_mode="floor"))
+
+
+def from_fill_order(
+    attention_mask: torch.Tensor, orders: list[torch.Tensor], size: int = 1, n_lead: int = 1
+) -> torch.Tensor:
+    """Group ids from an explicit fill order per sample.
+
+    orders[b] lists the *real-token ranks* (0 = first real token of row b) in the order they are
+    generated. The first `n_lead` of them are singleton groups (BOS); the rest form groups of `size`.
+    """
+    mask = _as_mask(attention_mask)
+    if size < 1:
+        raise ValueError(f"group size must be >= 1, got {size}")
+    group_ids = torch.full(mask.shape, PAD_GROUP, dtype=torch.long, device=mask.device)
+    for b, order in enumerate(orders):
+        real = mask[b].nonzero().squeeze(-1)
+        if order.numel() != real.numel() or not torch.equal(order.sort().values.cpu(), torch.arange(real.numel())):
+            raise ValueError(f"order of sample {b} must be a permutation of its {real.numel()} real tokens")
+        group_ids[b, real[order.to(real.device)]] = _chunk_ids(real.numel(), n_lead, size, mask.device)
+    return group_ids
+
+
+def left_to_right(attention_mask: torch.Tensor, size: int = 1, n_lead: int = 1) -> torch.Tensor:
+    """Contiguous groups of `size` left to right after `n_lead` singletons (size 1: plain AR)."""
+    mask = _as_mask(attention_mask)
+    return from_fill_order(mask, [torch.arange(int(m.sum())) for m in mask], size, n_lead)
+
+
+def contiguous(attention_mask: torch.Tensor, size: int, n_lead: int = 1) -> torch.Tensor:
+    """BOS alone, then contiguous groups of `size` left to right (curriculum stage 2)."""
+    return left_to_right(attention_mask, size, n_lead)
+
+
+def right_to_left(attention_mask: torch.Tensor, size: int = 1, n_lead: int = 1) -> torch.Tensor:
+    """The `n_lead` first tokens (BOS) first, then the rest from the end backwards."""
+    mask = _as_mask(attention_mask)
+    orders = []
+    for m in mask:
+        n = int(m.sum())
+        lead = min(n_lead, n)
+        orders.append(torch.cat([torch.arange(lead), torch.arange(n - 1, lead - 1, -1)]))
+    return from_fill_order(mask, orders, size, n_lead)
+
+
+def random_order(
+    attention_mask: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+    n_lead: int = 1,
+    blocks: bool = False,
+) -> torch.Tensor:
+    """BOS first, then the other tokens in a random order per sample, in groups of `size`.
+
+    blocks=False: any subset (positions permuted, then chunked).
+    blocks=True: contiguous spans of `size` tokens, the spans in a random order.
+    """
+    mask = _as_mask(attention_mask)
+    if size < 1:
+        raise ValueError(f"group size must be >= 1, got {size}")
+    orders = []
+    for m in mask:
+        n = int(m.sum())
+        lead = min(n_lead, n)
+        rest = n - lead
+        if blocks:
+            n_blocks = -(-rest // size)
+            spans = torch.arange(rest).split(size)
+            perm = torch.randperm(n_blocks, generator=generator).tolist()
+            tail = torch.cat([spans[i] for i in perm]) if rest else torch.arange(0)
+        else:
+            tail = torch.randperm(rest, generator=generator)
+        orders.append(torch.cat([torch.arange(lead), lead + tail]))
+    return from_fill_order(mask, orders, size, n_lead)
+
+
+def infill(
+    known_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    size: int = 1,
+    order: str = "left-to-right",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Every known token first (left-to-right singletons), then the blanks in groups of `size`.
+
+    known_mask [B, N]: True where the token is given (prefix, suffix, BOS), False where it is to be
+    predicted. `order` is the fill order of the blanks: left-to-right, right-to-left or random.
+    """
+    known = _as_mask(known_mask)
+    mask = torch.ones_like(known) if attention_mask is None else _as_mask(attention_mask)
+    if known.shape != mask.shape:
+        raise ValueError(f"known_mask {tuple(known.shape)} and attention_mask {tuple(mask.shape)} differ in shape")
+    if order not in ("left-to-right", "right-to-left", "random"):
+        raise ValueError(f"unknown infill order {order!r}; choose left-to-right, right-to-left or random")
+    orders, leads = [], []
+    for k, m in zip(known, mask, strict=True):
+        is_known = k[m]  # over real tokens, by rank
+        known_ranks = is_known.nonzero().squeeze(-1).cpu()
+        blank_ranks = (~is_known).nonzero().squeeze(-1).cpu()
+        if known_ranks.numel() == 0:
+            raise ValueError("infilling needs at least one known token (BOS) per sample")
+        if order == "right-to-left":
+            blank_ranks = blank_ranks.flip(0)
+        elif order == "random":
+            blank_ranks = blank_ranks[torch.randperm(blank_ranks.numel(), generator=generator)]
+        orders.append(torch.cat([known_ranks, blank_ranks]))
+        leads.append(known_ranks.numel())
+    # n_lead differs per sample: build each row on its own
+    rows = [from_fill_order(mask[b : b + 1], [orders[b]], size, leads[b]) for b in range(len(orders))]
+    return torch.cat(rows, dim=0)
+
+
+def build(order: str, attention_mask: torch.Tensor, size: int = 1, generator: torch.Generator | None = None):
+    """Group ids for a named order: left-to-right, right-to-left, random or random-blocks."""
+    if order == "left-to-right":
+        return left_to_right(attention_mask, size)
+    if order == "right-to-left":
+        return right_to_left(attention_mask, size)
+    if order == "random":
+        return random_order(attention_mask, size, generator)
+    if order == "random-blocks":
+        return random_order(attention_mask, size, generator, blocks=True)
+    raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
+
+
+def predictable(group_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, N] bool: real tokens that have at least one real token in an earlier group."""
+    mask = group_ids >= 0 if attention_mask is None else attention_mask.bool()
+    big = torch.iinfo(group_ids.dtype).max
+    first = torch.where(mask, group_ids, big).min(dim=1, keepdim=True).values
+    return mask & (group_ids > first)
+
+
+def validate_group_ids(
+    group_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+) -> None:
+    """Raise a ValueError naming the problem when group ids cannot be used.
+
+    targets [B, N] bool (optional): positions that must be predictable.
+    """
+    if not isinstance(group_ids, torch.Tensor):
+        raise TypeError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool or group_ids.is_complex():
+        raise TypeError(f"group_ids must be an integer tensor (torch.long), got {group_ids.dtype}")
+    if group_ids.dim() != 2:
+        raise ValueError(f"group_ids must be [B, N], got shape {tuple(group_ids.shape)}")
+    for name, other in (("input_ids", input_ids), ("attention_mask", attention_mask), ("targets", targets)):
+        if other is None:
+            continue
+        if other.shape[0] != group_ids.shape[0]:
+            raise ValueError(f"batch size mismatch: group_ids has {group_ids.shape[0]} rows, {name} has {other.shape[0]}")
+        if other.shape != group_ids.shape:
+            raise ValueError(f"shape mismatch: group_ids {tuple(group_ids.shape)} vs {name} {tuple(other.shape)}")
+    mask = torch.ones_like(group_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    on_pad = ~mask & (group_ids != PAD_GROUP)
+    if on_pad.any():
+        b, i = on_pad.nonzero()[0].tolist()
+        raise ValueError(
+            f"group ids on padding: sample {b}, position {i} is padding (attention_mask 0) but has group id "
+            f"{int(group_ids[b, i])}; padded positions must carry {PAD_GROUP}"
+        )
+    negative = mask & (group_ids < 0)
+    if negative.any():
+        b, i = negative.nonzero()[0].tolist()
+        raise ValueError(f"negative group id {int(group_ids[b, i])} on a real token (sample {b}, position {i})")
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        raise ValueError(f"sample {int(empty.nonzero()[0])} has no real tokens")
+    if targets is not None:
+        bad = targets.bool() & ~predictable(group_ids, mask)
+        if bad.any():
+            b, i = bad.nonzero()[0].tolist()
+            why = "is padding" if not mask[b, i] else f"has no real token in an earlier group (group {int(group_ids[b, i])})"
+            raise ValueError(
+                f"target not predictable: sample {b}, position {i} {why}; the earliest group is context only"
+            )

@@ -1,0 +1,44 @@
+"""Log-probabilities of targets under any grouping, in one forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .groups import predictable, validate_group_ids
+from .model import A3ForCausalLM
+
+
+@dataclass
+class LogProbs:
+    """token [B, N]: log p(x_i | x_{groups < group(i)}) at targets, 0 elsewhere; total [B]; count [B]."""
+
+    token: torch.Tensor
+    total: torch.Tensor
+    count: torch.Tensor
+    targets: torch.Tensor
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: A3ForCausalLM,
+    input_ids: torch.Tensor,
+    group_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+) -> LogProbs:
+    """log p(x_targets | x_context) under the factorization `group_ids` (exact for that order).
+
+    target_mask [B, N] bool: positions to score; default every predictable real token. Asking for a
+    position that is not predictable (earliest group, padding) raises.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if target_mask is None:
+        target_mask = predictable(group_ids, attention_mask)
+    validate_group_ids(group_ids, attention_mask, input_ids=input_ids, targets=target_mask)
+    logits_BNV = model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask).logits
+    logp_BN = torch.log_softmax(logits_BNV.float(), dim=-1).gather(-1, input_ids[..., None]).squeeze(-1)
+    token = torch.where(target_mask, logp_BN, torch.zeros_like(logp_BN))
+    return LogProbs(token=token, total=token.sum(-1), count=target_mask.sum(-1), targets=target_mask)

@@ -1,0 +1,254 @@
+"""A3: two-stream (content / query) attention on an unmodified Hugging Face decoder.
+
+The decoder (LlamaModel, Qwen2Model, ...) runs once on the concatenated streams
+
+    inputs_embeds = [embed(input_ids) ; w, w, ..., w]     [B, 2N, H]
+    position_ids  = [pos ; pos]                            [B, 2N]
+    attention     = two_stream_mask(group_ids)             [B, 1, 2N, N]  (content keys only)
+
+and the lm_head reads the query half: row i is p(x_i | x_{groups < group(i)}) (no shift).
+Parameter names match `*ForCausalLM` (model.*, lm_head.*), so a plain AR checkpoint loads as is and
+only `query_embed` (the learnable vector w) is new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.configuration_utils import SubConfigSpec
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import ModelOutput
+
+from .groups import PAD_GROUP, left_to_right, predictable, validate_group_ids
+from .masks import two_stream_mask
+
+ATTN_IMPLEMENTATION = "a3_sdpa"
+
+
+def a3_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA over the content keys only. query [B, H, Q, D]; key/value [B, Hkv, >=K, D]; mask [B, 1, Q, K].
+
+    The mask's width K says how many leading key slots are content: query-stream keys (and, with a
+    cache, the query slots just appended) are never attended, so they are cut before the matmul
+    instead of being masked out, which halves the attention work of a dense [2N, 2N] mask.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise ValueError("a3_sdpa attention needs the explicit 4D two-stream mask")
+    n_keys = attention_mask.shape[-1]
+    key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+    if key.shape[1] != query.shape[1]:  # GQA: SDPA's enable_gqa path is slow on CPU
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, a3_sdpa_attention)
+# Without a mask function under the same name the 2D-mask path would hand the layer `None`.
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+@strict
+class A3Config(PretrainedConfig):
+    """An A3 model = a decoder config (`text_config`) + the query vector's initial scale.
+
+    query_init_std: std of the query vector at initialisation; None = the std of the token
+    embeddings (measured on the loaded embeddings when converting a pretrained checkpoint).
+    """
+
+    model_type = "a3"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PretrainedConfig | None = None
+    query_init_std: float | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The decoder config owns the tying flag; the composite model reads it from here.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+
+@dataclass
+class A3Output(ModelOutput):
+    """loss: mean CE over targets; logits [B, N, V] from the query stream (row i predicts token i).
+
+    content_hidden_states [B, N, H]: final (normed) content-stream states, when asked for.
+    num_targets: how many positions the loss averages over (for token-weighted accumulation).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    content_hidden_states: torch.Tensor | None = None
+    num_targets: torch.Tensor | None = None
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens (0 at each row's first real token), as HF does for left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class A3PreTrainedModel(PreTrainedModel):
+    config_class = A3Config
+    config: A3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"]
+
+
+class A3ForCausalLM(A3PreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: A3Config):
+        super().__init__(config)
+        text = config.text_config
+        self.model = AutoModel.from_config(text)
+        self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
+        self.post_init()
+
+    # -- Hugging Face plumbing ---------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            std = self.config.query_init_std
+            if std is None:  # children are initialised (or loaded) first: match the embeddings' scale
+                emb = self.model.get_input_embeddings().weight
+                std = float(emb.float().std()) if emb.device.type != "meta" else self.config.text_config.initializer_range
+            init.normal_(self.query_embed, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Open an A3 checkpoint, or convert a plain decoder checkpoint (only `query_embed` is new)."""
+        if config is None:
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if not isinstance(config, A3Config):
+            config = A3Config(text_config=config)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    @classmethod
+    def from_base(cls, base: PreTrainedModel, query_init_std: float | None = None) -> A3ForCausalLM:
+        """Wrap an in-memory `*ForCausalLM` (weights copied, query vector fresh)."""
+        model = cls(A3Config(text_config=base.config.to_dict(), query_init_std=query_init_std))
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        if set(missing) - {"query_embed", "lm_head.weight"} or unexpected:
+            raise ValueError(f"base model does not match: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        model._init_weights(model)  # the embeddings now hold the base's weights: rescale w to them
+        return model.to(dtype=base.dtype, device=base.device)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def stream_embeds(self, input_ids_BN: torch.Tensor, query_positions: int) -> torch.Tensor:
+        """[content embeds of input_ids ; w repeated query_positions times]  [B, N + Q, H]."""
+        content = self.get_input_embeddings()(input_ids_BN)
+        query = self.query_embed.to(content.dtype).expand(content.shape[0], query_positions, -1)
+        return torch.cat([content, query], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        group_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_content_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> A3Output:
+        """input_ids, group_ids, attention_mask, labels, position_ids: [B, N].
+
+        group_ids default to left-to-right singletons (plain AR). labels use -100 for "no loss";
+        labels in each sample's earliest group (context only, like HF's label shift dropping the first
+        token) and on padding are ignored.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
+        B, N = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {(B, N)}")
+        if group_ids is None:
+            group_ids = left_to_right(attention_mask)
+        validate_group_ids(group_ids, attention_mask, input_ids=input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        max_pos = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_pos is not None and int(position_ids.max()) >= max_pos:
+            raise ValueError(f"sequence positions up to {int(position_ids.max())} exceed the model's maximum {max_pos}")
+
+        group_ids = group_ids.to(input_ids.device)
+        mask = two_stream_mask(group_ids, attention_mask)  # built once, shared by every layer
+        hidden = self.model(
+            inputs_embeds=self.stream_embeds(input_ids, N),
+            attention_mask=mask,
+            position_ids=torch.cat([position_ids, position_ids], dim=1),
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        logits = self.lm_head(hidden[:, N:])  # the lm_head runs on the query half only
+
+        loss = num_targets = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {(B, N)}")
+            targets = predictable(group_ids, attention_mask) & (labels != -100)
+            num_targets = targets.sum()
+            if int(num_targets) == 0:
+                raise ValueError("no predictable target in the batch: every label is -100, padding or context")
+            loss = F.cross_entropy(logits[targets].float(), labels[targets])
+        return A3Output(
+            loss=loss,
+            logits=logits,
+            content_hidden_states=hidden[:, :N] if output_content_hidden_states else None,
+            num_targets=num_targets,
+        )
+
+
+AutoConfig.register("a3", A3Config)
+AutoModelForCausalLM.register(A3Config, A3ForCausalLM)
+
+__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "default_position_ids"]
