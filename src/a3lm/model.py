@@ -14,11 +14,13 @@ only `query_embed` (the learnable vector w) is new.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AttentionInterface,
@@ -98,6 +100,9 @@ class A3Config(PretrainedConfig):
 class A3Output(ModelOutput):
     """loss: mean CE over targets; logits [B, N, V] from the query stream (row i predicts token i).
 
+    Rows of each sample's earliest group and of padding have nothing to condition on: their logits
+    are finite but meaningless, and they are never targets.
+
     content_hidden_states [B, N, H]: final (normed) content-stream states, when asked for.
     num_targets: how many positions the loss averages over (for token-weighted accumulation).
     """
@@ -162,12 +167,19 @@ class A3ForCausalLM(A3PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         """Open an A3 checkpoint, or convert a plain decoder checkpoint (only `query_embed` is new)."""
+        path = Path(str(pretrained_model_name_or_path))
+        looks_local = path.is_absolute() or str(pretrained_model_name_or_path).startswith((".", "~"))
+        if looks_local and not path.expanduser().is_dir():
+            raise FileNotFoundError(f"no model folder at {path}: expected a save_pretrained directory")
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if not isinstance(config, A3Config):
             config = A3Config(text_config=config)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        except SafetensorError as err:
+            raise OSError(f"corrupt checkpoint in {pretrained_model_name_or_path}: {err}") from err
 
     @classmethod
     def from_base(cls, base: PreTrainedModel, query_init_std: float | None = None) -> A3ForCausalLM:

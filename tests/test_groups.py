@@ -1,0 +1,87 @@
+"""Group-id builders and validation: values, and a clear error for each kind of bad input."""
+
+import pytest
+import torch
+
+from a3lm import groups, sequence_logprobs
+
+PAD = groups.PAD_GROUP
+
+
+def test_builders_values():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    assert groups.left_to_right(mask).tolist() == [[0, 1, 2, 3, 4, 5], [PAD, PAD, 0, 1, 2, 3]]
+    assert groups.contiguous(mask, 2).tolist() == [[0, 1, 1, 2, 2, 3], [PAD, PAD, 0, 1, 1, 2]]
+    assert groups.right_to_left(mask).tolist() == [[0, 5, 4, 3, 2, 1], [PAD, PAD, 0, 3, 2, 1]]
+    known = torch.tensor([[1, 1, 0, 0, 0, 1], [0, 0, 1, 0, 0, 1]])
+    assert groups.infill(known, mask, size=2).tolist() == [[0, 1, 3, 3, 4, 2], [PAD, PAD, 0, 2, 2, 1]]
+
+
+def test_random_order_bos_first_sizes_and_per_sample():
+    mask = torch.ones(4, 13, dtype=torch.long)
+    g = groups.random_order(mask, 4, torch.Generator().manual_seed(0))
+    assert (g[:, 0] == 0).all() and (g[:, 1:] > 0).all()
+    for row in g:
+        assert sorted(torch.bincount(row[1:]).tolist()[1:]) == [4, 4, 4]
+    assert len({tuple(r.tolist()) for r in g}) == 4  # each sample draws its own order
+    blocks = groups.random_order(mask, 4, torch.Generator().manual_seed(0), blocks=True)
+    for row in blocks:  # contiguous spans: a group's positions are consecutive
+        for k in row.unique()[1:]:
+            pos = (row == k).nonzero().squeeze(-1)
+            assert (pos.diff() == 1).all()
+
+
+def test_predictable_is_everything_after_the_earliest_group():
+    g = torch.tensor([[2, 5, 2, 7, PAD]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    assert groups.predictable(g, mask).tolist() == [[False, True, False, True, False]]
+
+
+@pytest.mark.parametrize(
+    "group_ids, mask, kwargs, error, match",
+    [
+        (torch.tensor([0.0, 1.0]), None, {}, TypeError, "integer"),
+        (torch.tensor([[0.0, 1.0]]), None, {}, TypeError, "integer"),
+        (torch.tensor([0, 1]), None, {}, ValueError, r"\[B, N\]"),
+        (torch.tensor([[0, 1, 2]]), torch.tensor([[1, 1, 0]]), {}, ValueError, "group ids on padding"),
+        (torch.tensor([[0, -3, 1]]), None, {}, ValueError, "negative group id"),
+        (torch.tensor([[PAD, PAD]]), torch.tensor([[0, 0]]), {}, ValueError, "no real tokens"),
+        (torch.tensor([[0, 1]]), None, {"input_ids": torch.zeros(2, 2, dtype=torch.long)}, ValueError, "batch size"),
+        (torch.tensor([[0, 1]]), None, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, ValueError, "shape"),
+        (torch.tensor([[0, 0, 1]]), None, {"targets": torch.tensor([[False, True, True]])}, ValueError, "not predictable"),
+    ],
+)
+def test_validation_errors(group_ids, mask, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        groups.validate_group_ids(group_ids, mask, **kwargs)
+
+
+def test_bad_builder_arguments():
+    mask = torch.ones(1, 4)
+    with pytest.raises(ValueError, match="group size"):
+        groups.contiguous(mask, 0)
+    with pytest.raises(ValueError, match="unknown order"):
+        groups.build("sideways", mask)
+    with pytest.raises(ValueError, match="at least one known"):
+        groups.infill(torch.zeros(1, 4))
+
+
+def test_model_rejects_bad_inputs(a3_model):
+    ids = torch.randint(3, 32, (2, 6))
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, N\]"):
+        a3_model(input_ids=ids[0])
+    with pytest.raises(ValueError, match="batch size"):
+        a3_model(input_ids=ids, group_ids=groups.left_to_right(torch.ones(3, 6)))
+    with pytest.raises(ValueError, match="attention_mask"):
+        a3_model(input_ids=ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="group ids on padding"):
+        mask = torch.ones_like(ids)
+        mask[:, -1] = 0
+        a3_model(input_ids=ids, attention_mask=mask, group_ids=groups.left_to_right(torch.ones_like(ids)))
+    with pytest.raises(ValueError, match="exceed the model's maximum"):
+        long_ids = torch.randint(3, 32, (1, a3_model.config.text_config.max_position_embeddings + 1))
+        a3_model(input_ids=long_ids)
+    with pytest.raises(ValueError, match="no predictable target"):
+        a3_model(input_ids=ids, labels=torch.full_like(ids, -100))
+    with pytest.raises(ValueError, match="not predictable"):  # BOS asked for as a target
+        sequence_logprobs(a3_model, ids, groups.left_to_right(torch.ones_like(ids)), target_mask=torch.ones_like(ids).bool())
