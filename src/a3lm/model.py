@@ -13,6 +13,8 @@ only `query_embed` (the learnable vector w) is new.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from safetensors import SafetensorError
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import (
     AttentionInterface,
     AutoConfig,
@@ -36,31 +39,51 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import ModelOutput
 
 from .groups import PAD_GROUP, left_to_right, predictable, validate_group_ids
-from .masks import two_stream_mask
+from .masks import flex_two_stream_block_mask, sort_by_group, two_stream_mask
 
-ATTN_IMPLEMENTATION = "a3_sdpa"
+ATTN_IMPLEMENTATION = "a3"
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
-def a3_sdpa_attention(
+def _content_keys(key: torch.Tensor, value: torch.Tensor, n_keys: int):
+    # Query-stream keys (and, with a cache, the query slots just appended) are never attended: cut
+    # them before the matmul instead of masking them, which halves a dense [2N, 2N] mask's work.
+    return key[:, :, :n_keys], value[:, :, :n_keys]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def a3_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | BlockMask,
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA over the content keys only. query [B, H, Q, D]; key/value [B, Hkv, >=K, D]; mask [B, 1, Q, K].
+    """Attention over content keys only. query [B, H, Q, D]; key/value [B, Hkv, >=K, D].
 
-    The mask's width K says how many leading key slots are content: query-stream keys (and, with a
-    cache, the query slots just appended) are never attended, so they are cut before the matmul
-    instead of being masked out, which halves the attention work of a dense [2N, 2N] mask.
+    The mask says how many leading key slots are content: a dense bool mask [B, 1, Q, K] runs SDPA
+    (CPU, reference path); a FlexAttention BlockMask runs flex_attention (compiled on CUDA).
     """
+    if isinstance(attention_mask, BlockMask):
+        key, value = _content_keys(key, value, attention_mask.seq_lengths[1])
+        gqa = key.shape[1] != query.shape[1]
+        if query.is_cuda:
+            out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        else:
+            with warnings.catch_warnings():  # eager flex on CPU is the test path: unfused is expected
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is None or attention_mask.dim() != 4:
-        raise ValueError("a3_sdpa attention needs the explicit 4D two-stream mask")
-    n_keys = attention_mask.shape[-1]
-    key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+        raise ValueError("a3 attention needs the explicit 4D two-stream mask")
+    key, value = _content_keys(key, value, attention_mask.shape[-1])
     if key.shape[1] != query.shape[1]:  # GQA: SDPA's enable_gqa path is slow on CPU
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -70,7 +93,7 @@ def a3_sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, a3_sdpa_attention)
+AttentionInterface.register(ATTN_IMPLEMENTATION, a3_attention)
 # Without a mask function under the same name the 2D-mask path would hand the layer `None`.
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
@@ -81,6 +104,8 @@ class A3Config(PretrainedConfig):
 
     query_init_std: std of the query vector at initialisation; None = the std of the token
     embeddings (measured on the loaded embeddings when converting a pretrained checkpoint).
+    attention_backend: "sdpa" (dense mask), "flex" (FlexAttention BlockMask over group-sorted
+    positions), or "auto" = flex on CUDA, sdpa elsewhere.
     """
 
     model_type = "a3"
@@ -88,10 +113,13 @@ class A3Config(PretrainedConfig):
 
     text_config: dict | PretrainedConfig | None = None
     query_init_std: float | None = None
+    attention_backend: str = "auto"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}; choose {', '.join(ATTENTION_BACKENDS)}")
         # The decoder config owns the tying flag; the composite model reads it from here.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
@@ -200,6 +228,42 @@ class A3ForCausalLM(A3PreTrainedModel):
         query = self.query_embed.to(content.dtype).expand(content.shape[0], query_positions, -1)
         return torch.cat([content, query], dim=1)
 
+    def uses_flex(self, device: torch.device) -> bool:
+        backend = self.config.attention_backend
+        return backend == "flex" or (backend == "auto" and device.type == "cuda")
+
+    def two_stream_hidden_states(
+        self,
+        input_ids_BN: torch.Tensor,
+        group_ids_BN: torch.Tensor,
+        attention_mask_BN: torch.Tensor,
+        position_ids_BN: torch.Tensor,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Final (normed) states [B, 2N, H] of [content ; query] in the input's position order."""
+        N = input_ids_BN.shape[1]
+        perm = None
+        if self.uses_flex(input_ids_BN.device):
+            perm = sort_by_group(group_ids_BN, attention_mask_BN)
+            input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN = (
+                t.gather(1, perm) for t in (input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN)
+            )
+            mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN)
+        else:
+            mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
+        hidden = self.model(
+            inputs_embeds=self.stream_embeds(input_ids_BN, N),
+            attention_mask=mask,
+            position_ids=torch.cat([position_ids_BN, position_ids_BN], dim=1),
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        if perm is not None:  # back to position order
+            inverse = perm.argsort(dim=1)
+            index = torch.cat([inverse, inverse + N], dim=1)[..., None].expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)
+        return hidden
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -233,14 +297,7 @@ class A3ForCausalLM(A3PreTrainedModel):
             raise ValueError(f"sequence positions up to {int(position_ids.max())} exceed the model's maximum {max_pos}")
 
         group_ids = group_ids.to(input_ids.device)
-        mask = two_stream_mask(group_ids, attention_mask)  # built once, shared by every layer
-        hidden = self.model(
-            inputs_embeds=self.stream_embeds(input_ids, N),
-            attention_mask=mask,
-            position_ids=torch.cat([position_ids, position_ids], dim=1),
-            use_cache=False,
-            **kwargs,
-        ).last_hidden_state
+        hidden = self.two_stream_hidden_states(input_ids, group_ids, attention_mask, position_ids, **kwargs)
         logits = self.lm_head(hidden[:, N:])  # the lm_head runs on the query half only
 
         loss = num_targets = None
