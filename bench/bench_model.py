@@ -20,15 +20,18 @@ from a3lm import A3ForCausalLM, groups
 from a3lm.debug import tiny_base_model
 
 
-def step_time(fn, repeats: int, warmup: int = 2) -> float:
+def interleaved_times(fns: list, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each fn, run in turns so that load from other processes hits all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def measure(base, a3, batch: int, seq_len: int, group_size: int, repeats: int) -> dict:
@@ -46,7 +49,7 @@ def measure(base, a3, batch: int, seq_len: int, group_size: int, repeats: int) -
         a3.zero_grad(set_to_none=True)
         a3(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids).loss.backward()
 
-    ar, two = step_time(ar_step, repeats), step_time(a3_step, repeats)
+    ar, two = interleaved_times([ar_step, a3_step], repeats)
     return {"batch": batch, "seq_len": seq_len, "ar_s": ar, "a3_s": two, "ratio": two / ar}
 
 

@@ -170,3 +170,12 @@ def test_missing_and_corrupt_checkpoints(a3_model, tmp_path):
     weights.unlink()
     with pytest.raises(OSError, match="model.safetensors"):
         A3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_skipping_the_last_content_mlp_leaves_queries_exact(a3_model):
+    """The content stream's last MLP is skipped unless its states are asked for: queries are unchanged."""
+    ids = random_ids(2, 9)
+    group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
+    fast = a3_model(input_ids=ids, group_ids=group_ids).logits
+    full = a3_model(input_ids=ids, group_ids=group_ids, output_content_hidden_states=True).logits
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)

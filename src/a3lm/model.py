@@ -13,6 +13,7 @@ only `query_embed` (the learnable vector w) is new.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -146,6 +147,33 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@contextlib.contextmanager
+def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
+    """Run the last layer's MLP on the query half only (hooks on the unmodified module).
+
+    The content stream's last-layer output feeds nothing: later queries read only its keys and
+    values, which come before the MLP. Its MLP is an eighth of a 4-layer model's two-stream work.
+    The content rows then carry residual + attention only; callers must not read them.
+    """
+    mlp = getattr(decoder.layers[-1], "mlp", None) if hasattr(decoder, "layers") else None
+    if mlp is None:
+        yield
+        return
+
+    def query_half(module, args):
+        return (args[0][:, n_content:], *args[1:])
+
+    def pad_content(module, args, out):
+        return torch.cat([out.new_zeros(out.shape[0], n_content, out.shape[-1]), out], dim=1)
+
+    handles = [mlp.register_forward_pre_hook(query_half), mlp.register_forward_hook(pad_content)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class A3PreTrainedModel(PreTrainedModel):
     config_class = A3Config
     config: A3Config
@@ -238,9 +266,14 @@ class A3ForCausalLM(A3PreTrainedModel):
         group_ids_BN: torch.Tensor,
         attention_mask_BN: torch.Tensor,
         position_ids_BN: torch.Tensor,
+        keep_content: bool = True,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Final (normed) states [B, 2N, H] of [content ; query] in the input's position order."""
+        """Final (normed) states [B, 2N, H] of [content ; query] in the input's position order.
+
+        keep_content=False: the content half of the result is not needed (only the query half feeds
+        the lm_head), so the last layer's MLP runs on the query half alone.
+        """
         N = input_ids_BN.shape[1]
         perm = None
         if self.uses_flex(input_ids_BN.device):
@@ -251,13 +284,15 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN)
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
-        hidden = self.model(
-            inputs_embeds=self.stream_embeds(input_ids_BN, N),
-            attention_mask=mask,
-            position_ids=torch.cat([position_ids_BN, position_ids_BN], dim=1),
-            use_cache=False,
-            **kwargs,
-        ).last_hidden_state
+        skip = contextlib.nullcontext() if keep_content else _skip_last_content_mlp(self.model, N)
+        with skip:
+            hidden = self.model(
+                inputs_embeds=self.stream_embeds(input_ids_BN, N),
+                attention_mask=mask,
+                position_ids=torch.cat([position_ids_BN, position_ids_BN], dim=1),
+                use_cache=False,
+                **kwargs,
+            ).last_hidden_state
         if perm is not None:  # back to position order
             inverse = perm.argsort(dim=1)
             index = torch.cat([inverse, inverse + N], dim=1)[..., None].expand(-1, -1, hidden.shape[-1])
@@ -297,7 +332,9 @@ class A3ForCausalLM(A3PreTrainedModel):
             raise ValueError(f"sequence positions up to {int(position_ids.max())} exceed the model's maximum {max_pos}")
 
         group_ids = group_ids.to(input_ids.device)
-        hidden = self.two_stream_hidden_states(input_ids, group_ids, attention_mask, position_ids, **kwargs)
+        hidden = self.two_stream_hidden_states(
+            input_ids, group_ids, attention_mask, position_ids, keep_content=output_content_hidden_states, **kwargs
+        )
         logits = self.lm_head(hidden[:, N:])  # the lm_head runs on the query half only
 
         loss = num_targets = None
