@@ -179,3 +179,21 @@ def test_skipping_the_last_content_mlp_leaves_queries_exact(a3_model):
     fast = a3_model(input_ids=ids, group_ids=group_ids).logits
     full = a3_model(input_ids=ids, group_ids=group_ids, output_content_hidden_states=True).logits
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(a3_model):
+    ids = random_ids(2, 9)
+    group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
+    a3_model.train()
+
+    def grads():
+        a3_model.zero_grad(set_to_none=True)
+        a3_model(input_ids=ids, group_ids=group_ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in a3_model.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    a3_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    got = grads()
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)

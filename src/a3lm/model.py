@@ -284,7 +284,9 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN)
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
-        skip = contextlib.nullcontext() if keep_content else _skip_last_content_mlp(self.model, N)
+        # Checkpointed layers rerun in backward, after the hooks are gone: keep the MLP whole then.
+        skip_mlp = not keep_content and not self.model.is_activation_checkpointing
+        skip = _skip_last_content_mlp(self.model, N) if skip_mlp else contextlib.nullcontext()
         with skip:
             hidden = self.model(
                 inputs_embeds=self.stream_embeds(input_ids_BN, N),

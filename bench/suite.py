@@ -1,0 +1,208 @@
+"""The benchmark suite: A3 vs the AR base model, ratios measured in one run on whatever device is here.
+
+    python bench/suite.py             # Llama-3.2-1B config (random weights) on CUDA; a scaled-down one on CPU
+    python bench/suite.py --quick     # tiny config, a minute on CPU
+
+Rows (each a ratio against a baseline measured in the same run):
+  train step      two-stream fwd+bwd / AR fwd+bwd (same B, N)
+  memory          two-stream / AR step, with and without gradient checkpointing (CUDA: peak allocated
+                  above the model; CPU: bytes autograd saves for backward)
+  sampling s      group-wise sampling time per token / the base model's generate() (KV cache)
+  dynamic         cached dynamic resampling vs full two-stream recompute every step
+  scoring         likelihood throughput (sequences/s) of A3 / the base model's forward
+Writes the table as JSON (default bench/results/suite-<device>.json) so runs can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_model import interleaved_times  # noqa: E402
+
+import a3lm  # noqa: E402
+from a3lm import A3ForCausalLM, groups, sequence_logprobs  # noqa: E402
+from a3lm.debug import tiny_base_model  # noqa: E402
+
+LLAMA_3_2_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+CPU_CONFIG = dict(
+    vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=2048,
+)
+QUICK_CONFIG = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024,
+)
+
+
+def build_models(config: dict, device: str, dtype: torch.dtype):
+    base = tiny_base_model("llama", **config).to(device, dtype)
+    base.config._attn_implementation = "sdpa"
+    return base, A3ForCausalLM.from_base(base)
+
+
+def batch(config: dict, B: int, N: int, device: str):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config["vocab_size"], (B, N), generator=gen)
+    mask = torch.ones_like(ids)
+    return ids.to(device), mask.to(device), groups.random_order(mask, 4, gen).to(device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()  # CPU-GPU sync point: time the kernels, not their launch
+
+
+def train_step_row(base, a3, config, B, N, device, dtype, repeats) -> dict:
+    ids, mask, group_ids = batch(config, B, N, device)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def ar():
+        base.zero_grad(set_to_none=True)
+        with autocast:
+            base(input_ids=ids, labels=ids).loss.backward()
+        sync(device)
+
+    def two_stream():
+        a3.zero_grad(set_to_none=True)
+        with autocast:
+            a3(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids).loss.backward()
+        sync(device)
+
+    base.train(), a3.train()
+    t_ar, t_a3 = interleaved_times([ar, two_stream], repeats)
+    return {"row": "train step", "B": B, "N": N, "baseline_s": t_ar, "a3_s": t_a3, "ratio": t_a3 / t_ar}
+
+
+def scoring_row(base, a3, config, B, N, device, repeats) -> dict:
+    ids, mask, group_ids = batch(config, B, N, device)
+    base.eval(), a3.eval()
+
+    @torch.no_grad()
+    def ar():
+        base(input_ids=ids).logits.log_softmax(-1)
+        sync(device)
+
+    def two_stream():
+        sequence_logprobs(a3, ids, group_ids, mask)
+        sync(device)
+
+    t_ar, t_a3 = interleaved_times([ar, two_stream], repeats)
+    # throughput ratio: sequences/s of A3 over sequences/s of the base forward
+    return {"row": "scoring (seq/s)", "B": B, "N": N, "baseline_s": t_ar, "a3_s": t_a3, "ratio": t_ar / t_a3}
+
+
+def saved_activation_bytes(model, **inputs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one step (the activation memory)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    loss.backward()
+    return sum(storages.values())
+
+
+def _step_memory(kind: str, base, a3, ids, mask, group_ids, device: str) -> int:
+    model = a3 if kind == "a3" else base
+    inputs = {"input_ids": ids, "labels": ids}
+    if kind == "a3":
+        inputs |= {"group_ids": group_ids, "attention_mask": mask}
+    model.zero_grad(set_to_none=True)
+    if device != "cuda":  # no allocator statistics on CPU: count what autograd keeps alive
+        return saved_activation_bytes(model, **inputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model(**inputs).loss.backward()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def memory_rows(base, a3, config, B, N, device) -> list[dict]:
+    """Peak step memory above the loaded model (CUDA), or saved activations (CPU), A3 / AR."""
+    ids, mask, group_ids = batch(config, B, N, device)
+    rows = []
+    base.train(), a3.train()
+    for checkpointing in (False, True):
+        for model in (base, a3):
+            if checkpointing:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.activation_checkpointing_disable()
+        ar, two = (_step_memory(k, base, a3, ids, mask, group_ids, device) for k in ("ar", "a3"))
+        what = "peak memory" if device == "cuda" else "activation memory"
+        rows.append({
+            "row": f"{what}{' (grad ckpt)' if checkpointing else ''}", "B": B, "N": N,
+            "baseline_MiB": ar / 2**20, "a3_MiB": two / 2**20, "ratio": two / ar,
+        })
+    for model in (base, a3):
+        model.activation_checkpointing_disable()
+    return rows
+
+
+def sampling_rows(a3, base, config, device, quick) -> list[dict]:
+    """Group-wise sampling and dynamic resampling rows, from bench_sampling.py."""
+    import bench_sampling
+
+    return bench_sampling.suite_rows(a3, base, device=device, quick=quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: train,memory,sampling,scoring")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(2)
+    config = QUICK_CONFIG if args.quick else (LLAMA_3_2_1B if device == "cuda" else CPU_CONFIG)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    B, N = (2, 64) if args.quick else ((4, 2048) if device == "cuda" else (2, 512))
+    skip = set(filter(None, args.skip.split(",")))
+    base, a3 = build_models(config, device, dtype)
+    rows: list[dict] = []
+    if "train" not in skip:
+        rows.append(train_step_row(base, a3, config, B, N, device, dtype, args.repeats))
+    if "memory" not in skip:
+        rows += memory_rows(base, a3, config, B, N, device)
+    if "sampling" not in skip:
+        rows += sampling_rows(a3.eval(), base.eval(), config, device, args.quick)
+    if "scoring" not in skip:
+        rows.append(scoring_row(base, a3, config, B, N, device, args.repeats))
+
+    print(f"\ndevice {device}  config hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
+          f"vocab {config['vocab_size']}  dtype {dtype}")
+    print(f"{'benchmark':<34} {'B':>3} {'N':>6} {'ratio':>8}")
+    for r in rows:
+        print(f"{r['row']:<34} {r.get('B', ''):>3} {r.get('N', ''):>6} {r['ratio']:>7.2f}x")
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "config": config, "dtype": str(dtype), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {"a3lm": a3lm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    out = Path(args.output or f"bench/results/suite-{device}{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
