@@ -18,5 +18,180 @@ def version() -> None:
     typer.echo(f"a3lm {__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
 
 
+@app.command("eval")
+def eval_command(
+    model: list[str] = typer.Option(..., "--model", help="A3 checkpoint dir (repeat for several models: one table row each)."),
+    tasks: str = typer.Option("hellaswag,piqa,winogrande,siqa,triviaqa,rocstories,genppl", help="Comma-separated tasks."),
+    output: str = typer.Option("results.json", help="Results JSON: every metric, setting and package version."),
+    limit: int | None = typer.Option(None, help="Examples per task (a quick look)."),
+    order: str = typer.Option("left-to-right", help="Scoring order of continuations: left-to-right, right-to-left, random, random-blocks."),
+    group_size: int = typer.Option(1, help="Group size of the scoring order."),
+    batch_size: int = typer.Option(16),
+    num_fewshot: int | None = typer.Option(None, help="Few-shot examples (harness tasks; default: the task's, 0)."),
+    data_dir: str | None = typer.Option(None, help="Local data: DIR/<task>/validation.jsonl, DIR/rocstories/*.csv."),
+    judge: str | None = typer.Option(None, help="AR judge for genppl (any Hugging Face causal LM path)."),
+    device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+    seed: int = typer.Option(1234),
+    max_gen_toks: int = typer.Option(32, help="TriviaQA: tokens generated (greedy) before the stop strings cut."),
+    infill_group_size: int = typer.Option(1, help="ROCStories group-wise infilling: group size."),
+    infill_criterion: str = typer.Option("confidence", help="ROCStories dynamic infilling: confidence, margin, entropy, random."),
+    infill_per_step: int = typer.Option(1, help="ROCStories dynamic infilling: tokens committed per step."),
+    blank_length: int | None = typer.Option(None, help="ROCStories blank length (default: the reference's)."),
+    genppl_samples: int = typer.Option(16, help="Generative perplexity: samples per mode (M)."),
+    genppl_length: int = typer.Option(128, help="Generative perplexity: tokens per sample (L)."),
+    genppl_per_step: int = typer.Option(1, help="Generative perplexity: tokens committed per step."),
+) -> None:
+    """Evaluate A3 models on the paper's benchmarks: print a table, write a results JSON."""
+    from .evaluation.runner import EvalConfig, run
+
+    cfg = EvalConfig(
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order, group_size=group_size,
+        batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, device=device, seed=seed,
+        max_gen_toks=max_gen_toks, infill_group_size=infill_group_size, infill_criterion=infill_criterion,
+        infill_per_step=infill_per_step, blank_length=blank_length, judge=judge, genppl_samples=genppl_samples,
+        genppl_length=genppl_length, genppl_per_step=genppl_per_step,
+    )  # fmt: skip
+    try:
+        result = run(model, cfg, output)
+    except (FileNotFoundError, ValueError) as err:  # missing data, bad option: the message says what to do
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(result["table"])
+    typer.echo(f"results written to {output}")
+
+
+
+@app.command("train")
+def train_command(
+    model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
+    data: str | None = typer.Option(None, help="Hub dataset name, or local .txt/.jsonl/.parquet files, a glob or a folder; none: the synthetic HMM corpus."),
+    output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
+    preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only (default: tiny without --model, base with)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Config override key=value, repeatable: -s optim.lr=3e-4 -s curriculum.stages=3"),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),
+) -> None:
+    """Train an A3 model through the curriculum (stage 1 -> 2 -> 3); DDP under torchrun / accelerate launch."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    from .train import NonFiniteLossError, make_config, train
+
+    try:
+        cfg = make_config(model, data, output, preset, overrides)
+        if show_config:
+            typer.echo(json.dumps(asdict(cfg), indent=2))
+            return
+        final = train(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    except NonFiniteLossError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    except KeyboardInterrupt as err:
+        typer.echo(str(err) or "interrupted", err=True)
+        raise typer.Exit(130) from err
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here; one line is enough
+        typer.echo(f"model saved to {final}")
+
+
+@app.command("demo")
+def demo_command(
+    output: str = typer.Option("runs/demo", help="Run folder (checkpoints, evaluations, results); rerun to resume."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply every training step count (the budget; 1.0 = about 10 CPU minutes)."),
+    steps: int | None = typer.Option(None, "--steps", help="Steps of stage 3 (stage 0, 1, 2 keep theirs); overrides the default's."),
+    seed: int = typer.Option(0, help="Seed of the model init, the groupings and the held-out set."),
+    quick: bool = typer.Option(False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."),
+) -> None:
+    """Ground truth: train AR -> curriculum (and the stage-3-only ablation) on a known HMM; compare every order with the exact NLL."""
+    from .demo import DemoConfig, quick_config, run_demo, with_overrides
+
+    base = quick_config(output) if quick else DemoConfig(output=output)
+    cfg = with_overrides(base, scale=scale, stage3_steps=steps, seed=seed, progress=progress, threads=threads)
+    try:
+        result = run_demo(cfg)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    except KeyboardInterrupt as err:
+        typer.echo(f"{err or 'interrupted'}; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from err
+    typer.echo(result.markdown)
+    typer.echo("\n".join(f"{k}: {v}" for k, v in result.files.items()))
+
+
+def _decoding_kwargs(group_size, order, dynamic, criterion, per_step, threshold, temperature, top_k, top_p, seed, no_cache):
+    """The decoding options that `sample` and `infill` share, as keywords of a3lm.sampling."""
+    return dict(
+        group_size=group_size, order=order, dynamic=dynamic, criterion=criterion, per_step=per_step,
+        threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=not no_cache,
+    )  # fmt: skip
+
+
+def _run_decoding(fn, model_dir: str, text: str, show_order: bool, **kwargs) -> None:
+    from .sampling import load_pretrained
+
+    try:
+        model, tokenizer = load_pretrained(model_dir)
+        out, picture = fn(model, tokenizer, text, **kwargs)
+    except (OSError, ValueError) as err:  # bad model dir, bad option, bad blank spec: the message says which
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    if show_order:
+        typer.echo(picture)
+    typer.echo(out)
+
+
+_MODEL = typer.Option(..., "--model", help="A3 (or plain Llama/Qwen2) checkpoint dir with its tokenizer saved in it.")
+_GROUP = typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR).")
+_ORDER = typer.Option("left-to-right", help="Fill order of the groups: left-to-right, right-to-left, random.")
+_DYNAMIC = typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step.")
+_CRITERION = typer.Option("confidence", help="Dynamic: confidence, margin, entropy or random.")
+_PER_STEP = typer.Option(None, "--per-step", help="Dynamic: positions committed per step (k, default 1).")
+_THRESHOLD = typer.Option(None, help="Dynamic: commit every position with score >= p (at least one).")
+_TEMPERATURE = typer.Option(1.0, help="Sampling temperature; 0 = greedy.")
+_TOP_K = typer.Option(None, "--top-k")
+_TOP_P = typer.Option(None, "--top-p")
+_SEED = typer.Option(0)
+_NO_CACHE = typer.Option(False, "--no-cache", help="Recompute the full two-stream forward every step (reference).")
+_SHOW_ORDER = typer.Option(False, "--show-order", help="Print which step filled which token.")
+
+
+@app.command("sample")
+def sample_command(
+    model: str = _MODEL,
+    prompt: str = typer.Option("", help="Text to continue (the tokenizer adds BOS)."),
+    length: int = typer.Option(64, help="Tokens to generate."),
+    group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
+    per_step: int | None = _PER_STEP, threshold: float | None = _THRESHOLD, temperature: float = _TEMPERATURE,
+    top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED, no_cache: bool = _NO_CACHE,
+    show_order: bool = _SHOW_ORDER,
+) -> None:  # fmt: skip
+    """Continue a prompt group-wise (any order) or by dynamic resampling, with the exact KV cache."""
+    from .sampling import sample_text
+
+    kwargs = _decoding_kwargs(group_size, order, dynamic, criterion, per_step, threshold, temperature, top_k, top_p, seed, no_cache)
+    _run_decoding(sample_text, model, prompt, show_order, length=length, **kwargs)
+
+
+@app.command("infill")
+def infill_command(
+    model: str = _MODEL,
+    text: str = typer.Option(..., help='Text with blanks to fill: "The cat [BLANK:8] on the mat."'),
+    group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
+    per_step: int | None = _PER_STEP, threshold: float | None = _THRESHOLD, temperature: float = _TEMPERATURE,
+    top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED, no_cache: bool = _NO_CACHE,
+    show_order: bool = _SHOW_ORDER,
+) -> None:  # fmt: skip
+    """Fill [BLANK:n] spans given the text on both sides (every known token comes first)."""
+    from .sampling import infill_text
+
+    kwargs = _decoding_kwargs(group_size, order, dynamic, criterion, per_step, threshold, temperature, top_k, top_p, seed, no_cache)
+    _run_decoding(infill_text, model, text, show_order, **kwargs)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,174 @@
+"""log p(continuation | context) for many (context, continuation) pairs, batched (DESIGN.md section 5).
+
+The context is a run of left-to-right singleton groups with BOS first (as the model saw prompts in
+curriculum stage 1); the continuation comes after every context token, its tokens in a chosen order
+and group size. The result is exact for that factorization: different orders are different (valid)
+models of the same text, so `order` is part of every reported number.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..groups import PAD_GROUP
+from ..model import A3ForCausalLM
+
+SCORING_ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
+
+
+@dataclass
+class ContinuationScore:
+    """logprob: sum of log p over the continuation tokens; is_greedy: every continuation token is the
+    argmax of its row (given the earlier groups); num_tokens: continuation length after truncation."""
+
+    logprob: float
+    is_greedy: bool
+    num_tokens: int
+
+
+def continuation_fill_order(length: int, order: str, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Group index [length] of each continuation token (0 = first group after the context)."""
+    if size < 1:
+        raise ValueError(f"group size must be >= 1, got {size}")
+    if order == "left-to-right":
+        rank = torch.arange(length)
+    elif order == "right-to-left":
+        rank = torch.arange(length - 1, -1, -1)
+    elif order == "random":
+        rank = torch.empty(length, dtype=torch.long)
+        rank[torch.randperm(length, generator=generator)] = torch.arange(length)
+    elif order == "random-blocks":  # contiguous spans of `size`, the spans in a random order
+        n_blocks = -(-length // size)
+        block_rank = torch.empty(n_blocks, dtype=torch.long)
+        block_rank[torch.randperm(n_blocks, generator=generator)] = torch.arange(n_blocks)
+        return block_rank.repeat_interleave(size)[:length]
+    else:
+        raise ValueError(f"unknown scoring order {order!r}; choose one of {', '.join(SCORING_ORDERS)}")
+    return torch.div(rank, size, rounding_mode="floor")
+
+
+def request_generator(seed: int, context: Sequence[int], continuation: Sequence[int]) -> torch.Generator:
+    """A generator seeded by (seed, tokens): a random order depends on the request, not on its batch."""
+    key = zlib.crc32(f"{list(context)}|{list(continuation)}".encode())
+    return torch.Generator().manual_seed((seed * 1_000_003 + key) % (2**63))
+
+
+def _truncate(context: list[int], continuation: list[int], max_length: int | None) -> list[int]:
+    """Drop context tokens from the left (BOS kept) until context + continuation fit in max_length."""
+    if max_length is None or len(context) + len(continuation) <= max_length:
+        return context
+    keep = max_length - len(continuation) - 1
+    if keep < 0:
+        raise ValueError(
+            f"continuation of {len(continuation)} tokens does not fit the model's {max_length} positions with BOS"
+        )
+    return context[:1] + (context[-keep:] if keep else [])
+
+
+def score_continuations(
+    model: A3ForCausalLM,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    order: str = "left-to-right",
+    group_size: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_length: int | None = None,
+    pad_token_id: int = 0,
+    progress: bool = False,
+) -> list[ContinuationScore]:
+    """Score token-level (context_ids, continuation_ids) pairs; context_ids must start with BOS.
+
+    Each batch is one padded forward [B, N] (right padding; positions count real tokens). Requests are
+    sorted longest first so that a batch holds similar lengths, and returned in the input order.
+    max_length defaults to the model's max_position_embeddings; longer contexts lose tokens after BOS.
+    """
+    if max_length is None:
+        max_length = getattr(model.config.text_config, "max_position_embeddings", None)
+    prepared = []
+    for context, continuation in requests:
+        context, continuation = list(context), list(continuation)
+        if not context:
+            raise ValueError("empty context: the context needs at least BOS (the first group is context only)")
+        if not continuation:
+            raise ValueError("empty continuation: nothing to score")
+        prepared.append((_truncate(context, continuation, max_length), continuation))
+
+    device = model.device
+    by_length = sorted(range(len(prepared)), key=lambda i: -sum(map(len, prepared[i])))
+    results: list[ContinuationScore | None] = [None] * len(prepared)
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    for batch in tqdm(batches, desc=f"loglikelihood ({order}, s={group_size})", disable=not progress):
+        B, N = len(batch), max(sum(map(len, prepared[i])) for i in batch)
+        input_ids = torch.full((B, N), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, N), dtype=torch.long)
+        group_ids = torch.full((B, N), PAD_GROUP, dtype=torch.long)
+        targets = torch.zeros((B, N), dtype=torch.bool)
+        for b, i in enumerate(batch):
+            context, continuation = prepared[i]
+            C, L = len(context), len(continuation)
+            input_ids[b, : C + L] = torch.tensor(context + continuation)
+            attention_mask[b, : C + L] = 1
+            group_ids[b, :C] = torch.arange(C)  # context: left-to-right singletons, BOS the earliest
+            gen = request_generator(seed, requests[i][0], continuation) if order.startswith("random") else None
+            group_ids[b, C : C + L] = C + continuation_fill_order(L, order, group_size, gen)
+            targets[b, C : C + L] = True
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        with torch.no_grad():
+            logits_BNV = model(
+                input_ids=input_ids, group_ids=group_ids.to(device), attention_mask=attention_mask
+            ).logits
+        targets = targets.to(device)
+        # softmax over the target rows only: [T, V] instead of [B, N, V] in fp32 (V can be 128k)
+        logits_TV = logits_BNV[targets].float()
+        tokens_T = input_ids[targets]
+        logp_T = torch.log_softmax(logits_TV, dim=-1).gather(-1, tokens_T[:, None]).squeeze(-1)
+        greedy_T = logits_TV.argmax(-1) == tokens_T
+        row_T = targets.nonzero()[:, 0]
+        logp_B = torch.zeros(B, device=device).index_add_(0, row_T, logp_T)
+        misses_B = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, row_T, (~greedy_T).long())
+        for b, i in enumerate(batch):
+            results[i] = ContinuationScore(float(logp_B[b]), bool(misses_B[b] == 0), len(prepared[i][1]))
+    return results  # type: ignore[return-value]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (BOS + context, continuation) as lm-eval splits them.
+
+    Trailing spaces of the context move to the continuation, and the continuation's ids are those of
+    the whole string after the context's ids (so tokenization across the boundary is the whole text's).
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
+    return [prefix_token_id(tokenizer), *context_ids], whole[len(context_ids) :]
+
+
+def prefix_token_id(tokenizer) -> int:
+    """BOS, or EOS for tokenizers without one (Qwen2): the token every context starts with."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the context with")
+    return token
+
+
+def loglikelihood(
+    model: A3ForCausalLM,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    order: str = "left-to-right",
+    group_size: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[ContinuationScore]:
+    """log p(continuation | context) of string pairs, under `order` with groups of `group_size`."""
+    requests = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return score_continuations(model, requests, order, group_size, batch_size, seed, pad_token_id=pad, progress=progress)

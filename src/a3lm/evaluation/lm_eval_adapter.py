@@ -1,0 +1,294 @@
+"""An lm-evaluation-harness model for A3 checkpoints, registered as `a3lm`.
+
+    lm_eval.simple_evaluate(model=A3LM(pretrained=DIR, order="left-to-right"), tasks=["hellaswag"])
+    python -m a3lm.evaluation --model a3lm --model_args pretrained=DIR,order=right-to-left --tasks piqa
+
+lm-eval 0.4.13 finds models only in its own registry (no entry points), so the class registers itself
+when this module is imported; `python -m a3lm.evaluation` is the `lm_eval` command with it imported.
+
+- loglikelihood: one padded forward per batch; the context is left-to-right singleton groups with BOS
+  first, the continuation follows in `order` with groups of `group_size` (see .likelihood).
+- loglikelihood_rolling: the harness's disjoint rolling windows, each scored the same way.
+- generate_until: the group-wise (or dynamic) sampler of a3lm.sampling with its exact KV cache.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (before registering: the registry imports the harness's models only while empty)
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from .. import sampling
+from ..model import A3ForCausalLM
+from .likelihood import SCORING_ORDERS, prefix_token_id, score_continuations
+
+DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """"cuda" when a GPU is there and nothing is asked for, else what is asked for."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[A3ForCausalLM, Any]:
+    """An A3 model (eval mode, on `device`) and its tokenizer from a save_pretrained directory or hub id."""
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = A3ForCausalLM.from_pretrained(pretrained, dtype=torch_dtype).to(resolve_device(device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    return model, tokenizer
+
+
+@register_model("a3lm")
+class A3LM(TemplateLM):
+    """lm-eval model arguments (all optional but `pretrained`):
+
+    pretrained: a directory (or hub id) holding an A3 checkpoint and its tokenizer, or a loaded
+        A3ForCausalLM (then pass `tokenizer` too).
+    order, group_size: factorization of the continuation when scoring (left-to-right, right-to-left,
+        random, random-blocks); seed fixes the random orders (one per request, batch independent).
+    gen_order, gen_group_size: group-wise generation; gen_mode=dynamic commits `per_step` tokens per
+        step by `criterion` (confidence, margin, entropy, random) instead. use_cache: exact KV cache.
+    max_gen_toks: generation length when a task does not say; max_length: positions (default the
+        model's max_position_embeddings).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | A3ForCausalLM,
+        tokenizer: Any = None,
+        order: str = "left-to-right",
+        group_size: int = 1,
+        batch_size: int | str = 16,
+        device: str | None = None,
+        dtype: str = "auto",
+        seed: int = 1234,
+        max_length: int | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        gen_mode: str = "group",
+        gen_order: str = "left-to-right",
+        gen_group_size: int = 1,
+        criterion: str = "confidence",
+        per_step: int = 1,
+        use_cache: bool = True,
+        **unused: Any,  # the harness passes max_batch_size and friends to every model
+    ) -> None:
+        super().__init__()
+        if isinstance(pretrained, A3ForCausalLM):
+            if tokenizer is None:
+                raise ValueError("pass the tokenizer along with an in-memory A3ForCausalLM")
+            self.model = pretrained.eval() if device is None else pretrained.to(resolve_device(device)).eval()
+            self.model_path = getattr(pretrained.config, "_name_or_path", "") or "<in-memory>"
+        else:
+            self.model, loaded_tokenizer = load_model(str(pretrained), device, dtype)
+            tokenizer = tokenizer or loaded_tokenizer
+            self.model_path = str(pretrained)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        if order not in SCORING_ORDERS:
+            raise ValueError(f"unknown scoring order {order!r}; choose one of {', '.join(SCORING_ORDERS)}")
+        if gen_mode not in ("group", "dynamic"):
+            raise ValueError(f"unknown gen_mode {gen_mode!r}; choose group or dynamic")
+        self.order, self.group_size = order, int(group_size)
+        # "auto" (the harness's default for HF models) has no meaning here: use our default
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.seed = int(seed)
+        self._max_length = int(max_length) if max_length is not None else None
+        self.max_gen_toks = int(max_gen_toks)
+        self.gen_settings = {
+            "gen_mode": gen_mode,
+            "gen_order": gen_order,
+            "gen_group_size": int(gen_group_size),
+            "criterion": criterion,
+            "per_step": int(per_step),
+            "use_cache": bool(use_cache),
+        }
+
+    # -- what the harness asks of a model ----------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length is not None:
+            return self._max_length
+        return int(getattr(self.model.config.text_config, "max_position_embeddings", 2048))
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return prefix_token_id(self.tokenizer)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "a3lm").replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """Ids without BOS: the adapter puts BOS in front of every context itself."""
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the numbers, for the results JSON."""
+        return {
+            "model": self.model_path,
+            "order": self.order,
+            "group_size": self.group_size,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "max_gen_toks": self.max_gen_toks,
+            **self.gen_settings,
+        }
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"a3lm": self.settings()}
+
+    def _with_prefix(self, context: list[int]) -> list[int]:
+        return context if context[:1] == [self.prefix_token_id] else [self.prefix_token_id, *context]
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        scores = score_continuations(
+            self.model,
+            [(self._with_prefix(context), continuation) for _, context, continuation in requests],
+            order=self.order,
+            group_size=self.group_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            max_length=self.max_length,
+            pad_token_id=self._pad_id(),
+            progress=not disable_tqdm,
+        )
+        out = []
+        for (key, _, _), score in zip(requests, scores, strict=True):
+            self.cache_hook.add_partial("loglikelihood", key, (score.logprob, score.is_greedy))
+            out.append((score.logprob, score.is_greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """log p(text) over the harness's disjoint rolling windows (as its HFLM does).
+
+        The harness's windows hold max_seq_len + 1 tokens, and every window after the first gets BOS
+        in front here, so max_seq_len = max_length - 2 keeps each one within max_length positions.
+        """
+        windows, owner = [], []
+        for i, (text,) in enumerate(req.args for req in requests):
+            tokens = self.tok_encode(text)
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length - 2, context_len=1),
+            ):
+                windows.append((self._with_prefix(context), continuation))
+                owner.append(i)
+        scores = score_continuations(
+            self.model,
+            windows,
+            self.order,
+            self.group_size,
+            self.batch_size,
+            self.seed,
+            self.max_length,
+            self._pad_id(),
+            progress=not disable_tqdm,
+        )
+        totals = [0.0] * len(requests)
+        for i, score in zip(owner, scores, strict=True):
+            totals[i] += score.logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Generate max_gen_toks tokens per request with the A3 sampler; cut at the first stop string."""
+        by_kwargs: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            by_kwargs[repr(sorted(req.args[1].items()))].append(i)
+        outputs: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for indices in by_kwargs.values():
+            gen_kwargs = dict(requests[indices[0]].args[1])
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                texts = self.generate([requests[i].args[0] for i in batch], **gen_kwargs)
+                for i, text in zip(batch, texts, strict=True):
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(batch))
+        bar.close()
+        return outputs  # type: ignore[return-value]
+
+    def generate(self, contexts: list[str], **gen_kwargs: Any) -> list[str]:
+        """Continuations of `contexts` (one batch), cut at the first of gen_kwargs["until"].
+
+        gen_kwargs as the harness passes them: until (str or list), max_gen_toks, do_sample, temperature
+        (greedy unless do_sample with temperature > 0), top_k, top_p.
+        """
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
+        if eos_text and eos_text not in until:
+            until.append(eos_text)
+        length = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample", False) else 0.0
+        # keep BOS and the end of the context: the prompt + generation must fit in max_length positions
+        keep = self.max_length - length
+        if keep < 1:
+            raise ValueError(f"max_gen_toks={length} leaves no room for a prompt in {self.max_length} positions")
+        prompts = [self._with_prefix(self.tok_encode(c)) for c in contexts]
+        prompts = [p if len(p) <= keep else p[:1] + p[len(p) - keep + 1 :] for p in prompts]
+        B, L = len(prompts), max(map(len, prompts))
+        input_ids = torch.full((B, L), self._pad_id(), dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding; the sampler left-aligns every row itself
+            input_ids[b, L - len(p) :] = torch.tensor(p)
+            attention_mask[b, L - len(p) :] = 1
+        g = self.gen_settings
+        out = sampling.sample(
+            self.model,
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            length=length,
+            group_size=g["gen_group_size"],
+            order=g["gen_order"],
+            dynamic=g["gen_mode"] == "dynamic",
+            criterion=g["criterion"],
+            per_step=g["per_step"],
+            temperature=temperature,
+            top_k=gen_kwargs.get("top_k"),
+            top_p=gen_kwargs.get("top_p"),
+            seed=self.seed,
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self._pad_id(),
+            use_cache=g["use_cache"],
+        )
+        texts = []
+        for b, p in enumerate(prompts):
+            row = out.sequences[b, len(p) :][out.attention_mask[b, len(p) :].bool()].tolist()
+            texts.append(cut_at_stop(self.tok_decode(row), until))
+        return texts
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def cut_at_stop(text: str, until: list[str]) -> str:
+    """text up to the first occurrence of any stop string (stop strings that are empty are ignored)."""
+    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+    return text[:cut]

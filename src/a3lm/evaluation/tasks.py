@@ -1,0 +1,144 @@
+"""HellaSwag, PIQA, Winogrande, SIQA (and TriviaQA) through the harness's own task definitions.
+
+By default the harness loads each task's data from the Hugging Face hub. With a data directory, every
+task reads `DATA_DIR/<name>/validation.jsonl` instead (the hub dataset's validation split, one JSON
+object per line, same fields): a local task yaml that `include`s the harness's yaml and swaps the
+dataset for that file, so prompts, choices and metrics stay the harness's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lm_eval
+import yaml
+from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
+
+HARNESS_TASK_DIR = Path(lm_eval.__file__).parent / "tasks"
+
+
+class MissingDataError(FileNotFoundError):
+    """Benchmark data is neither on the hub (reachable) nor in the data directory."""
+
+
+@dataclass(frozen=True)
+class HarnessTask:
+    """name: ours (CLI, data folder); task: the harness's; yaml: its config under lm_eval/tasks."""
+
+    name: str
+    task: str
+    yaml: str
+    hub: str
+    fields: str
+
+    def local_file(self, data_dir: str | Path) -> Path:
+        return Path(data_dir) / self.name / "validation.jsonl"
+
+
+HARNESS_TASKS = {
+    t.name: t
+    for t in (
+        HarnessTask("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", "Rowan/hellaswag",
+                    "ctx_a, ctx_b, ctx, activity_label, endings (4), label"),
+        HarnessTask("piqa", "piqa", "piqa/piqa.yaml", "baber/piqa", "goal, sol1, sol2, label"),
+        HarnessTask("winogrande", "winogrande", "winogrande/default.yaml", "allenai/winogrande (winogrande_xl)",
+                    "sentence (with _), option1, option2, answer ('1' or '2')"),
+        HarnessTask("siqa", "social_iqa", "siqa/siqa.yaml", "lighteval/siqa",
+                    "context, question, answerA, answerB, answerC, label ('1'..'3')"),
+        HarnessTask("triviaqa", "triviaqa", "triviaqa/default.yaml", "mandarjoshi/trivia_qa (rc.nocontext)",
+                    "question, answer: {aliases: [...], value}"),
+    )
+}  # fmt: skip
+
+
+def missing_data_message(tasks: list[HarnessTask], data_dir: str | Path | None, reason: str = "") -> str:
+    """Which files are missing, where to put them, what they hold."""
+    where = data_dir if data_dir is not None else "DATA_DIR"
+    lines = [reason] if reason else []
+    lines.append(
+        "Put each benchmark's validation split as JSON lines (the hub dataset's fields) at these paths, "
+        + ("then rerun:" if data_dir is not None else "then rerun with --data-dir DATA_DIR:")
+    )
+    for t in tasks:
+        lines.append(f"  {t.local_file(where)}  <- {t.hub} validation; fields: {t.fields}")
+    return "\n".join(lines)
+
+
+def local_task_dir(tasks: list[HarnessTask], data_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write one yaml per task into out_dir: the harness's config with the dataset swapped for a local file."""
+    missing = [t for t in tasks if not t.local_file(data_dir).is_file()]
+    if missing:
+        raise MissingDataError(missing_data_message(missing, data_dir, f"missing benchmark data in {data_dir}."))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for t in tasks:
+        config = {
+            "include": str(HARNESS_TASK_DIR / t.yaml),  # absolute: its !function helpers resolve next to it
+            "task": t.task,
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"validation": str(t.local_file(data_dir).resolve())}},
+            "training_split": None,  # zero-shot: the local file only holds the validation split
+            "validation_split": "validation",
+            "test_split": None,
+        }
+        (out / f"{t.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def run_harness_tasks(
+    lm: LM,
+    names: list[str],
+    limit: int | float | None = None,
+    data_dir: str | Path | None = None,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    task_manager: TaskManager | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run harness tasks by our names (see HARNESS_TASKS) or, with a task_manager, any harness task name.
+
+    Returns {name: {metric: value}} with the harness's metric names ("acc", "acc_norm", "exact_match",
+    and their "_stderr"), filter suffixes (",none") dropped.
+    """
+    unknown = [n for n in names if n not in HARNESS_TASKS and task_manager is None]
+    if unknown:
+        raise ValueError(f"unknown harness task(s) {unknown}; choose from {', '.join(HARNESS_TASKS)}")
+    specs = [HARNESS_TASKS[n] for n in names if n in HARNESS_TASKS]
+    task_names = {HARNESS_TASKS[n].task if n in HARNESS_TASKS else n: n for n in names}
+    with tempfile.TemporaryDirectory(prefix="a3lm-tasks-") as tmp:
+        if task_manager is None:
+            if data_dir is not None:
+                # our yamls only: faster than indexing every harness task, and no name clash
+                task_manager = TaskManager(include_path=str(local_task_dir(specs, data_dir, tmp)), include_defaults=False)
+            else:
+                task_manager = TaskManager()
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(task_names),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=task_manager,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+        except (ConnectionError, OSError) as err:
+            if data_dir is not None or isinstance(err, MissingDataError):
+                raise
+            raise MissingDataError(
+                missing_data_message(specs, None, f"could not load the benchmark data from the hub ({err}).")
+            ) from err
+    results = {}
+    for task, metrics in out["results"].items():
+        if task in task_names:
+            results[task_names[task]] = {
+                k.split(",")[0]: v for k, v in metrics.items() if "," in k and isinstance(v, int | float)
+            }
+    return results
