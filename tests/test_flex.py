@@ -7,8 +7,9 @@ from a3lm import groups
 from a3lm.masks import flex_two_stream_block_mask, sort_by_group
 
 
+@pytest.mark.parametrize("query_self", [True, False])
 @pytest.mark.parametrize("order", ["left-to-right", "random", "random-blocks"])
-def test_flex_equals_sdpa(a3_model, order):
+def test_flex_equals_sdpa(a3_model, order, query_self):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32, (3, 11), generator=gen)
     mask = torch.ones_like(ids)
@@ -16,6 +17,11 @@ def test_flex_equals_sdpa(a3_model, order):
     mask[2, -4:] = 0  # right padding
     group_ids = groups.build(order, mask, size=2, generator=gen)
     labels = ids.masked_fill(mask == 0, -100)
+
+    a3_model.config.query_self_attention = query_self
+    for module in a3_model.model.modules():
+        if hasattr(module, "q_proj"):
+            module.a3_query_self_attention = query_self
 
     def run(backend):  # forward only: torch has no FlexAttention backward on CPU
         a3_model.config.attention_backend = backend

@@ -197,3 +197,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(a3_model):
     assert ref.keys() == got.keys()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("query_self", [True, False])
+def test_query_behind_bos_alone_knows_its_position(family, query_self):
+    """One content key (BOS) visible: only the query's own slot lets RoPE tell positions apart."""
+    from a3lm import A3Config
+
+    base = tiny_base_model(family)
+    cfg = A3Config(text_config=base.config.to_dict(), query_self_attention=query_self)
+    model = A3ForCausalLM(cfg)
+    model.load_state_dict(A3ForCausalLM.from_base(base).state_dict())
+    ids = random_ids(1, 6)
+    two_groups = groups.left_to_right(torch.ones_like(ids), size=5)  # BOS, then everything at once
+    logits = model.eval()(input_ids=ids, group_ids=two_groups).logits[0, 1:]
+    spread = (logits - logits[:1]).abs().amax()
+    assert (spread > 1e-4) if query_self else (spread < 1e-6)
+    # probabilities still chain to one, and nothing leaks, with or without the self slot
+    lp = sequence_logprobs(model, all_sequences(4, 2).clamp(max=31), groups.left_to_right(torch.ones(16, 3), 1))
+    assert torch.isfinite(lp.total).all()

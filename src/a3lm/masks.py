@@ -57,8 +57,11 @@ def sort_by_group(group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor) -
 _BLOCK_MASK_CACHE: dict[tuple, object] = {}
 
 
-def flex_two_stream_block_mask(group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor, block_size: int = 128):
-    """FlexAttention BlockMask over [content ; query] queries (2N) and content keys (N).
+def flex_two_stream_block_mask(
+    group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor, query_self: bool = True, block_size: int = 128
+):
+    """FlexAttention BlockMask over [content ; query] queries (2N) and keys: content (N), plus the
+    query slots (N) when `query_self` (each query-stream slot sees its own slot: the diagonal).
 
     When every sample shares one grouping and has no padding (stages 1-2, fixed-order scoring), one
     broadcast mask is built and reused across calls.
@@ -70,19 +73,23 @@ def flex_two_stream_block_mask(group_ids_BN: torch.Tensor, attention_mask_BN: to
     shared = bool(valid.all()) and bool((group_ids_BN == group_ids_BN[:1]).all())
     key = None
     if shared:
-        key = (str(group_ids_BN.device), block_size, tuple(group_ids_BN[0].tolist()))
+        key = (str(group_ids_BN.device), block_size, query_self, tuple(group_ids_BN[0].tolist()))
         if key in _BLOCK_MASK_CACHE:
             return _BLOCK_MASK_CACHE[key]
         group_ids_BN, valid = group_ids_BN[:1], valid[:1]
 
     def mask_mod(b, h, q_idx, kv_idx):
         strict = q_idx >= N  # query-stream slots: strictly earlier groups
+        content_kv = kv_idx < N
+        kv = torch.where(content_kv, kv_idx, 0)
         q_group = group_ids_BN[b, torch.where(strict, q_idx - N, q_idx)]
-        kv_group = group_ids_BN[b, kv_idx]
-        return valid[b, kv_idx] & ((kv_group < q_group) | (~strict & (kv_group == q_group)))
+        kv_group = group_ids_BN[b, kv]
+        earlier = valid[b, kv] & ((kv_group < q_group) | (~strict & (kv_group == q_group)))
+        return (content_kv & earlier) | (strict & (kv_idx == q_idx))
 
+    n_keys = 2 * N if query_self else N
     mask = create_block_mask(
-        mask_mod, None if shared else B, None, 2 * N, N, device=group_ids_BN.device, BLOCK_SIZE=block_size
+        mask_mod, None if shared else B, None, 2 * N, n_keys, device=group_ids_BN.device, BLOCK_SIZE=block_size
     )
     if key is not None:
         if len(_BLOCK_MASK_CACHE) >= 16:

@@ -46,15 +46,32 @@ ATTN_IMPLEMENTATION = "a3"
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
-def _content_keys(key: torch.Tensor, value: torch.Tensor, n_keys: int):
-    # Query-stream keys (and, with a cache, the query slots just appended) are never attended: cut
-    # them before the matmul instead of masking them, which halves a dense [2N, 2N] mask's work.
-    return key[:, :, :n_keys], value[:, :, :n_keys]
-
-
 @functools.cache
 def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _with_self_keys(mask_BQK: torch.Tensor, n_self: int) -> torch.Tensor:
+    """[B, 1, n_self, K + n_self]: the query rows' mask over content keys, plus each slot's own key.
+
+    Built once per mask object (every layer gets the same mask) and kept on it.
+    """
+    cached = getattr(mask_BQK, "_a3_self_mask", None)
+    if cached is not None and cached.shape[-2] == n_self:
+        return cached
+    rows = mask_BQK[:, :, -n_self:]
+    eye = torch.eye(n_self, dtype=torch.bool, device=rows.device).expand(rows.shape[0], 1, n_self, n_self)
+    mask_BQK._a3_self_mask = torch.cat([rows, eye], dim=-1)
+    return mask_BQK._a3_self_mask
+
+
+def _sdpa(module, query, key, value, mask, scaling, dropout):
+    if key.shape[1] != query.shape[1]:  # GQA: SDPA's enable_gqa path is slow on CPU
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
 
 
 def a3_attention(
@@ -67,13 +84,19 @@ def a3_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over content keys only. query [B, H, Q, D]; key/value [B, Hkv, >=K, D].
+    """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
+    [B, Hkv, K + S, D] (content keys, then the S query-stream slots' own keys).
 
-    The mask says how many leading key slots are content: a dense bool mask [B, 1, Q, K] runs SDPA
-    (CPU, reference path); a FlexAttention BlockMask runs flex_attention (compiled on CUDA).
+    A dense bool mask [B, 1, R, K] covers the content keys only: query-stream keys are cut before the
+    matmul rather than masked, which halves a dense [2N, 2N] mask's work. With
+    `query_self_attention`, each query-stream row also attends to its own slot (the diagonal), so a
+    query that sees a single content key (BOS) still learns where it is: RoPE needs two keys at
+    different distances to tell positions apart. A FlexAttention BlockMask (CUDA) carries the whole
+    pattern itself and skips empty tiles.
     """
     if isinstance(attention_mask, BlockMask):
-        key, value = _content_keys(key, value, attention_mask.seq_lengths[1])
+        n_keys = attention_mask.seq_lengths[1]
+        key, value = key[:, :, :n_keys], value[:, :, :n_keys]
         gqa = key.shape[1] != query.shape[1]
         if query.is_cuda:
             out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
@@ -84,14 +107,19 @@ def a3_attention(
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError("a3 attention needs the explicit 4D two-stream mask")
-    key, value = _content_keys(key, value, attention_mask.shape[-1])
-    if key.shape[1] != query.shape[1]:  # GQA: SDPA's enable_gqa path is slow on CPU
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling
-    )
-    return out.transpose(1, 2).contiguous(), None
+    n_content = attention_mask.shape[-1]
+    n_self = key.shape[2] - n_content if getattr(module, "a3_query_self_attention", False) else 0
+    if n_self == 0:
+        out = _sdpa(module, query, key[:, :, :n_content], value[:, :, :n_content], attention_mask, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+    rows_content = query.shape[2] - n_self
+    out_query = _sdpa(module, query[:, :, rows_content:], key, value, _with_self_keys(attention_mask, n_self),
+                      scaling, dropout)  # fmt: skip
+    if rows_content:
+        out_content = _sdpa(module, query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
+                            attention_mask[:, :, :rows_content], scaling, dropout)  # fmt: skip
+        out_query = torch.cat([out_content, out_query], dim=2)
+    return out_query.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, a3_attention)
@@ -105,6 +133,10 @@ class A3Config(PretrainedConfig):
 
     query_init_std: std of the query vector at initialisation; None = the std of the token
     embeddings (measured on the loaded embeddings when converting a pretrained checkpoint).
+    query_self_attention: each query-stream slot also attends to its own slot (never to another's).
+    Without it, a query seeing one content key (BOS only) is blind to its position: attention over a
+    single key returns that key's value wherever the query sits, so every such position gets the same
+    distribution. Its own slot depends only on earlier groups, so nothing leaks. False = XLNet's rule.
     attention_backend: "sdpa" (dense mask), "flex" (FlexAttention BlockMask over group-sorted
     positions), or "auto" = flex on CUDA, sdpa elsewhere.
     """
@@ -114,6 +146,7 @@ class A3Config(PretrainedConfig):
 
     text_config: dict | PretrainedConfig | None = None
     query_init_std: float | None = None
+    query_self_attention: bool = True
     attention_backend: str = "auto"
     tie_word_embeddings: bool = False
 
@@ -192,6 +225,9 @@ class A3ForCausalLM(A3PreTrainedModel):
         text = config.text_config
         self.model = AutoModel.from_config(text)
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        for module in self.model.modules():  # read by a3_attention, which gets the attention module
+            if hasattr(module, "q_proj"):
+                module.a3_query_self_attention = config.query_self_attention
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
         self.post_init()
@@ -281,7 +317,7 @@ class A3ForCausalLM(A3PreTrainedModel):
             input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN = (
                 t.gather(1, perm) for t in (input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN)
             )
-            mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN)
+            mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN, self.config.query_self_attention)
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the MLP whole then.
