@@ -1,0 +1,239 @@
+"""Training data: document sources, tokenisation and packing into fixed-length rows.
+
+Rows are packed, never padded: documents are tokenised without special tokens, each followed by
+EOS, concatenated, and cut into rows of `seq_len` = [BOS] + the next seq_len - 1 tokens of the
+stream (a document may continue on the next row, after that row's BOS). Every position of every
+row is a real token, so attention_mask is all ones and no padding is ever trained on.
+
+The synthetic corpus uses seq_len = L + 2 (the default): each row is then exactly one document,
+[BOS w_1 .. w_L EOS], so a row's probabilities are those of the HMM.
+
+Sources:
+- "synthetic": the embedded HMM corpus (`a3lm.synthetic`), endless and seekable;
+- local files: a .txt / .jsonl / .json / .parquet file, a glob, or a folder (searched recursively);
+- any other string: a Hugging Face Hub dataset name, streamed (`datasets.load_dataset(..., streaming=True)`).
+
+Finite sources are repeated epoch after epoch. Ranks take interleaved documents (rank r gets
+documents r, r + W, r + 2W, ...) and pack them on their own. The data position is
+(epoch, documents consumed, leftover tokens) per rank; it is saved in checkpoints and a resumed
+loader continues with exactly the rows the interrupted one would have produced.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import synthetic
+
+SYNTHETIC = "synthetic"
+LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how rows are shaped.
+
+    source: "synthetic", local file(s) / glob / folder, or a Hub dataset name. seq_len: tokens per
+    row including the BOS. micro_batch_size: rows per rank per forward.
+    """
+
+    source: str = SYNTHETIC
+    name: str | None = None  # Hub dataset config (e.g. "sample-10BT" for FineWeb)
+    split: str = "train"
+    text_field: str = "text"
+    seq_len: int = 18
+    micro_batch_size: int = 32
+    synthetic_length: int = 16  # words per synthetic document (L); seq_len = L + 2 aligns rows
+    synthetic_seed: int = 0  # the corpus stream
+    hmm_seed: int = 0  # the HMM's probabilities
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2 (BOS and one target), got {self.seq_len}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.source == SYNTHETIC and self.synthetic_length < 1:
+            raise ValueError(f"data.synthetic_length must be >= 1, got {self.synthetic_length}")
+
+
+# -- document sources --------------------------------------------------------------------------------
+
+
+def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
+    """(datasets builder, files) for a local file, glob or folder; None when `source` names no local path.
+
+    Raises FileNotFoundError for a path-like source that does not exist or holds no usable file.
+    """
+    exts = ", ".join(LOCAL_BUILDERS)
+    if any(c in source for c in "*?["):
+        files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"no file matches the data pattern {source!r}")
+    elif os.path.isdir(source):
+        files = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS)
+        if not files:
+            raise FileNotFoundError(f"data folder {source!r} holds no {exts} file")
+    elif os.path.isfile(source):
+        files = [source]
+    elif Path(source).suffix in LOCAL_BUILDERS or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"data file or folder {source!r} does not exist")
+    else:
+        return None
+    kinds = {LOCAL_BUILDERS.get(Path(f).suffix) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix not in LOCAL_BUILDERS)
+        raise ValueError(f"unsupported data file {bad!r}: use {exts}")
+    if len(kinds) > 1:
+        raise ValueError(f"data files of mixed kinds ({', '.join(sorted(kinds))}) under {source!r}: use one kind")
+    return kinds.pop(), files
+
+
+class HFDocuments:
+    """Token ids of the documents of a `datasets` source (local files or the Hub), streamed."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self._dataset = self._load()
+
+    def _load(self):
+        import datasets
+
+        local = resolve_local_files(self.cfg.source)
+        if local is not None:
+            builder, files = local
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        try:
+            return datasets.load_dataset(self.cfg.source, self.cfg.name, split=self.cfg.split, streaming=True)
+        except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+            raise ValueError(
+                f"unknown dataset {self.cfg.source!r}: it is neither a local file/folder nor loadable from the "
+                f"Hugging Face Hub ({type(e).__name__}: {e}). Give a Hub dataset name, local "
+                f"{', '.join(LOCAL_BUILDERS)} files or a folder, or 'synthetic'"
+            ) from e
+
+    def iterate(self, rank: int, world_size: int, start: int) -> Iterator[list[int]]:
+        """Token ids (no special tokens) of this rank's documents, from its `start`-th on."""
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(self._dataset, rank=rank, world_size=world_size) if world_size > 1 else self._dataset
+        field = self.cfg.text_field
+        # skip before tokenising: resuming costs reading the skipped documents, not encoding them
+        for example in ds.skip(start) if start else ds:
+            if field not in example:
+                raise KeyError(f"data has no text field {field!r}; its columns are {sorted(example)} (set data.text_field)")
+            yield self.tokenizer(example[field], add_special_tokens=False)["input_ids"]
+
+
+class SyntheticDocuments:
+    """Token ids of the HMM corpus; document i depends only on (seed, i): seeking is free.
+
+    With `word_tokenizer(hmm.words)` (the embedded default) token id = word index + 4 (after <pad>
+    <bos> <eos> <unk>); any tokenizer holding every word works through its own ids.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, hmm: synthetic.HMM | None = None):
+        self.hmm = hmm or synthetic.default_hmm(cfg.hmm_seed)
+        self.corpus = synthetic.SyntheticCorpus(self.hmm, cfg.synthetic_length, cfg.synthetic_seed)
+        ids = tokenizer.convert_tokens_to_ids(self.hmm.words)
+        if tokenizer.unk_token_id in ids:
+            missing = [w for w, i in zip(self.hmm.words, ids, strict=True) if i == tokenizer.unk_token_id]
+            raise ValueError(f"the tokenizer lacks synthetic words {missing}; use a3lm.tokenizer.word_tokenizer(hmm.words)")
+        self.word_to_token = torch.tensor(ids)
+
+    def iterate(self, rank: int, world_size: int, start: int) -> Iterator[list[int]]:
+        i = rank + start * world_size
+        while True:
+            yield self.word_to_token[self.corpus[i]].tolist()
+            i += world_size
+
+
+def documents(cfg: DataConfig, tokenizer: Any) -> HFDocuments | SyntheticDocuments:
+    return SyntheticDocuments(cfg, tokenizer) if cfg.source == SYNTHETIC else HFDocuments(cfg, tokenizer)
+
+
+# -- packing -------------------------------------------------------------------------------------------
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """(row-start id, document-end id). Tokenizers without BOS (Qwen2) start rows with EOS instead."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token: packing needs one between documents")
+    bos = tokenizer.bos_token_id
+    return (eos if bos is None else bos), eos
+
+
+class PackedLoader:
+    """Batches of packed rows for one rank: {"input_ids", "attention_mask"} [micro_batch_size, seq_len].
+
+    state_dict() is the position after the last batch returned; load_state_dict() seeks there.
+    """
+
+    def __init__(self, docs: HFDocuments | SyntheticDocuments, cfg: DataConfig, bos_id: int, eos_id: int,
+                 rank: int = 0, world_size: int = 1):
+        self.docs, self.cfg, self.bos_id, self.eos_id = docs, cfg, bos_id, eos_id
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.consumed, self.buffer = 0, 0, []
+        self._it: Iterator[list[int]] | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "documents": self.consumed, "buffer": list(self.buffer),
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"data position saved by rank {state['rank']} of {state['world_size']} cannot resume rank "
+                f"{self.rank} of {self.world_size}: resume with the same number of processes"
+            )
+        self.epoch, self.consumed, self.buffer = state["epoch"], state["documents"], list(state["buffer"])
+        self._it = None
+
+    def _next_document(self) -> list[int]:
+        for _attempt in range(2):
+            if self._it is None:
+                self._it = self.docs.iterate(self.rank, self.world_size, self.consumed)
+            doc = next(self._it, None)
+            if doc is not None:
+                self.consumed += 1
+                return doc
+            if self.consumed == 0:
+                break
+            self.epoch, self.consumed, self._it = self.epoch + 1, 0, None  # finite source: next epoch
+        raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
+
+    def next_row(self) -> list[int]:
+        need = self.cfg.seq_len - 1
+        while len(self.buffer) < need:
+            self.buffer.extend(self._next_document())
+            self.buffer.append(self.eos_id)
+        row, self.buffer = [self.bos_id, *self.buffer[:need]], self.buffer[need:]
+        return row
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([self.next_row() for _ in range(self.cfg.micro_batch_size)], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+
+def build_loader(cfg: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1,
+                 max_positions: int | None = None) -> PackedLoader:
+    """The packed loader for `cfg`, checking seq_len against the model's maximum position."""
+    cfg.validate()
+    if max_positions is not None and cfg.seq_len > max_positions:
+        raise ValueError(
+            f"data.seq_len {cfg.seq_len} exceeds the model's maximum of {max_positions} positions "
+            "(max_position_embeddings); use a shorter data.seq_len"
+        )
+    bos, eos = special_ids(tokenizer)
+    return PackedLoader(documents(cfg, tokenizer), cfg, bos, eos, rank, world_size)

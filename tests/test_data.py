@@ -1,0 +1,156 @@
+import json
+
+import pytest
+import torch
+
+from a3lm import synthetic
+from a3lm.data import DataConfig, build_loader, resolve_local_files
+from a3lm.tokenizer import word_tokenizer
+
+HMM = synthetic.default_hmm(0)
+TOK = word_tokenizer(HMM.words)
+BOS, EOS, PAD = TOK.bos_token_id, TOK.eos_token_id, TOK.pad_token_id
+DOCS = ["the cat sees a dog .", "she runs", "it sleeps near the river today", "a bird", "every old farmer sings"]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    return path
+
+
+def _token_stream(n_epochs: int = 3) -> list[int]:
+    ids = []
+    for _ in range(n_epochs):
+        for d in DOCS:
+            ids += TOK(d, add_special_tokens=False)["input_ids"] + [EOS]
+    return ids
+
+
+# -- the HMM ----------------------------------------------------------------------------------------
+
+
+def test_hmm_is_a_sparse_seeded_distribution():
+    assert HMM.start.dtype == HMM.trans.dtype == HMM.emit.dtype == torch.float64
+    for t in (HMM.start, HMM.trans, HMM.emit):
+        assert torch.allclose(t.sum(-1), torch.ones((), dtype=torch.float64))
+    assert 8 <= HMM.num_states <= 12 and 30 <= HMM.vocab_size <= 60 and len(set(HMM.words)) == HMM.vocab_size
+    assert (HMM.emit > 0).sum(1).max() <= 10 and (HMM.trans > 0).sum(1).max() <= 5  # sparse
+    assert torch.equal(synthetic.default_hmm(0).trans, HMM.trans)
+    assert not torch.equal(synthetic.default_hmm(1).trans, HMM.trans)
+
+
+def test_sample_follows_the_support_and_is_reproducible():
+    g = torch.Generator().manual_seed(0)
+    words, states = synthetic.sample(HMM, 200, 16, g, return_states=True)
+    assert words.shape == (200, 16) and words.dtype == torch.long
+    assert (HMM.start[states[:, 0]] > 0).all()
+    assert (HMM.trans[states[:, :-1], states[:, 1:]] > 0).all()
+    assert (HMM.emit[states, words] > 0).all()
+    assert torch.equal(words, synthetic.sample(HMM, 200, 16, torch.Generator().manual_seed(0)))
+    assert synthetic.texts(HMM, words[:1])[0].split() == [HMM.words[i] for i in words[0]]
+    # the exact likelihood is a proper distribution over documents of length 2
+    pairs = torch.cartesian_prod(torch.arange(HMM.vocab_size), torch.arange(HMM.vocab_size))
+    assert torch.isclose(synthetic.log_likelihood(HMM, pairs).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+# -- packing ------------------------------------------------------------------------------------------
+
+
+def test_synthetic_rows_are_one_document_each():
+    cfg = DataConfig(seq_len=18, synthetic_length=16, micro_batch_size=4)
+    loader = build_loader(cfg, TOK)
+    batch = loader.next_batch()
+    ids = batch["input_ids"]
+    assert ids.shape == (4, 18) and bool(batch["attention_mask"].all())
+    assert (ids[:, 0] == BOS).all() and (ids[:, -1] == EOS).all()
+    inner = ids[:, 1:-1]
+    assert not ((inner == BOS) | (inner == EOS) | (inner == PAD)).any()
+    corpus = synthetic.SyntheticCorpus(HMM, 16, seed=0)
+    for i in range(4):  # row i is document i of the corpus, mapped to token ids
+        assert TOK.decode(ids[i, 1:-1]) == synthetic.texts(HMM, corpus[i][None])[0]
+
+
+def test_packing_local_jsonl_has_bos_rows_eos_between_documents_and_no_padding(jsonl):
+    cfg = DataConfig(source=str(jsonl), seq_len=7, micro_batch_size=3)
+    loader = build_loader(cfg, TOK)
+    rows = torch.cat([loader.next_batch()["input_ids"] for _ in range(4)])
+    assert (rows[:, 0] == BOS).all() and not (rows[:, 1:] == BOS).any() and not (rows == PAD).any()
+    stream = rows[:, 1:].flatten().tolist()
+    assert stream == _token_stream()[: len(stream)]  # documents in order, each closed by EOS, epochs repeat
+
+
+def test_folder_text_and_parquet_sources(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("the cat sees a dog\nshe runs\n")
+    (folder / "sub" / "b.txt").write_text("it sleeps\n")
+    builder, files = resolve_local_files(str(folder))
+    assert builder == "text" and len(files) == 2
+    row = build_loader(DataConfig(source=str(folder), seq_len=14, micro_batch_size=1), TOK).next_batch()["input_ids"][0]
+    assert TOK.decode(row, skip_special_tokens=False).split() == (
+        ["<bos>", "the", "cat", "sees", "a", "dog", "<eos>", "she", "runs", "<eos>", "it", "sleeps", "<eos>", "the"]
+    )
+    import datasets
+
+    pq = tmp_path / "d.parquet"
+    datasets.Dataset.from_dict({"body": DOCS}).to_parquet(str(pq))
+    loader = build_loader(DataConfig(source=str(pq), text_field="body", seq_len=5, micro_batch_size=2), TOK)
+    assert loader.next_batch()["input_ids"][0, 1:].tolist() == _token_stream()[:4]
+
+
+def test_resume_continues_with_the_same_rows(jsonl):
+    for source in ("synthetic", str(jsonl)):
+        cfg = DataConfig(source=source, seq_len=6, micro_batch_size=3)
+        a = build_loader(cfg, TOK)
+        for _ in range(3):
+            a.next_batch()
+        state = a.state_dict()
+        expected = [a.next_batch()["input_ids"] for _ in range(3)]
+        b = build_loader(cfg, TOK)
+        b.load_state_dict(state)
+        assert all(torch.equal(x, b.next_batch()["input_ids"]) for x in expected), source
+
+
+def test_ranks_read_disjoint_documents(jsonl):
+    cfg = DataConfig(seq_len=18, micro_batch_size=8)
+    r0 = build_loader(cfg, TOK, rank=0, world_size=2).next_batch()["input_ids"]
+    r1 = build_loader(cfg, TOK, rank=1, world_size=2).next_batch()["input_ids"]
+    one = build_loader(cfg, TOK)
+    single = torch.cat([one.next_batch()["input_ids"] for _ in range(2)])
+    assert torch.equal(r0, single[0::2]) and torch.equal(r1, single[1::2])
+    f0 = build_loader(DataConfig(source=str(jsonl), seq_len=4, micro_batch_size=2), TOK, rank=0, world_size=2)
+    f1 = build_loader(DataConfig(source=str(jsonl), seq_len=4, micro_batch_size=2), TOK, rank=1, world_size=2)
+    assert not torch.equal(f0.next_batch()["input_ids"], f1.next_batch()["input_ids"])
+    with pytest.raises(ValueError, match="same number of processes"):
+        build_loader(cfg, TOK, rank=0, world_size=1).load_state_dict(f0.state_dict())
+
+
+# -- bad inputs ------------------------------------------------------------------------------------------
+
+
+def test_missing_files_and_unknown_datasets_are_clear_errors(tmp_path, jsonl, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_loader(DataConfig(source=str(tmp_path / "nope.jsonl")), TOK)
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        build_loader(DataConfig(source=str(tmp_path / "*.parquet")), TOK)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        build_loader(DataConfig(source=str(tmp_path / "empty")), TOK)
+    # no network in tests: offline, the Hub lookup fails at once instead of retrying
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="unknown dataset 'no-such-org-a3lm/no-such-dataset'"):
+        build_loader(DataConfig(source="no-such-org-a3lm/no-such-dataset"), TOK)
+    with pytest.raises(KeyError, match="no text field 'content'"):
+        build_loader(DataConfig(source=str(jsonl), text_field="content"), TOK).next_batch()
+    with pytest.raises(ValueError, match="exceeds the model's maximum of 16 positions"):
+        build_loader(DataConfig(seq_len=18), TOK, max_positions=16)
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        build_loader(DataConfig(seq_len=1), TOK)
+    with pytest.raises(ValueError, match="lacks synthetic words"):
+        build_loader(DataConfig(), word_tokenizer(["the", "cat"]))
