@@ -323,3 +323,11 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         a, b = weights(out / name), weights(fsdp / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
     assert [x["loss"] for x in metrics(fsdp)] == pytest.approx([x["loss"] for x in m], abs=1e-5)
+
+
+def test_a_run_folder_from_before_a_new_option_still_resumes(tmp_path):
+    Trainer(tiny_cfg(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["parallel"]  # written by a version that did not have this option
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    Trainer(tiny_cfg(tmp_path))  # the missing field takes its default: same run

@@ -30,7 +30,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,6 +249,10 @@ def check_run_folder(out: Path, cfg: TrainConfig, write: bool) -> None:
     mine = asdict(cfg)
     if path.exists():
         saved = json.loads(path.read_text())
+        # Fields added since that run was written take their defaults; a key this version does not
+        # know leaves the saved dict as written, and the diff names it.
+        with suppress(TypeError):
+            saved = asdict(config_from_dict(saved))
         diffs = _diff(_comparable(saved), _comparable(mine))
         if diffs:
             raise ValueError(
