@@ -42,7 +42,7 @@ def _sharp_model(family: str, **kwargs):
     """A tiny model whose distributions are far from uniform (so orders and criteria matter)."""
     model = tiny_a3_model(family, **kwargs)
     with torch.no_grad():
-        model.lm_head.weight.mul_(4)
+        model.lm_head.weight.mul_(16)
     return model
 
 

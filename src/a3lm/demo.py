@@ -175,9 +175,9 @@ def a3_nlls(model: A3ForCausalLM, ids: torch.Tensor, facts: list[Factorization],
 def bos_only(f: Factorization) -> torch.Tensor:
     """[B, N] bool: targets whose only visible token is BOS (the first group after it).
 
-    With a single visible key, attention returns that key's value whatever the query's position (RoPE
-    only moves scores, and one score softmaxes to 1), so the query stream cannot tell these positions
-    apart: it predicts one distribution for all of them, while the source's p(x_i) depends on i.
+    These need the marginal p(x_i), which depends on i. With a single visible content key, attention
+    alone cannot tell the positions apart (one score softmaxes to 1 wherever the query sits): only
+    the query's attention to its own slot (`A3Config.query_self_attention`) carries its position.
     """
     sees = (f.group_ids[:, None, :] < f.group_ids[:, :, None]).sum(-1)  # [B, N]: earlier-group tokens
     return f.target_mask & (sees == 1)
@@ -634,8 +634,8 @@ def render_markdown(res: dict) -> str:
         "factorization; gap = model - true.",
         "",
         "*gap past BOS-only*: the same gap over the words that see more than BOS. Words of the first group "
-        "after BOS see one key only, so the query stream cannot know their position (see `demo.bos_only`): "
-        "the model gives them all one distribution, while the source's first words differ from later ones.",
+        "after BOS see BOS alone and must be predicted from their position only (the marginal p(x_i); see "
+        "`demo.bos_only`): the hardest conditionals, and the ones the query's own slot exists for.",
         "",
         "| factorization | true | curriculum | gap | gap past BOS-only | ablation (stage 3 only) | gap | "
         "gap past BOS-only | AR (stage 0) |",

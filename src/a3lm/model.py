@@ -51,24 +51,30 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _with_self_keys(mask_BQK: torch.Tensor, n_self: int) -> torch.Tensor:
-    """[B, 1, n_self, K + n_self]: the query rows' mask over content keys, plus each slot's own key.
+def _repeat_kv(key: torch.Tensor, value: torch.Tensor, n_heads: int):
+    if key.shape[1] == n_heads:
+        return key, value
+    rep = n_heads // key.shape[1]  # GQA: SDPA's enable_gqa path is slow on CPU
+    return key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
 
-    Built once per mask object (every layer gets the same mask) and kept on it.
+
+def _attend_with_self(query, key, value, own_key, own_value, mask, scaling, dropout=0.0):
+    """Softmax over the masked content keys plus each row's own slot.
+
+    query/own_key/own_value [B, H, S, D]; key/value [B, H, K, D]; mask [B, 1, S, K]. The own slot is
+    one extra score per row: an [S, K] score matrix plus a diagonal, half the work of SDPA over all
+    K + S keys with a diagonal mask.
     """
-    cached = getattr(mask_BQK, "_a3_self_mask", None)
-    if cached is not None and cached.shape[-2] == n_self:
-        return cached
-    rows = mask_BQK[:, :, -n_self:]
-    eye = torch.eye(n_self, dtype=torch.bool, device=rows.device).expand(rows.shape[0], 1, n_self, n_self)
-    mask_BQK._a3_self_mask = torch.cat([rows, eye], dim=-1)
-    return mask_BQK._a3_self_mask
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    own = (query * own_key).sum(-1, keepdim=True)
+    probs = torch.softmax(torch.cat([scores, own], dim=-1).float() * scale, dim=-1).to(query.dtype)
+    probs = F.dropout(probs, p=dropout) if dropout else probs
+    return torch.matmul(probs[..., :-1], value) + probs[..., -1:] * own_value
 
 
 def _sdpa(module, query, key, value, mask, scaling, dropout):
-    if key.shape[1] != query.shape[1]:  # GQA: SDPA's enable_gqa path is slow on CPU
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    key, value = _repeat_kv(key, value, query.shape[1])
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
     )
@@ -113,8 +119,12 @@ def a3_attention(
         out = _sdpa(module, query, key[:, :, :n_content], value[:, :, :n_content], attention_mask, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
     rows_content = query.shape[2] - n_self
-    out_query = _sdpa(module, query[:, :, rows_content:], key, value, _with_self_keys(attention_mask, n_self),
-                      scaling, dropout)  # fmt: skip
+    key, value = _repeat_kv(key, value, query.shape[1])
+    out_query = _attend_with_self(
+        query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
+        key[:, :, n_content:], value[:, :, n_content:], attention_mask[:, :, rows_content:], scaling,
+        dropout if module.training else 0.0,
+    )  # fmt: skip
     if rows_content:
         out_content = _sdpa(module, query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
                             attention_mask[:, :, :rows_content], scaling, dropout)  # fmt: skip
