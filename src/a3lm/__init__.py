@@ -3,6 +3,10 @@
 from . import groups
 from .likelihood import LogProbs, sequence_logprobs
 from .model import A3Config, A3ForCausalLM, A3Output
+from .sampling import GenerationOutput, infill, sample
 
-__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "LogProbs", "groups", "sequence_logprobs"]
+__all__ = [
+    "A3Config", "A3ForCausalLM", "A3Output", "GenerationOutput", "LogProbs", "groups", "infill", "sample",
+    "sequence_logprobs",
+]  # fmt: skip
 __version__ = "0.1.0"
