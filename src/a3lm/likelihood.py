@@ -39,6 +39,20 @@ def sequence_logprobs(
         target_mask = predictable(group_ids, attention_mask)
     validate_group_ids(group_ids, attention_mask, input_ids=input_ids, targets=target_mask)
     logits_BNV = model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask).logits
-    logp_BN = torch.log_softmax(logits_BNV.float(), dim=-1).gather(-1, input_ids[..., None]).squeeze(-1)
-    token = torch.where(target_mask, logp_BN, torch.zeros_like(logp_BN))
+    logp_T, _ = target_logprobs(logits_BNV, input_ids, target_mask)
+    token = torch.zeros(input_ids.shape, dtype=logp_T.dtype, device=logp_T.device)
+    token[target_mask] = logp_T
     return LogProbs(token=token, total=token.sum(-1), count=target_mask.sum(-1), targets=target_mask)
+
+
+def target_logprobs(
+    logits_BNV: torch.Tensor, input_ids_BN: torch.Tensor, targets_BN: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each target token [T] and whether it is the argmax [T], targets in row-major order.
+
+    The softmax runs over the target rows only: [T, V] instead of [B, N, V] in fp32 (V can be 128k).
+    """
+    logits_TV = logits_BNV[targets_BN].float()
+    tokens_T = input_ids_BN[targets_BN]
+    logp_T = torch.log_softmax(logits_TV, dim=-1).gather(-1, tokens_T[:, None]).squeeze(-1)
+    return logp_T, logits_TV.argmax(-1) == tokens_T

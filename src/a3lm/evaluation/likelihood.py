@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..groups import PAD_GROUP
+from ..likelihood import target_logprobs
 from ..model import A3ForCausalLM
 
 SCORING_ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
@@ -123,11 +124,7 @@ def score_continuations(
                 input_ids=input_ids, group_ids=group_ids.to(device), attention_mask=attention_mask
             ).logits
         targets = targets.to(device)
-        # softmax over the target rows only: [T, V] instead of [B, N, V] in fp32 (V can be 128k)
-        logits_TV = logits_BNV[targets].float()
-        tokens_T = input_ids[targets]
-        logp_T = torch.log_softmax(logits_TV, dim=-1).gather(-1, tokens_T[:, None]).squeeze(-1)
-        greedy_T = logits_TV.argmax(-1) == tokens_T
+        logp_T, greedy_T = target_logprobs(logits_BNV, input_ids, targets)
         row_T = targets.nonzero()[:, 0]
         logp_B = torch.zeros(B, device=device).index_add_(0, row_T, logp_T)
         misses_B = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, row_T, (~greedy_T).long())
