@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from a3lm import checkpoint as ckpt
 from a3lm.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
@@ -153,23 +154,21 @@ def test_resume_equals_uninterrupted_and_final_models_open(tmp_path, monkeypatch
     assert train(tiny_cfg(tmp_path / "full")) == full
 
 
+def _dying_write(self, plan, planner):
+    """torch.distributed.checkpoint's writer, killed halfway through the checkpoint's shards."""
+    Path(self.path, "__0_0.distcp").write_bytes(b"\x00partial")
+    raise OSError("killed")
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path / "run", stages=[1], stage1_steps=6)
     cfg.stop_after = 2
     train(cfg)
-    real_save = torch.save
-
-    def dying_save(obj, f, *a, **kw):
-        if str(f).endswith("optimizer.pt"):  # killed halfway through writing the checkpoint of step 4
-            Path(f).write_bytes(b"\x00partial")
-            raise OSError("killed")
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(FileSystemWriter, "write_data", _dying_write)
     cfg.stop_after = 4
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(CheckpointException, match="OSError: killed"):
         train(cfg)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(root)] == [2]
     assert any(p.name.startswith(ckpt.TMP_PREFIX) for p in root.iterdir())  # the half-written one, ignored
