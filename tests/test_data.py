@@ -123,7 +123,7 @@ def test_ranks_read_disjoint_documents(jsonl):
     f0 = build_loader(DataConfig(source=str(jsonl), seq_len=4, micro_batch_size=2), TOK, rank=0, world_size=2)
     f1 = build_loader(DataConfig(source=str(jsonl), seq_len=4, micro_batch_size=2), TOK, rank=1, world_size=2)
     assert not torch.equal(f0.next_batch()["input_ids"], f1.next_batch()["input_ids"])
-    with pytest.raises(ValueError, match="same number of processes"):
+    with pytest.raises(ValueError, match="cannot resume rank 0 of 1 with load_state_dict: use load_resharded"):
         build_loader(cfg, TOK, rank=0, world_size=1).load_state_dict(f0.state_dict())
 
 
@@ -154,3 +154,47 @@ def test_missing_files_and_unknown_datasets_are_clear_errors(tmp_path, jsonl, mo
         build_loader(DataConfig(seq_len=1), TOK)
     with pytest.raises(ValueError, match="lacks synthetic words"):
         build_loader(DataConfig(), word_tokenizer(["the", "cat"]))
+
+
+def _indexed_docs(n: int) -> list[str]:
+    """Document i: its index in two words, then i % 4 filler words (uneven lengths)."""
+    w = HMM.words
+    return [" ".join([w[i // len(w)], w[i % len(w)], *[w[0]] * (i % 4)]) for i in range(n)]
+
+
+def _doc_index(tokens: list[int]) -> int:
+    return (tokens[0] - 4) * len(HMM.words) + tokens[1] - 4
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
+def test_resharded_resume_neither_repeats_nor_skips(tmp_path, old_world, new_world):
+    n = 150
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in _indexed_docs(n)))
+    cfg = DataConfig(source=str(path), seq_len=7, micro_batch_size=1)
+    streams = []  # token streams that end in whole documents
+    old = [build_loader(cfg, TOK, rank=r, world_size=old_world) for r in range(old_world)]
+    for r, loader in enumerate(old):
+        rows = [loader.next_row()[1:] for _ in range(9 + 4 * r)]  # ranks at different positions
+        streams.append([t for row in rows for t in row] + loader.buffer)
+    states = [loader.state_dict() for loader in old]
+    assert len({s["documents"] for s in states}) > 1 or old_world == 1
+    for r in range(new_world):
+        loader = build_loader(cfg, TOK, rank=r, world_size=new_world)
+        loader.load_resharded(states)
+        carried = len(loader.buffer)
+        tokens = []
+        while loader.epoch == 0:
+            tokens += loader.next_row()[1:]
+        streams.append(tokens[carried:])
+    seen = []
+    for tokens in streams:
+        docs, start = [], 0
+        for i, t in enumerate(tokens):
+            if t == EOS:
+                docs.append(_doc_index(tokens[start:i]))
+                start = i + 1
+        # a new rank's stream runs into the next epoch: keep its epoch-0 documents (increasing)
+        cut = next((k for k in range(1, len(docs)) if docs[k] <= docs[k - 1]), len(docs))
+        seen += docs[:cut]
+    assert sorted(seen) == list(range(n))

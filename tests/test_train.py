@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from a3lm import checkpoint as ckpt
 from a3lm.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
@@ -153,23 +154,21 @@ def test_resume_equals_uninterrupted_and_final_models_open(tmp_path, monkeypatch
     assert train(tiny_cfg(tmp_path / "full")) == full
 
 
+def _dying_write(self, plan, planner):
+    """torch.distributed.checkpoint's writer, killed halfway through the checkpoint's shards."""
+    Path(self.path, "__0_0.distcp").write_bytes(b"\x00partial")
+    raise OSError("killed")
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path / "run", stages=[1], stage1_steps=6)
     cfg.stop_after = 2
     train(cfg)
-    real_save = torch.save
-
-    def dying_save(obj, f, *a, **kw):
-        if str(f).endswith("optimizer.pt"):  # killed halfway through writing the checkpoint of step 4
-            Path(f).write_bytes(b"\x00partial")
-            raise OSError("killed")
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(FileSystemWriter, "write_data", _dying_write)
     cfg.stop_after = 4
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(CheckpointException, match="OSError: killed"):
         train(cfg)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(root)] == [2]
     assert any(p.name.startswith(ckpt.TMP_PREFIX) for p in root.iterdir())  # the half-written one, ignored
@@ -331,3 +330,90 @@ def test_a_run_folder_from_before_a_new_option_still_resumes(tmp_path):
     del saved["parallel"]  # written by a version that did not have this option
     (tmp_path / "config.json").write_text(json.dumps(saved))
     Trainer(tiny_cfg(tmp_path))  # the missing field takes its default: same run
+
+
+# -- sharded checkpoints: resharding resume, interrupted sharded save -----------------------------------
+
+
+def _reshard_cfg(out: Path, world: int) -> TrainConfig:
+    """Stages 0-2 (no random groupings: the steps do not depend on the world size); 8 rows per step."""
+    cfg = tiny_cfg(out, stages=[0, 1, 2], stage0_steps=2, stage1_steps=2, stage2_steps=2)
+    cfg.parallel = "fsdp"
+    cfg.optim.grad_accum = 2 // world  # micro-batches of 4 rows: 4 x 2 x 1 = 4 x 1 x 2 rows per step
+    return cfg
+
+
+def _reshard_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    tmp = Path(tmp)
+    cfg = _reshard_cfg(tmp / "two_to_one", world)
+    cfg.stop_after = 3  # on 2 processes to step 3 (mid A3 phase); the parent finishes it on 1
+    Trainer(cfg).fit()
+    Trainer(_reshard_cfg(tmp / "one_to_two", world)).fit()  # the parent ran steps 1-3 on 1 process
+
+    # interrupted sharded save: rank 1 dies while writing its shards of step 4
+    cfg = _reshard_cfg(tmp / "interrupted", world)
+    cfg.stop_after = 2
+    Trainer(cfg).fit()
+    cfg.stop_after = 4
+    real = FileSystemWriter.write_data
+    if rank == 1:
+        FileSystemWriter.write_data = _dying_write
+    try:
+        Trainer(cfg).fit()
+        error = None
+    except CheckpointException as e:
+        error = str(e)
+    FileSystemWriter.write_data = real
+    steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp / "interrupted" / "checkpoints")]
+    resumed = Trainer(cfg)
+    start = resumed.step
+    resumed.fit()
+    Path(tmp, f"interrupted_rank{rank}.json").write_text(json.dumps({"error": error, "steps": steps, "start": start}))
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_checkpoints_resume_on_another_number_of_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    reference = train(_reshard_cfg(tmp_path / "reference", 1))  # uninterrupted, 1 process
+    cfg = _reshard_cfg(tmp_path / "one_to_two", 1)
+    cfg.stop_after = 3
+    train(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_reshard_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("workers still running after 300 s (hung collective?)")
+    # each rank wrote its own shards of the step-3 checkpoint; 1 process resumes from them
+    shards = tmp_path / "two_to_one" / "checkpoints" / ckpt.checkpoint_name(3) / "state"
+    assert {p.name for p in shards.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    resumed = Trainer(_reshard_cfg(tmp_path / "two_to_one", 1))
+    assert resumed.step == 3
+    resumed.fit()
+
+    ref = metrics(tmp_path / "reference")
+    for run in ("two_to_one", "one_to_two"):
+        m = metrics(tmp_path / run)
+        assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6] and [x["tokens"] for x in m] == [x["tokens"] for x in ref]
+        # the same rows every step (data neither repeated nor skipped): the same losses up to float rounding
+        assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in ref], abs=1e-5), run
+        a, b = weights(reference), weights(tmp_path / run / "final")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), run
+
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"interrupted_rank{r}.json").read_text())
+        assert "OSError: killed" in got["error"]  # every rank learns that the save failed
+        assert got["steps"] == [2] and got["start"] == 2  # the previous checkpoint stayed the latest
+    done = ckpt.list_checkpoints(tmp_path / "interrupted" / "checkpoints")
+    assert [ckpt.step_of(p) for p in done] == [2, 4]
+    assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in done[0].parent.iterdir())

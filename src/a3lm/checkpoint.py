@@ -10,14 +10,20 @@ business (`write` callback); this module only makes the write atomic and keeps t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+META_FILE = "meta.json"
+STATE_DIR = "state"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -122,3 +128,93 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, target)
     _fsync_path(target.parent)
     return target
+
+
+# -- the checkpoint manager --------------------------------------------------------------------------
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores every stateful part of a run as one atomic checkpoint folder.
+
+        step_N/meta.json            small facts read before anything is built (step, phase, world size)
+        step_N/state/               torch.distributed.checkpoint (DCP) of the shared parts
+        step_N/<part>_rank<r>.pt    each per-rank part, one file per rank
+
+    Shared parts (model, optimizer, LR schedule) go through DCP: every rank writes the shards it
+    owns (FSDP's DTensors; with replicated weights DCP writes one copy) and a load reads the saved
+    shards into whatever sharding the parts have now, so a checkpoint resumes on any number of
+    processes. Per-rank parts (data position, RNG streams) are written by their own rank; on a
+    world size other than the saved one, a part's `load_resharded(states_of_every_old_rank)` decides
+    how to continue (a part without it refuses the change).
+
+    Every rank calls `save`/`load` (DCP's collectives); rank 0 alone creates, renames and prunes.
+    """
+
+    def __init__(self, root: Path, keep: int | None = None, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] = lambda: None):
+        self.root, self.keep, self.rank, self.world_size, self.barrier = Path(root), keep, rank, world_size, barrier
+        self.shared: dict[str, Stateful] = {}
+        self.per_rank: dict[str, Stateful] = {}
+
+    def register(self, name: str, part: Stateful, per_rank: bool = False) -> None:
+        """Add (or replace: a new phase brings a new model and optimizer) a part under `name`."""
+        (self.per_rank if per_rank else self.shared)[name] = part
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def save(self, step: int, meta: dict[str, Any]) -> Path:
+        """Write every registered part for `step`; returns the committed folder (all ranks)."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        tmp = self.root / f"{TMP_PREFIX}{checkpoint_name(step)}"
+        if self.rank == 0:
+            begin(self.root, step)
+            (tmp / META_FILE).write_text(json.dumps(meta | {"world_size": self.world_size}, indent=2))
+        self.barrier()
+        for name, part in self.per_rank.items():
+            torch.save(part.state_dict(), tmp / f"{name}_rank{self.rank}.pt")
+        with _single_process_quiet():
+            dcp.save(dict(self.shared), checkpoint_id=tmp / STATE_DIR, no_dist=self.world_size == 1)
+        self.barrier()  # every rank's files are written before rank 0 makes them the checkpoint
+        if self.rank == 0:
+            commit(tmp, keep=self.keep)
+        self.barrier()
+        return self.root / checkpoint_name(step)
+
+    def load(self, path: Path) -> None:
+        """Restore every registered part from `path`, resharding to this world size."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(path)
+        with _single_process_quiet():
+            dcp.load(dict(self.shared), checkpoint_id=path / STATE_DIR, no_dist=self.world_size == 1)
+        saved_world = read_meta(path)["world_size"]
+        for name, part in self.per_rank.items():
+            if saved_world == self.world_size:
+                part.load_state_dict(torch.load(path / f"{name}_rank{self.rank}.pt", weights_only=False))
+                continue
+            if not hasattr(part, "load_resharded"):
+                raise ValueError(f"checkpoint {path} was written by {saved_world} processes and its {name!r} "
+                                 f"state cannot be resharded: resume with {saved_world} processes")
+            states = [torch.load(path / f"{name}_rank{r}.pt", weights_only=False) for r in range(saved_world)]
+            part.load_resharded(states)
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes a single process whenever there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META_FILE).read_text())

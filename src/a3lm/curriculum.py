@@ -113,9 +113,9 @@ def policy_at(cfg: CurriculumConfig, step: int) -> GroupPolicy:
     raise ValueError(f"step {step} is past the curriculum's {cfg.total_steps} steps")
 
 
-def rank_generator(seed: int, rank: int) -> torch.Generator:
-    """A CPU generator for (seed, rank): independent streams per rank (SeedSequence mixing)."""
-    state = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]
+def rank_generator(seed: int, rank: int, salt: tuple[int, ...] = ()) -> torch.Generator:
+    """A CPU generator for (seed, rank[, salt]): independent streams per rank (SeedSequence mixing)."""
+    state = np.random.SeedSequence([seed, rank, *salt]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state >> 1))
 
 

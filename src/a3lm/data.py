@@ -17,13 +17,22 @@ Finite sources are repeated epoch after epoch. Ranks take interleaved documents 
 documents r, r + W, r + 2W, ...) and pack them on their own. The data position is
 (epoch, documents consumed, leftover tokens) per rank; it is saved in checkpoints and a resumed
 loader continues with exactly the rows the interrupted one would have produced.
+
+Resuming on a different number of processes (`PackedLoader.load_resharded`): the documents every
+old rank consumed are known, so the new ranks interleave the documents after the longest common
+prefix, leaving out those some old rank already took, and each old rank's leftover tokens go to a
+new rank first: no document or token is repeated or skipped. The rows themselves differ (packing
+happens per rank) unless every document fills whole rows, as the synthetic corpus does. A Hub
+dataset whose shard count is a multiple of the world size is split by shards, not interleaved;
+its position is then rank-local and cannot be resharded (a clear error says so).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,14 +127,26 @@ class HFDocuments:
                 f"{', '.join(LOCAL_BUILDERS)} files or a folder, or 'synthetic'"
             ) from e
 
-    def iterate(self, rank: int, world_size: int, start: int) -> Iterator[list[int]]:
-        """Token ids (no special tokens) of this rank's documents, from its `start`-th on."""
+    def interleaved(self, world_size: int) -> bool:
+        """Whether `datasets` splits this source by examples (rank r: r, r + W, ...), not by shards."""
+        return world_size == 1 or self._dataset.num_shards % world_size != 0
+
+    def iterate(self, rank: int, world_size: int, start: int, offset: int = 0, skip: Iterable[int] = ()) -> Iterator[list[int]]:
+        """Token ids (no special tokens) of this rank's documents, from its `start`-th on.
+
+        offset/skip (after a resharded resume): only documents from `offset` on that are not in `skip`.
+        """
         from datasets.distributed import split_dataset_by_node
 
-        ds = split_dataset_by_node(self._dataset, rank=rank, world_size=world_size) if world_size > 1 else self._dataset
+        if offset or skip:  # every rank reads the stream, keeps its share: global indices stay known
+            ds = self._dataset.skip(offset) if offset else self._dataset
+            examples = _strided(enumerate(ds, offset), set(skip), rank, world_size, start)
+        else:
+            ds = split_dataset_by_node(self._dataset, rank=rank, world_size=world_size) if world_size > 1 else self._dataset
+            # skip before tokenising: resuming costs reading the skipped documents, not encoding them
+            examples = ds.skip(start) if start else ds
         field = self.cfg.text_field
-        # skip before tokenising: resuming costs reading the skipped documents, not encoding them
-        for example in ds.skip(start) if start else ds:
+        for example in examples:
             if field not in example:
                 raise KeyError(f"data has no text field {field!r}; its columns are {sorted(example)} (set data.text_field)")
             yield self.tokenizer(example[field], add_special_tokens=False)["input_ids"]
@@ -147,11 +168,30 @@ class SyntheticDocuments:
             raise ValueError(f"the tokenizer lacks synthetic words {missing}; use a3lm.tokenizer.word_tokenizer(hmm.words)")
         self.word_to_token = torch.tensor(ids)
 
-    def iterate(self, rank: int, world_size: int, start: int) -> Iterator[list[int]]:
-        i = rank + start * world_size
-        while True:
+    def interleaved(self, world_size: int) -> bool:
+        return True
+
+    def iterate(self, rank: int, world_size: int, start: int, offset: int = 0, skip: Iterable[int] = ()) -> Iterator[list[int]]:
+        indices = ((i, i) for i in itertools.count(offset))
+        for i in _strided(indices, set(skip), rank, world_size, start):
             yield self.word_to_token[self.corpus[i]].tolist()
-            i += world_size
+
+
+def _strided(items: Iterable[tuple[int, Any]], skip: set[int], rank: int, world_size: int, start: int) -> Iterator[Any]:
+    """Of the (global index, item) pairs whose index is not in `skip`, rank's share (every
+    world_size-th from the rank-th), from its start-th on."""
+    kept = (item for i, item in items if i not in skip)
+    return itertools.islice(kept, rank + start * world_size, None, world_size)
+
+
+def _nth_kept(offset: int, skip: list[int], j: int) -> int:
+    """The global index of the j-th document from `offset` on that is not in the sorted `skip`."""
+    i = offset + j
+    for s in skip:
+        if s > i:
+            break
+        i += 1
+    return i
 
 
 def documents(cfg: DataConfig, tokenizer: Any) -> HFDocuments | SyntheticDocuments:
@@ -181,32 +221,62 @@ class PackedLoader:
         self.docs, self.cfg, self.bos_id, self.eos_id = docs, cfg, bos_id, eos_id
         self.rank, self.world_size = rank, world_size
         self.epoch, self.consumed, self.buffer = 0, 0, []
+        # documents from `offset` on, less those in `skip`, are interleaved over the ranks (both
+        # non-trivial only after a resharded resume, until the epoch ends)
+        self.offset, self.skip = 0, []
         self._it: Iterator[list[int]] | None = None
 
     def state_dict(self) -> dict:
+        interleaved = bool(self.offset or self.skip) or self.docs.interleaved(self.world_size)
         return {"epoch": self.epoch, "documents": self.consumed, "buffer": list(self.buffer),
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size, "offset": self.offset, "skip": list(self.skip),
+                "interleaved": interleaved}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(
                 f"data position saved by rank {state['rank']} of {state['world_size']} cannot resume rank "
-                f"{self.rank} of {self.world_size}: resume with the same number of processes"
+                f"{self.rank} of {self.world_size} with load_state_dict: use load_resharded"
             )
         self.epoch, self.consumed, self.buffer = state["epoch"], state["documents"], list(state["buffer"])
+        self.offset, self.skip = state.get("offset", 0), list(state.get("skip", []))
         self._it = None
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue from the positions of every rank of a run with len(states) processes.
+
+        Old rank r took the positions r, r + W, ... of the document sequence; the first
+        W * min(consumed) positions were all taken: the new sequence starts there, leaving out the
+        later positions some rank took. Old rank r's leftover tokens go to new rank r % new_world.
+        """
+        old_world = len(states)
+        if len({s["epoch"] for s in states}) > 1:
+            raise ValueError("the ranks of the checkpoint were in different epochs of the data: resume with "
+                             f"{old_world} processes until the next checkpoint")
+        if not all(s.get("interleaved", True) for s in states):
+            raise ValueError(f"data source {self.cfg.source!r} was split by shards over {old_world} processes, so "
+                             f"its position cannot be resharded: resume with {old_world} processes")
+        offset, skip = states[0].get("offset", 0), sorted(states[0].get("skip", []))
+        counts = [s["documents"] for s in states]
+        prefix = old_world * min(counts)
+        taken = [r + k * old_world for r, c in enumerate(counts) for k in range(min(counts), c)]
+        self.offset = _nth_kept(offset, skip, prefix)
+        self.skip = sorted({*(s for s in skip if s >= self.offset), *(_nth_kept(offset, skip, j) for j in taken)})
+        self.epoch, self.consumed, self._it = states[0]["epoch"], 0, None
+        self.buffer = [t for r, s in enumerate(states) if r % self.world_size == self.rank for t in s["buffer"]]
 
     def _next_document(self) -> list[int]:
         for _attempt in range(2):
             if self._it is None:
-                self._it = self.docs.iterate(self.rank, self.world_size, self.consumed)
+                self._it = self.docs.iterate(self.rank, self.world_size, self.consumed, self.offset, self.skip)
             doc = next(self._it, None)
             if doc is not None:
                 self.consumed += 1
                 return doc
-            if self.consumed == 0:
+            if self.consumed == 0 and not (self.offset or self.skip):
                 break
-            self.epoch, self.consumed, self._it = self.epoch + 1, 0, None  # finite source: next epoch
+            # finite source: next epoch, the whole source again
+            self.epoch, self.consumed, self.offset, self.skip, self._it = self.epoch + 1, 0, 0, [], None
         raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
 
     def next_row(self) -> list[int]:

@@ -141,6 +141,9 @@ class TrainConfig:
 
 # fields that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE_FIELDS = ("output", "checkpoint", "log", "stop_after")
+# how the rows of a step are split over processes and micro-batches: free to change on resume (e.g.
+# with a new number of processes) as long as the rows per step stay those of the checkpoint
+LAYOUT_FIELDS = (("data", "micro_batch_size"), ("optim", "grad_accum"))
 
 
 def presets() -> dict[str, TrainConfig]:
@@ -234,7 +237,10 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 
 def _comparable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+    for section, key in LAYOUT_FIELDS:
+        d.get(section, {}).pop(key, None)
+    return d
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -259,9 +265,9 @@ def check_run_folder(out: Path, cfg: TrainConfig, write: bool) -> None:
                 f"output folder {out} holds a different run (config differs in: {'; '.join(diffs)}). "
                 "Choose another --output, or delete the folder to start over"
             )
-    elif write:
-        if out.exists() and any(p.name != CONFIG_FILE for p in out.iterdir()):
-            raise ValueError(f"output folder {out} is not empty and holds no a3lm run ({CONFIG_FILE} missing)")
+    elif out.exists() and any(p.name != CONFIG_FILE for p in out.iterdir()):
+        raise ValueError(f"output folder {out} is not empty and holds no a3lm run ({CONFIG_FILE} missing)")
+    if write:  # the latest layout (micro-batch size, accumulation) is what a rerun compares with
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{CONFIG_FILE}.tmp"
         tmp.write_text(json.dumps(mine, indent=2) + "\n")
@@ -435,6 +441,87 @@ def set_rng_state(state: dict, group_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- stateful parts, registered with the checkpoint manager ----------------------------------------
+
+
+class ModelState:
+    """The model's weights keyed by parameter name: DTensor shards under FSDP, whole tensors otherwise."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """AdamW's moments keyed by parameter name (not by position), so they reshard with the model."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=self._options())
+
+
+class DataPosition:
+    """This rank's data position; on another world size, the position of every old rank (see data.py)."""
+
+    def __init__(self, loader: PackedLoader):
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        self.loader.load_resharded(states)
+
+
+class RNGState:
+    """The global RNGs and this rank's grouping stream.
+
+    On another world size, the global RNGs (the same on every rank: they drive the model init) come
+    from old rank 0, and each rank's grouping stream is drawn afresh from (seed, rank, step): stage 3's
+    groupings then differ from the uninterrupted run's (the same distribution, other draws).
+    """
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.trainer.group_gen)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state, self.trainer.group_gen)
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        t = self.trainer
+        set_rng_state(states[0], t.group_gen)
+        t.group_gen = rank_generator(t.cfg.curriculum.seed, t.dist.rank, salt=(t.dist.world_size, t.step))
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) was NaN/inf: the step was not taken."""
 
@@ -496,17 +583,24 @@ class Trainer:
         self._backends: list[Any] = []
         self._closers: list[Any] = []
 
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        # every part with a state registers here; checkpoints save and restore through it
+        self.checkpoints = ckpt.CheckpointManager(self.ckpt_root, cfg.checkpoint.keep, self.dist.rank,
+                                                  self.dist.world_size, self.dist.barrier)
+        latest = self.checkpoints.latest()
         if latest is not None:
-            self._resume(latest)
+            self._enter_phase(*self._resume_skeleton(latest))
         else:
             first = self.phases[0]
             model = initial_base_model(cfg, len(self.tokenizer)) if first.kind == "ar" else \
                 initial_a3_model(cfg, len(self.tokenizer))
             self._enter_phase(first, model)
         self.loader = self._build_loader()
+        self.checkpoints.register("data", DataPosition(self.loader), per_rank=True)
+        self.checkpoints.register("rng", RNGState(self), per_rank=True)
         if latest is not None:
-            self.loader.load_state_dict(torch.load(latest / f"data_rank{self.dist.rank}.pt", weights_only=False))
+            self.checkpoints.load(latest)
+            if self.dist.main:
+                self._truncate_metrics()
         if self.dist.main:
             check_run_folder(self.out, cfg, write=True)
         self.dist.barrier()
@@ -552,6 +646,9 @@ class Trainer:
         lr = self.cfg.optim.stage0_lr if phase.kind == "ar" else self.cfg.optim.lr
         self.optimizer = build_optimizer(model, self.cfg.optim, lr)
         self.schedule = Schedule(self.optimizer, lr, phase.end - phase.start, self.cfg.optim)
+        self.checkpoints.register("model", ModelState(model))
+        self.checkpoints.register("optimizer", OptimizerState(model, self.optimizer))
+        self.checkpoints.register("schedule", self.schedule)
 
     def _next_phase(self) -> None:
         """Stage 0 -> 1: wrap the AR model as an A3 model (fresh query vector), new optimizer."""
@@ -598,64 +695,39 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def rows_per_step(self) -> int:
+        return self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum * self.dist.world_size
+
     def save_checkpoint(self) -> Path:
-        """Every rank writes its data position and RNG; rank 0 the model and optimizer; then rename."""
-        tmp = self.ckpt_root / f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(self.step)}"
-        if self.dist.main:
-            tmp = ckpt.begin(self.ckpt_root, self.step)
-        self.dist.barrier()
-        r = self.dist.rank
-        torch.save(self.loader.state_dict(), tmp / f"data_rank{r}.pt")
-        torch.save(rng_state(self.group_gen), tmp / f"rng_rank{r}.pt")
-        model_state = self._full_state_dict()
-        optim_state = self.optimizer.state_dict()
-        if self.fsdp:  # gathered, keyed by parameter name
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        """Every registered part (sharded under FSDP), plus what a resume must know before building."""
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "phase": self.phase.kind,
+                "rows_per_step": self.rows_per_step(), "model_config": self.model.config.to_dict(),
+                "policy": asdict(policy_at(self.cfg.curriculum, max(self.step - 1, 0)))}
+        return self.checkpoints.save(self.step, meta)
 
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        if self.dist.main:
-            self._save_pretrained(tmp / "model", model_state, tokenizer=False)
-            torch.save(optim_state, tmp / "optimizer.pt")
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "phase": self.phase.kind,
-                     "schedule": self.schedule.state_dict(), "world_size": self.dist.world_size,
-                     "policy": asdict(policy_at(self.cfg.curriculum, max(self.step - 1, 0)))}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        self.dist.barrier()
-        final = tmp.parent / ckpt.checkpoint_name(self.step)
-        if self.dist.main:
-            final = ckpt.commit(tmp, keep=self.cfg.checkpoint.keep)
-        self.dist.barrier()
-        return final
-
-    def _resume(self, path: Path) -> None:
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["world_size"] != self.dist.world_size:
+    def _resume_skeleton(self, path: Path) -> tuple[Phase, nn.Module]:
+        """The phase of checkpoint `path` and a model of its architecture (weights loaded later)."""
+        try:
+            meta = ckpt.read_meta(path)
+        except FileNotFoundError as e:
+            raise ValueError(f"checkpoint {path} has no {ckpt.META_FILE}: it was written by an older a3lm; "
+                             "start a new --output") from e
+        if meta["rows_per_step"] != self.rows_per_step():
             raise ValueError(
-                f"checkpoint {path} was written by {state['world_size']} processes, this run has "
-                f"{self.dist.world_size}: resume with the same number of processes"
+                f"checkpoint {path} was trained with {meta['rows_per_step']} rows per step; this run has "
+                f"data.micro_batch_size {self.cfg.data.micro_batch_size} x optim.grad_accum "
+                f"{self.cfg.optim.grad_accum} x {self.dist.world_size} processes = {self.rows_per_step()}: "
+                "change data.micro_batch_size or optim.grad_accum so the product matches"
             )
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        from transformers import AutoModelForCausalLM
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        cls = AutoModelForCausalLM if state["phase"] == "ar" else A3ForCausalLM
-        with _quiet_hf():
-            model = cls.from_pretrained(path / "model", dtype=torch.float32)
+        config = AutoConfig.for_model(**meta["model_config"])
+        with torch.random.fork_rng(devices=[]), _quiet_hf():  # a throwaway init: the weights are loaded next
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         # the phase the saved model belongs to (the step may sit exactly at its end)
-        phase = next(p for p in self.phases if p.kind == state["phase"] and p.start < self.step <= p.end)
-        self._enter_phase(phase, model)
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu" if self.fsdp else self.device, weights_only=False)
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.model, self.optimizer, optim_state,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(optim_state)
-        self.schedule.load_state_dict(state["schedule"])
-        set_rng_state(torch.load(path / f"rng_rank{self.dist.rank}.pt", weights_only=False), self.group_gen)
-        if self.dist.main:
-            self._truncate_metrics()
+        phase = next(p for p in self.phases if p.kind == meta["phase"] and p.start < self.step <= p.end)
+        return phase, model
 
     # -- logging --------------------------------------------------------------------------------
 
