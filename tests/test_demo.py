@@ -2,13 +2,27 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from a3lm import exact, synthetic
 from a3lm.cli import app
-from a3lm.demo import bos_only, factorizations, oracle_decode, quick_config, run_demo, true_nlls
+from a3lm.demo import (
+    DemoConfig,
+    bos_only,
+    build_table,
+    factorizations,
+    held_out_set,
+    oracle_decode,
+    quick_config,
+    run_demo,
+    summarize,
+    true_nlls,
+    verdict,
+)
+from a3lm.tokenizer import word_tokenizer
 
 ORDERS = ["left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2", "random-4",
           "infill-middle"]
@@ -50,9 +64,9 @@ def test_truth_column_is_the_exact_factorization():
     assert truth["contiguous-4"] > truth["contiguous-2"] > entropy
 
 
-def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_quick_demo_runs_end_to_end_with_two_seeds_and_resumes(tmp_path):
     cfg = quick_config(str(tmp_path / "demo"))
-    cfg.progress = False
+    cfg.progress, cfg.seeds = False, 2
     res = run_demo(cfg)
     out = tmp_path / "demo"
     for key in ("markdown", "json", "plot"):
@@ -63,22 +77,79 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     for r in data["table"]:
         assert math.isfinite(r["curriculum"]) and math.isfinite(r["ablation"]) and r["true"] > 0
         assert (r["ar"] is not None) == (r["order"] == "left-to-right")
-    # every run was evaluated at step 0, midway and at its end
+        for run in ("curriculum", "ablation"):
+            seeds = r[f"{run}_gap_seeds"]
+            assert len(seeds) == 2 and r[f"{run}_gap"] == pytest.approx(sum(seeds) / 2)
+            assert r[f"{run}_gap_sd"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2**0.5)
+            lo, hi = r[f"{run}_gap_ci"]
+            assert lo <= r[f"{run}_gap"] <= hi and math.isfinite(r[f"{run}_gap_rest"])
+    # each seed's runs have their own folders, and were evaluated at step 0, midway and at their end
     a3_total = cfg.a3_steps
-    assert sorted(int(k) for k in data["curves"]["curriculum"]) == [0, a3_total // 2, a3_total]
-    assert sorted(int(k) for k in data["curves"]["ablation"]) == [0, a3_total // 2, a3_total]
+    assert set(data["curves"]) == {"0", "1"}
+    for s in ("0", "1"):
+        assert sorted(int(k) for k in data["curves"][s]["curriculum"]) == [0, a3_total // 2, a3_total]
+        assert (out / f"seed{s}" / "ablation" / "final").is_dir()
+    # two seeds gave two different curricula (init, data and groupings all differ)
+    assert data["table"][0]["curriculum_gap_seeds"][0] != data["table"][0]["curriculum_gap_seeds"][1]
+    # a few steps: no target and no verdict, and the report says why
+    assert data["summary"]["too_short"] and data["summary"]["target_met"] is None
+    assert data["verdict"]["text"] == "too short to mean anything: no verdict"
     assert set(data["generation_stats"]) == {"curriculum", "ablation", "oracle"}
-    assert data["summary"]["worst_other_order"] in ORDERS
-    assert all(math.isfinite(r["curriculum_gap_rest"]) and math.isfinite(r["ablation_gap_rest"]) for r in data["table"])
     modes = {s["mode"] for s in data["generation_stats"]["curriculum"]}
     assert any("s=4" in m for m in modes) and any("entropy" in m for m in modes) and any("infill" in m for m in modes)
     assert all(g["text"] for g in data["generations"])
     md = (out / "results.md").read_text()
-    assert "| left-to-right" in md and "## Decoding modes" in md
-    # the run folders keep checkpoints; a rerun resumes (trains nothing) and gives the same table
-    assert (out / "curriculum" / "checkpoints").is_dir() and (out / "ablation" / "final").is_dir()
+    assert "| left-to-right" in md and "## Decoding modes" in md and "Too short to mean anything" in md
+    assert " ± " in md and "excluded" in md
+    # a rerun resumes (trains nothing) and gives the same table
     again = run_demo(cfg)
     assert [r["curriculum"] for r in again.table] == [r["curriculum"] for r in res.table]
+
+
+def _fake_logprobs(held_true, facts, shift_per_seed):
+    """Model log-probs = the truth minus a per-(seed, document) shift: known gaps for the statistics."""
+    return {f.name: held_true[f.name] - shift_per_seed[:, None] * f.target_mask for f in facts}
+
+
+def test_gap_statistics_and_verdict_on_known_numbers():
+    hmm = synthetic.default_hmm(0)
+    cfg = DemoConfig(eval_docs=128, length=6, seeds=3, bootstrap=200)
+    held = held_out_set(cfg, hmm, word_tokenizer(hmm.words))
+    B = cfg.eval_docs
+    docs = torch.linspace(-0.01, 0.01, B, dtype=torch.float64)  # document-to-document noise, mean 0
+    # per target word gaps: curriculum 0.02 + 0.01 * seed index; ablation 0.05 + the same document noise
+    lps = {}
+    for k, s in enumerate(cfg.seed_list):
+        lps[(s, "curriculum")] = _fake_logprobs(held.true_lp, held.facts, 0.02 + 0.01 * k + docs)
+        lps[(s, "ablation")] = _fake_logprobs(held.true_lp, held.facts, torch.full((B,), 0.05, dtype=torch.float64) + docs)
+    table = build_table(cfg, held, lps, ar_final=[2.0, 2.1, 2.2])
+    row = table[0]
+    assert row["curriculum_gap"] == pytest.approx(0.03) and row["curriculum_gap_sd"] == pytest.approx(0.01)
+    assert row["curriculum_gap_seeds"] == pytest.approx([0.02, 0.03, 0.04])
+    lo, hi = row["curriculum_gap_ci"]
+    assert 0.029 < lo < 0.03 < hi < 0.031  # resampling documents moves the mean by a little
+    assert row["ablation_gap_sd"] == pytest.approx(0.0) and row["ar"] == pytest.approx(2.1)
+    assert row["true"] == pytest.approx(true_nlls(hmm, held.words, held.facts)["left-to-right"])
+    v = verdict(cfg, held, lps)
+    assert v["difference"]["mean"] == pytest.approx(-0.02) and v["text"].startswith("the curriculum is closer")
+    # a difference inside the run-to-run spread is no verdict
+    for k, s in enumerate(cfg.seed_list):
+        lps[(s, "ablation")] = _fake_logprobs(held.true_lp, held.facts, 0.0 + 0.04 * k + docs)
+    assert verdict(cfg, held, lps)["text"] == "no difference at this budget"
+    one = replace(cfg, seeds=1)
+    assert verdict(one, held, lps)["text"].startswith("one seed")
+    summary = summarize(table)
+    assert summary["worst_gap"] == pytest.approx(0.03) and summary["target_met"] is True
+
+
+def test_bad_scale_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    with pytest.raises(ValueError, match="--scale must be a positive number"):
+        run_demo(replace(quick_config(str(tmp_path)), scale=0))
+    result = CliRunner().invoke(app, ["demo", "--quick", "--scale", "-1", "--output", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--scale must be a positive number" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_refuses_a_folder_with_another_configuration(tmp_path):
@@ -93,6 +164,7 @@ def test_demo_command_is_wired():
 
     result = CliRunner().invoke(app, ["demo", "--help"])
     assert result.exit_code == 0 and "--quick" in result.output and "--scale" in result.output
+    assert "--seeds" in result.output
 
 
 def test_oracle_decoding_with_the_true_conditionals():

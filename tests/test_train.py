@@ -20,6 +20,7 @@ from a3lm.train import (
     ModelConfig,
     NonFiniteLossError,
     OptimConfig,
+    Schedule,
     TrainConfig,
     Trainer,
     apply_overrides,
@@ -64,6 +65,39 @@ def test_lr_schedule_values():
     lin = OptimConfig(warmup_steps=0, min_lr_ratio=0.0, decay="linear")
     assert [lr_factor(s, 5, lin) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     assert lr_factor(3, 5, OptimConfig(warmup_steps=0, decay="constant")) == 1.0
+
+
+def test_stage_schedule_restarts_warmup_and_decay_at_every_stage():
+    cfg = OptimConfig(warmup_steps=1, min_lr_ratio=0.1, decay="linear", stage_schedule=True)
+    sched = Schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2.0, 9, cfg, segments=[2, 3, 4])
+    lrs = []
+    for _ in range(9):
+        lrs.append(sched.lr())
+        sched.step()
+    # stage of 2: warmup then the end (0.1); stages of 3 and 4: warmup, then linear decay to 0.1
+    assert lrs == pytest.approx([1.0, 2.0, 1.0, 2.0, 0.2, 1.0, 2.0, 1.1, 0.2])
+    with pytest.raises(ValueError, match="do not add up"):
+        Schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1.0, 9, cfg, segments=[2, 3])
+
+
+def test_stage_schedule_resumes_mid_stage_bit_exactly(tmp_path):
+    def cfg_at(out: Path) -> TrainConfig:
+        cfg = tiny_cfg(out, stages=[1, 2, 3], stage1_steps=2, stage2_steps=3, stage3_steps=3)
+        cfg.optim.stage_schedule, cfg.optim.warmup_steps = True, 1
+        return cfg
+
+    full = train(cfg_at(tmp_path / "full"))
+    cfg = cfg_at(tmp_path / "parts")
+    cfg.stop_after = 3  # mid stage 2
+    train(cfg)
+    cfg.stop_after = None
+    parts = train(cfg)
+    a, b = weights(full), weights(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = metrics(tmp_path / "full")
+    assert logged == metrics(tmp_path / "parts")
+    # each stage starts with its own warmup step at half the peak LR
+    assert [m["lr"] for m in logged if m["step"] in (1, 3, 6)] == pytest.approx([1.5e-3] * 3)
 
 
 def test_presets_and_overrides():

@@ -102,6 +102,8 @@ def demo_command(
     scale: float = typer.Option(1.0, "--scale", help="Multiply every training step count (the budget; 1.0 = about 10 CPU minutes)."),
     steps: int | None = typer.Option(None, "--steps", help="Steps of stage 3 (stage 0, 1, 2 keep theirs); overrides the default's."),
     seed: int = typer.Option(0, help="Seed of the model init, the groupings and the held-out set."),
+    seeds: int = typer.Option(1, "--seeds", help="Repeat every training run with K seeds (seed, seed+1, ...): gaps as mean ± spread, and a curriculum-vs-ablation verdict."),
+    stage_schedule: bool | None = typer.Option(None, "--stage-schedule/--global-schedule", help="LR warmup + decay restart at every curriculum stage (default), or one schedule over stages 1-3."),
     quick: bool = typer.Option(False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."),
@@ -110,7 +112,8 @@ def demo_command(
     from .demo import DemoConfig, quick_config, run_demo, with_overrides
 
     base = quick_config(output) if quick else DemoConfig(output=output)
-    cfg = with_overrides(base, scale=scale, stage3_steps=steps, seed=seed, progress=progress, threads=threads)
+    cfg = with_overrides(base, scale=scale, stage3_steps=steps, seed=seed, seeds=seeds, stage_schedule=stage_schedule,
+                         progress=progress, threads=threads)
     try:
         result = run_demo(cfg)
     except ValueError as err:

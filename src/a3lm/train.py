@@ -74,7 +74,11 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine / linear decay to min_lr_ratio * lr, per phase."""
+    """AdamW with linear warmup then cosine / linear decay to min_lr_ratio * lr.
+
+    The schedule spans a phase (stage 0; stages 1-3), or with `stage_schedule` restarts (warmup, then
+    decay) at every curriculum stage, so that stage 3 trains from the peak LR as it would alone.
+    """
 
     lr: float = 1e-3  # stages 1-3
     stage0_lr: float = 3e-3  # plain AR pretraining from scratch
@@ -85,6 +89,7 @@ class OptimConfig:
     warmup_steps: int = 20
     decay: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1
+    stage_schedule: bool = False  # warmup + decay per curriculum stage instead of one over stages 1-3
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
 
@@ -382,14 +387,29 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 class Schedule:
-    """LambdaLR-like: a stateful step counter setting the optimizer's LRs (state_dict is picklable)."""
+    """LambdaLR-like: a stateful step counter setting the optimizer's LRs (state_dict is picklable).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total: int, cfg: OptimConfig):
+    `segments` (default: one of `total` steps) are consecutive stretches that each run their own
+    warmup and decay (`OptimConfig.stage_schedule`: one per curriculum stage).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total: int, cfg: OptimConfig,
+                 segments: list[int] | None = None):
         self.optimizer, self.peak_lr, self.total, self.cfg, self.step_count = optimizer, peak_lr, total, cfg, 0
+        self.segments = segments or [total]
+        if sum(self.segments) != total:
+            raise ValueError(f"schedule segments {self.segments} do not add up to the phase's {total} steps")
         self._apply()
 
     def lr(self) -> float:
-        return self.peak_lr * lr_factor(self.step_count, self.total, self.cfg)
+        step = self.step_count
+        for length in self.segments[:-1]:
+            if step < length:
+                break
+            step -= length
+        else:
+            length = self.segments[-1]
+        return self.peak_lr * lr_factor(step, length, self.cfg)
 
     def _apply(self) -> None:
         for g in self.optimizer.param_groups:
@@ -645,7 +665,10 @@ class Trainer:
             self.ddp_model = model
         lr = self.cfg.optim.stage0_lr if phase.kind == "ar" else self.cfg.optim.lr
         self.optimizer = build_optimizer(model, self.cfg.optim, lr)
-        self.schedule = Schedule(self.optimizer, lr, phase.end - phase.start, self.cfg.optim)
+        segments = None
+        if self.cfg.optim.stage_schedule:
+            segments = [e - b for _, b, e in self.cfg.curriculum.spans() if phase.start <= b < phase.end]
+        self.schedule = Schedule(self.optimizer, lr, phase.end - phase.start, self.cfg.optim, segments)
         self.checkpoints.register("model", ModelState(model))
         self.checkpoints.register("optimizer", OptimizerState(model, self.optimizer))
         self.checkpoints.register("schedule", self.schedule)
