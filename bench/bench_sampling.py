@@ -1,12 +1,18 @@
 """A3 decoding with the exact KV cache vs the base model's own `generate()` (same weights, same run).
 
-    python bench/bench_sampling.py            # hidden 512, 4 layers, 8 heads / 2 KV heads, vocab 8192
-    python bench/bench_sampling.py --quick    # a small config, seconds
+    python bench/bench_sampling.py                 # hidden 512, 4 layers, 8 heads / 2 KV heads, vocab 8192
+    python bench/bench_sampling.py --quick         # a small config, seconds
+    python bench/bench_sampling.py --model DIR     # a saved A3 checkpoint (e.g. SmolLM2), its own weights
+    python bench/bench_sampling.py --profile       # torch.profiler's top ops of an s = 1 run, then exit
 
-Rows (time per generated token, batch 1, 16-token prompt, greedy):
-  group-wise s = 1, 2, 4     128 new tokens, left to right        / AR generate() of 128 tokens
-  dynamic k = 1, 4           256 blanks, confidence               / AR generate() of 256 tokens
+Rows (time per generated token, batch 1, 16-token prompt):
+  group-wise s = 1, 2, 4     128 new tokens, left to right, greedy  / AR generate() of 128 tokens
+  dynamic k = 1, 4           256 blanks, confidence, greedy         / AR generate() of 256 tokens
   recompute / cached         512 blanks, k per step: full two-stream forward every step / cached
+  speculative k              128 new tokens (left to right, random order) or a 128-token middle
+                             blank between prompt and a 16-token suffix (infilling), temperature 1:
+                             tokens per forward, draft acceptance, time per token / s = 1 of the
+                             same order and / generate()
 Each ratio is the median over repeats of a pair timed back to back (load from other processes hits
 both alike). Prints the table and writes JSON (default bench/results/sampling.json).
 """
@@ -25,7 +31,7 @@ import torch
 
 from a3lm import A3ForCausalLM
 from a3lm.debug import tiny_base_model
-from a3lm.sampling import sample
+from a3lm.sampling import infill, sample
 
 CONFIG = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
@@ -65,10 +71,11 @@ def paired(baseline: Callable[[], float], candidate: Callable[[], float], repeat
 
 @torch.no_grad()
 def suite_rows(
-    a3: A3ForCausalLM, base: torch.nn.Module, device: str = "cpu", quick: bool = False, repeats: int = 3
+    a3: A3ForCausalLM, base: torch.nn.Module, device: str = "cpu", quick: bool = False, repeats: int = 3,
+    sizes: dict | None = None,
 ) -> list[dict]:
     """Every row: {row, N (tokens generated), baseline_s, a3_s (per token), ratio, target}."""
-    sizes = QUICK_SIZES if quick else SIZES
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, base.config.vocab_size, (1, sizes["prompt"]), generator=g).to(device)
     prompt[:, 0] = 1  # BOS
@@ -84,11 +91,11 @@ def suite_rows(
 
     rows = []
     n = sizes["new"]
-    for s, target in ((1, 1.25), (2, None), (4, 0.4)):
+    for s, target in ((1, 1.3), (2, None), (4, 0.35)):
         r = paired(ar(n), a3_run(n, group_size=s), repeats)
         rows.append({"row": f"group-wise s={s} / AR", "N": n, **r, "target": target})
     n = sizes["dynamic"]
-    for k, target in ((1, None), (4, 1.0)):
+    for k, target in ((1, None), (4, 1.5)):
         r = paired(ar(n), a3_run(n, dynamic=True, per_step=k), repeats, warmup=False)  # warm by now
         rows.append({"row": f"dynamic k={k} / AR", "N": n, **r, "target": target})
     n, k = sizes["recompute"], sizes["recompute_k"]
@@ -97,7 +104,70 @@ def suite_rows(
     # reported as a speed-up: full recompute time / cached time (higher is better)
     rows.append({"row": f"dynamic k={k}: recompute / cached", "N": n, "baseline_s": r["a3_s"], "a3_s": r["baseline_s"],
                  "ratio": r["ratio"], "ratio_min": r["ratio_min"], "target": 4.0, "higher_is_better": True})  # fmt: skip
+    return rows + speculative_rows(a3, base, prompt, sizes, device, repeats)
+
+
+def base_from_a3(a3: A3ForCausalLM) -> torch.nn.Module:
+    """The plain `*ForCausalLM` with the A3 model's own weights (SDPA attention): generate()'s baseline."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(a3.config.text_config)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=a3.dtype)
+    missing, _ = base.load_state_dict({k: v for k, v in a3.state_dict().items() if k != "query_embed"}, strict=False)
+    if set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"A3 weights do not fit the base model: missing {missing}")
+    base.tie_weights()
+    return base.to(a3.device).eval()
+
+
+@torch.no_grad()
+def speculative_rows(a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 8)) -> list[dict]:
+    """Speculative decoding (temperature 1) per order: tokens per forward, acceptance, time ratios."""
+    n = sizes["new"]
+    suffix = prompt[:, 1:].flip(1)  # any 15 tokens after the blank
+    ids = torch.cat([prompt, torch.zeros(1, n, dtype=torch.long, device=device), suffix], dim=1)
+    known = torch.ones_like(ids, dtype=torch.bool)
+    known[:, prompt.shape[1] : prompt.shape[1] + n] = False
+
+    def run(order: str, **kw):
+        if order == "infilling":
+            return infill(a3, ids, known, temperature=1.0, seed=0, **kw)
+        return sample(a3, prompt, length=n, order=order, temperature=1.0, seed=0, stop_at_eos=False, **kw)
+
+    ar = _timer(lambda: base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0), device)  # fmt: skip
+    rows = []
+    for order in ("left-to-right", "random", "infilling"):
+        s1 = _timer(lambda order=order: run(order), device)
+        for k in ks:
+            out = run(order, speculative=k)
+            spec = _timer(lambda order=order, k=k: run(order, speculative=k), device)
+            vs_s1 = paired(s1, spec, repeats)
+            vs_ar = paired(ar, spec, repeats, warmup=False)
+            rows.append({
+                "row": f"speculative k={k} {order} / s=1", "N": n, "baseline_s": vs_s1["baseline_s"] / n,
+                "a3_s": vs_s1["a3_s"] / n, "ratio": vs_s1["ratio"], "ratio_min": vs_s1["ratio_min"], "target": None,
+                "tokens_per_forward": n / out.num_steps, "acceptance": out.accepted / max(out.drafted, 1),
+                "vs_generate": vs_ar["ratio"], "vs_generate_min": vs_ar["ratio_min"],
+            })  # fmt: skip
     return rows
+
+
+def profile_s1(a3: A3ForCausalLM, device: str, n: int = 64, top: int = 15) -> None:
+    """torch.profiler's top ops (self CPU time) of one s = 1 run of n tokens, after a warm-up run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.ones(1, 16, dtype=torch.long, device=device)
+    sample(a3, prompt, length=8, temperature=0, stop_at_eos=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        sample(a3, prompt, length=n, temperature=0, stop_at_eos=False)
+        seconds = time.perf_counter() - t0
+    print(f"s = 1, {n} tokens: {seconds / n * 1e3:.2f} ms per token under the profiler")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main() -> None:
@@ -106,22 +176,36 @@ def main() -> None:
     parser.add_argument("--family", default="llama")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="A saved A3 checkpoint to time (its own weights; generate() on the same).")
+    parser.add_argument("--new", type=int, default=None, help="Tokens per row (default 128; 16 with --quick).")
+    parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top ops of an s = 1 run and exit.")
     parser.add_argument("--output", default="bench/results/sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = QUICK_CONFIG if args.quick else CONFIG
-    base = tiny_base_model(args.family, **config).to(device).eval()
-    a3 = A3ForCausalLM.from_base(base).eval()
-    base.config._attn_implementation = "sdpa"
-    rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats)
+    if args.model:
+        a3 = A3ForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+        base, config = base_from_a3(a3), a3.config.text_config.to_dict()
+    else:
+        config = QUICK_CONFIG if args.quick else CONFIG
+        base = tiny_base_model(args.family, **config).to(device).eval()
+        a3 = A3ForCausalLM.from_base(base).eval()
+        base.config._attn_implementation = "sdpa"
+    if args.profile:
+        profile_s1(a3, device)
+        return
+    sizes = None if args.new is None else dict(prompt=16, new=args.new, dynamic=2 * args.new, recompute=4 * args.new, recompute_k=16)
+    rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes)
 
-    print(f"device {device} ({args.threads} threads)  hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, vocab {config['vocab_size']}")
-    print(f"{'benchmark':<34} {'N':>5} {'base ms/tok':>12} {'A3 ms/tok':>10} {'ratio':>7} {'(fastest)':>9} {'target':>7}")
+    what = args.model or f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, vocab {config['vocab_size']}"
+    print(f"device {device} ({args.threads} threads)  {what}  (ratios: medians of pairs timed back to back, same run)")
+    print(f"{'benchmark':<40} {'N':>5} {'base ms/tok':>12} {'A3 ms/tok':>10} {'ratio':>7} {'(fastest)':>9} {'target':>7}"
+          f" {'tok/fwd':>7} {'accept':>6} {'/generate':>9}")  # fmt: skip
     for r in rows:
         target = "" if r["target"] is None else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
-        print(f"{r['row']:<34} {r['N']:>5} {r['baseline_s'] * 1e3:>12.2f} {r['a3_s'] * 1e3:>10.2f} "
-              f"{r['ratio']:>6.2f}x {r['ratio_min']:>8.2f}x {target:>7}")  # fmt: skip
+        spec = f" {r['tokens_per_forward']:>7.2f} {r['acceptance']:>6.2f} {r['vs_generate']:>8.2f}x" if "acceptance" in r else ""
+        print(f"{r['row']:<40} {r['N']:>5} {r['baseline_s'] * 1e3:>12.2f} {r['a3_s'] * 1e3:>10.2f} "
+              f"{r['ratio']:>6.2f}x {r['ratio_min']:>8.2f}x {target:>7}{spec}")  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "cpu": platform.processor(), "threads": args.threads, "config": config,

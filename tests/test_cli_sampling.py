@@ -48,6 +48,18 @@ def test_infill_keeps_text_around_the_blank(model_dir):
     assert words[:2] == ["the", "cat"] and words[-4:] == ["on", "the", "mat", "."]
 
 
+@pytest.mark.parametrize("command, text", [("sample", "a big dog"), ("infill", "the cat [BLANK:4] on the mat .")])
+def test_speculative_greedy_equals_one_token_steps(model_dir, command, text):
+    flag = "--prompt" if command == "sample" else "--text"
+    args = (command, "--model", model_dir, flag, text, "--temperature", "0", "--order", "random", "--show-order")
+    extra = ("--length", "8") if command == "sample" else ()
+    plain, spec = _run(*args, *extra), _run(*args, *extra, "--speculative", "3")
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    # same text; the picture differs (several tokens per step)
+    assert plain.stdout.splitlines()[-1] == spec.stdout.splitlines()[-1]
+    assert len(spec.stdout.splitlines()) <= len(plain.stdout.splitlines())
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -56,6 +68,11 @@ def test_infill_keeps_text_around_the_blank(model_dir):
         (("sample", "--prompt", "the", "--dynamic", "--criterion", "luck"), "unknown criterion"),
         (("sample", "--prompt", "the", "--dynamic", "--threshold", "1.5"), "threshold"),
         (("sample", "--prompt", "the", "--order", "zigzag"), "unknown order"),
+        (("sample", "--prompt", "the", "--threshold", "0.9"), "dynamic decoding only"),
+        (("sample", "--prompt", "the", "--per-step", "2"), "dynamic decoding only"),
+        (("sample", "--prompt", "the", "--dynamic", "--group-size", "2"), "do not apply to dynamic"),
+        (("infill", "--text", "the [BLANK:2]", "--dynamic", "--order", "random"), "do not apply to dynamic"),
+        (("sample", "--prompt", "the", "--speculative", "2", "--group-size", "2"), "singleton groups"),
     ],
 )
 def test_errors(model_dir, args, message):

@@ -35,6 +35,8 @@ MODES = {
     "dyn-entropy": dict(dynamic=True, criterion="entropy", per_step=1),
     "dyn-random": dict(dynamic=True, criterion="random", per_step=2),
     "dyn-threshold": dict(dynamic=True, criterion="confidence", threshold=0.06),
+    "spec3-ltr": dict(speculative=3),
+    "spec2-random": dict(speculative=2, order="random"),
 }
 
 
@@ -163,7 +165,8 @@ def test_seed_reproducible():
 def test_infill_keeps_known_tokens(family, dynamic):
     model = _sharp_model(family)
     ids, known, mask = _infill_batch()
-    out = infill(model, ids, known, mask, group_size=2, order="random", dynamic=dynamic, per_step=2, seed=0)
+    options = dict(dynamic=True, per_step=2) if dynamic else dict(group_size=2, order="random")
+    out = infill(model, ids, known, mask, seed=0, **options)
     assert torch.equal(out.sequences[known], ids[known])
     assert torch.equal(out.attention_mask, mask)
     blanks = mask.bool() & ~known
@@ -226,7 +229,7 @@ def test_dynamic_random_is_seeded():
 # -- 4. batched == one by one ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["s1-ltr", "s2-ltr", "dyn-confidence", "dyn-threshold"])
+@pytest.mark.parametrize("mode", ["s1-ltr", "s2-ltr", "dyn-confidence", "dyn-threshold", "spec3-ltr"])
 def test_batched_equals_one_by_one(family, mode):
     model = _sharp_model(family)
     prompts = [[1, 4], [1, 5, 6, 7, 8], [1, 9, 10]]
@@ -263,7 +266,7 @@ def test_custom_order_per_row():
 # -- EOS -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["s1-ltr", "s2-random", "dyn-confidence"])
+@pytest.mark.parametrize("mode", ["s1-ltr", "s2-random", "dyn-confidence", "spec3-ltr"])
 def test_eos_stops_and_pads(mode):
     model = _sharp_model("llama")
     prompt = torch.tensor([[1, 7, 9]])
@@ -299,6 +302,13 @@ def test_eos_stops_and_pads(mode):
         (dict(length=4, order=torch.tensor([0, 1, 1, 2])), "permutation"),
         (dict(length=4, temperature=-1.0), "temperature"),
         (dict(length=4, top_p=0.0), "top_p"),
+        (dict(length=4, per_step=2), "dynamic decoding only"),
+        (dict(length=4, threshold=0.5), "dynamic decoding only"),
+        (dict(length=4, dynamic=True, group_size=2), "do not apply to dynamic"),
+        (dict(length=4, dynamic=True, order="random"), "do not apply to dynamic"),
+        (dict(length=4, speculative=2, dynamic=True), "exclude each other"),
+        (dict(length=4, speculative=2, group_size=2), "singleton groups"),
+        (dict(length=4, speculative=-1), "speculative"),
     ],
 )
 def test_sample_errors(kwargs, message):

@@ -126,20 +126,25 @@ def demo_command(
     typer.echo("\n".join(f"{k}: {v}" for k, v in result.files.items()))
 
 
-def _decoding_kwargs(group_size, order, dynamic, criterion, per_step, threshold, temperature, top_k, top_p, seed, no_cache):
-    """The decoding options that `sample` and `infill` share, as keywords of a3lm.sampling."""
-    return dict(
+def _decoding_config(group_size, order, dynamic, criterion, per_step, threshold, speculative, temperature, top_k, top_p,
+                     seed, no_cache):  # fmt: skip
+    """The one DecodingConfig of `sample` / `infill` (it rejects options that do not apply to the mode)."""
+    from .decoding import DecodingConfig
+
+    return DecodingConfig(
         group_size=group_size, order=order, dynamic=dynamic, criterion=criterion, per_step=per_step,
-        threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=not no_cache,
+        threshold=threshold, speculative=speculative, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        use_cache=not no_cache,
     )  # fmt: skip
 
 
-def _run_decoding(fn, model_dir: str, text: str, show_order: bool, **kwargs) -> None:
+def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config_args: tuple, **kwargs) -> None:
     from .sampling import load_pretrained
 
     try:
+        config = _decoding_config(*config_args)
         model, tokenizer = load_pretrained(model_dir)
-        out, picture = fn(model, tokenizer, text, **kwargs)
+        out, picture = fn(model, tokenizer, text, config=config, **kwargs)
     except (OSError, ValueError) as err:  # bad model dir, bad option, bad blank spec: the message says which
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -150,11 +155,12 @@ def _run_decoding(fn, model_dir: str, text: str, show_order: bool, **kwargs) -> 
 
 _MODEL = typer.Option(..., "--model", help="A3 (or plain Llama/Qwen2) checkpoint dir with its tokenizer saved in it.")
 _GROUP = typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR).")
-_ORDER = typer.Option("left-to-right", help="Fill order of the groups: left-to-right, right-to-left, random.")
+_ORDER = typer.Option("left-to-right", help="Fill order: left-to-right, right-to-left, random, random-blocks.")
 _DYNAMIC = typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step.")
-_CRITERION = typer.Option("confidence", help="Dynamic: confidence, margin, entropy or random.")
-_PER_STEP = typer.Option(None, "--per-step", help="Dynamic: positions committed per step (k, default 1).")
-_THRESHOLD = typer.Option(None, help="Dynamic: commit every position with score >= p (at least one).")
+_CRITERION = typer.Option("confidence", help="Dynamic only: confidence, margin, entropy or random.")
+_PER_STEP = typer.Option(1, "--per-step", help="Dynamic only: positions committed per step (k).")
+_THRESHOLD = typer.Option(None, help="Dynamic only: commit every position with score >= p (at least one).")
+_SPECULATIVE = typer.Option(0, "--speculative", help="Lossless speculative decoding: draft k positions of the (singleton) order per forward, verify them exactly.")
 _TEMPERATURE = typer.Option(1.0, help="Sampling temperature; 0 = greedy.")
 _TOP_K = typer.Option(None, "--top-k")
 _TOP_P = typer.Option(None, "--top-p")
@@ -169,15 +175,16 @@ def sample_command(
     prompt: str = typer.Option("", help="Text to continue (the tokenizer adds BOS)."),
     length: int = typer.Option(64, help="Tokens to generate."),
     group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
-    per_step: int | None = _PER_STEP, threshold: float | None = _THRESHOLD, temperature: float = _TEMPERATURE,
-    top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED, no_cache: bool = _NO_CACHE,
-    show_order: bool = _SHOW_ORDER,
+    per_step: int = _PER_STEP, threshold: float | None = _THRESHOLD, speculative: int = _SPECULATIVE,
+    temperature: float = _TEMPERATURE, top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED,
+    no_cache: bool = _NO_CACHE, show_order: bool = _SHOW_ORDER,
 ) -> None:  # fmt: skip
-    """Continue a prompt group-wise (any order) or by dynamic resampling, with the exact KV cache."""
+    """Continue a prompt group-wise (any order), by dynamic resampling or speculatively, with the exact KV cache."""
     from .sampling import sample_text
 
-    kwargs = _decoding_kwargs(group_size, order, dynamic, criterion, per_step, threshold, temperature, top_k, top_p, seed, no_cache)
-    _run_decoding(sample_text, model, prompt, show_order, length=length, **kwargs)
+    config_args = (group_size, order, dynamic, criterion, per_step, threshold, speculative, temperature, top_k, top_p,
+                   seed, no_cache)  # fmt: skip
+    _run_decoding(sample_text, model, prompt, show_order, config_args, length=length)
 
 
 @app.command("infill")
@@ -185,15 +192,16 @@ def infill_command(
     model: str = _MODEL,
     text: str = typer.Option(..., help='Text with blanks to fill: "The cat [BLANK:8] on the mat."'),
     group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
-    per_step: int | None = _PER_STEP, threshold: float | None = _THRESHOLD, temperature: float = _TEMPERATURE,
-    top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED, no_cache: bool = _NO_CACHE,
-    show_order: bool = _SHOW_ORDER,
+    per_step: int = _PER_STEP, threshold: float | None = _THRESHOLD, speculative: int = _SPECULATIVE,
+    temperature: float = _TEMPERATURE, top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED,
+    no_cache: bool = _NO_CACHE, show_order: bool = _SHOW_ORDER,
 ) -> None:  # fmt: skip
     """Fill [BLANK:n] spans given the text on both sides (every known token comes first)."""
     from .sampling import infill_text
 
-    kwargs = _decoding_kwargs(group_size, order, dynamic, criterion, per_step, threshold, temperature, top_k, top_p, seed, no_cache)
-    _run_decoding(infill_text, model, text, show_order, **kwargs)
+    config_args = (group_size, order, dynamic, criterion, per_step, threshold, speculative, temperature, top_k, top_p,
+                   seed, no_cache)  # fmt: skip
+    _run_decoding(infill_text, model, text, show_order, config_args)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,15 @@ real tokens only: left- and right-padded rows get the same grouping of their rea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 PAD_GROUP = -1
+# Every named order: the fill order of a canvas's positions to fill (sampling, infilling, scoring) and
+# of a whole row after BOS (training). A custom order is a permutation of the positions' ranks.
 ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
+Order = str | torch.Tensor | Sequence[torch.Tensor]
 
 
 def _as_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -149,6 +154,73 @@ def build(order: str, attention_mask: torch.Tensor, size: int = 1, generator: to
     if order == "random-blocks":
         return random_order(attention_mask, size, generator, blocks=True)
     raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
+
+
+def check_order(order: Order) -> None:
+    """Raise a ValueError when `order` is neither a name in ORDERS nor a custom order (permutations)."""
+    if isinstance(order, str):
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)} or give a custom order")
+    elif not isinstance(order, torch.Tensor | Sequence):
+        raise TypeError(f"order must be a name or permutation tensor(s), got {type(order).__name__}")
+
+
+def _random_ranks(keys_BN: torch.Tensor, member_BN: torch.Tensor) -> torch.Tensor:
+    """Rank [B, N] of every member by its random key (0 = smallest); non-members rank after them."""
+    perm = keys_BN.masked_fill(~member_BN, 2.0).argsort(dim=1)
+    ranks = torch.arange(keys_BN.shape[1], device=keys_BN.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(1, perm, ranks)
+
+
+def _custom_ranks(fill_BN: torch.Tensor, rank_BN: torch.Tensor, order) -> torch.Tensor:
+    """Fill ranks from permutations of the left-to-right ranks: one shared 1-D tensor or one per row."""
+    B, N = fill_BN.shape
+    counts = fill_BN.sum(1)
+    if isinstance(order, torch.Tensor) and order.dim() == 1:
+        n = order.numel()
+        if bool((counts != n).any()) or not torch.equal(order.sort().values.cpu(), torch.arange(n)):
+            raise ValueError(f"a shared custom order must be a permutation of 0..{int(counts.max()) - 1} for every row")
+        return torch.argsort(order.to(rank_BN.device)).gather(0, rank_BN.clamp(min=0).flatten()).view(B, N)
+    if len(order) != B:
+        raise ValueError(f"a custom order needs one permutation per row: got {len(order)} for {B} rows")
+    out = torch.full_like(rank_BN, -1)
+    for b, perm in enumerate(order):
+        cols = fill_BN[b].nonzero().squeeze(-1)
+        perm = torch.as_tensor(perm, dtype=torch.long).cpu()
+        if perm.numel() != cols.numel() or not torch.equal(perm.sort().values, torch.arange(cols.numel())):
+            raise ValueError(f"custom order of row {b} must be a permutation of its {cols.numel()} positions to fill")
+        out[b, cols[perm.to(cols.device)]] = torch.arange(cols.numel(), device=out.device)
+    return out
+
+
+def fill_groups(
+    fill_mask_BN: torch.Tensor, order: Order = "left-to-right", size: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Relative group index [B, N] of every position to fill (0 = filled first), -1 elsewhere.
+
+    The one place where an order becomes groups: the positions with fill_mask True are ranked by
+    `order` and chunked into groups of `size` (size 1: the index is the fill rank). Orders:
+    left-to-right, right-to-left, random (any subset), random-blocks (contiguous spans of `size` in a
+    random order), or a custom order: a permutation of the positions' left-to-right ranks (0 =
+    leftmost), one 1-D tensor shared by every row or a sequence with one per row.
+    """
+    fill = _as_mask(fill_mask_BN)
+    if size < 1:
+        raise ValueError(f"group size must be >= 1, got {size}")
+    check_order(order)
+    rank = fill.long().cumsum(1) - 1  # left to right
+    if not isinstance(order, str):
+        rank = _custom_ranks(fill, rank, order)
+    elif order == "right-to-left":
+        rank = fill.sum(1, keepdim=True) - 1 - rank
+    elif order == "random":
+        rank = _random_ranks(torch.rand(fill.shape, generator=generator, device=fill.device), fill)
+    elif order == "random-blocks":  # spans of `size` by left-to-right rank, the spans in a random order
+        cols = torch.arange(fill.shape[1], device=fill.device).expand_as(rank)
+        first = fill & (rank % size == 0)  # a span is named by its first position
+        span_rank = _random_ranks(torch.rand(fill.shape, generator=generator, device=fill.device), first)
+        return torch.where(fill, span_rank.gather(1, torch.where(first, cols, 0).cummax(1).values), -1)
+    return torch.where(fill, torch.div(rank, size, rounding_mode="floor"), -1)
 
 
 def predictable(group_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

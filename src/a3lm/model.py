@@ -18,7 +18,7 @@ import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import ModelOutput
 
 from .groups import PAD_GROUP, left_to_right, predictable, validate_group_ids
-from .masks import flex_two_stream_block_mask, sort_by_group, two_stream_mask
+from .masks import flex_two_stream_block_mask, group_attention_mask, sort_by_group, two_stream_mask
+
+if TYPE_CHECKING:
+    from .cache import ContentCache
 
 ATTN_IMPLEMENTATION = "a3"
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
@@ -306,6 +309,68 @@ class A3ForCausalLM(A3PreTrainedModel):
         backend = self.config.attention_backend
         return backend == "flex" or (backend == "auto" and device.type == "cuda")
 
+    def _run_decoder(
+        self,
+        content_ids_BC: torch.Tensor,
+        num_queries: int,
+        mask: torch.Tensor | BlockMask,
+        position_ids: torch.Tensor,
+        skip_content_mlp: bool,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The decoder on [content embeds ; w repeated num_queries times]: final states [B, C + Q, H].
+
+        The one place the streams enter the decoder (training forward and cached decoding step alike).
+        skip_content_mlp: the content rows' states are not read, so the last layer's MLP skips them.
+        """
+        skip = _skip_last_content_mlp(self.model, content_ids_BC.shape[1]) if skip_content_mlp else contextlib.nullcontext()
+        with skip:
+            return self.model(
+                inputs_embeds=self.stream_embeds(content_ids_BC, num_queries),
+                attention_mask=mask,
+                position_ids=position_ids,
+                **kwargs,
+            ).last_hidden_state
+
+    @torch.no_grad()
+    def decode_step(
+        self,
+        cache: ContentCache,
+        content_ids_BC: torch.Tensor,
+        content_positions_BC: torch.Tensor,
+        content_groups_BC: torch.Tensor,
+        content_valid_BC: torch.Tensor,
+        query_positions_BQ: torch.Tensor,
+        query_groups_BQ: torch.Tensor,
+    ) -> torch.Tensor:
+        """One cached decoding forward: append committed content to `cache`, score query slots.
+
+        Input [content of the tokens just committed (C slots) ; query slots (Q slots)] against the
+        cached content keys; returns logits [B, Q, V]. A query slot of group g sees cached content of
+        groups < g (give it a group above every committed one to see them all); a content slot of group
+        g sees groups <= g. Padded slots: content_valid False (kept as a never-attended key); a padded
+        query slot's logits are meaningless. The query slots' K/V are cropped again: nothing attends to
+        them (the attention function cuts keys to the mask's width, cached + C).
+        """
+        B, C = content_ids_BC.shape
+        Q = query_positions_BQ.shape[1]
+        for name, t, width in (("content_positions", content_positions_BC, C), ("content_groups", content_groups_BC, C),
+                               ("content_valid", content_valid_BC, C), ("query_groups", query_groups_BQ, Q)):  # fmt: skip
+            if t.shape != (B, width):
+                raise ValueError(f"{name} must be [B, {width}] = {(B, width)}, got {tuple(t.shape)}")
+        if cache.num_keys + C == 0:
+            raise ValueError("the first cache step needs content to attend to (at least one known token)")
+        cache.append(content_groups_BC, content_valid_BC)
+        strict = torch.arange(C + Q, device=content_ids_BC.device) >= C  # query slots: earlier groups only
+        mask = group_attention_mask(
+            torch.cat([content_groups_BC, query_groups_BQ], dim=1), strict.expand(B, -1), cache.key_groups_BK, cache.key_valid_BK
+        )
+        positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
+        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, True, past_key_values=cache.kv, use_cache=True)
+        if Q:
+            cache.kv.crop(-Q)
+        return self.lm_head(hidden[:, C:])
+
     def two_stream_hidden_states(
         self,
         input_ids_BN: torch.Tensor,
@@ -332,15 +397,8 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the MLP whole then.
         skip_mlp = not keep_content and not self.model.is_activation_checkpointing
-        skip = _skip_last_content_mlp(self.model, N) if skip_mlp else contextlib.nullcontext()
-        with skip:
-            hidden = self.model(
-                inputs_embeds=self.stream_embeds(input_ids_BN, N),
-                attention_mask=mask,
-                position_ids=torch.cat([position_ids_BN, position_ids_BN], dim=1),
-                use_cache=False,
-                **kwargs,
-            ).last_hidden_state
+        position_ids = torch.cat([position_ids_BN, position_ids_BN], dim=1)
+        hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, skip_mlp, use_cache=False, **kwargs)
         if perm is not None:  # back to position order
             inverse = perm.argsort(dim=1)
             index = torch.cat([inverse, inverse + N], dim=1)[..., None].expand(-1, -1, hidden.shape[-1])

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .. import sampling
+from ..decoding import DecodingConfig
 from ..model import A3ForCausalLM
 from .likelihood import SCORING_ORDERS, prefix_token_id, score_continuations
 
@@ -57,7 +58,10 @@ class A3LM(TemplateLM):
     order, group_size: factorization of the continuation when scoring (left-to-right, right-to-left,
         random, random-blocks); seed fixes the random orders (one per request, batch independent).
     gen_order, gen_group_size: group-wise generation; gen_mode=dynamic commits `per_step` tokens per
-        step by `criterion` (confidence, margin, entropy, random) instead. use_cache: exact KV cache.
+        step by `criterion` (confidence, margin, entropy, random) instead; speculative=k drafts k
+        positions of gen_order per forward (lossless). use_cache: exact KV cache. These build one
+        `DecodingConfig` (options of another mode are an error); the harness sets temperature / top-k /
+        top-p per request.
     max_gen_toks: generation length when a task does not say; max_length: positions (default the
         model's max_position_embeddings).
     """
@@ -79,6 +83,7 @@ class A3LM(TemplateLM):
         gen_group_size: int = 1,
         criterion: str = "confidence",
         per_step: int = 1,
+        speculative: int = 0,
         use_cache: bool = True,
         **unused: Any,  # the harness passes max_batch_size and friends to every model
     ) -> None:
@@ -103,14 +108,10 @@ class A3LM(TemplateLM):
         self.seed = int(seed)
         self._max_length = int(max_length) if max_length is not None else None
         self.max_gen_toks = int(max_gen_toks)
-        self.gen_settings = {
-            "gen_mode": gen_mode,
-            "gen_order": gen_order,
-            "gen_group_size": int(gen_group_size),
-            "criterion": criterion,
-            "per_step": int(per_step),
-            "use_cache": bool(use_cache),
-        }
+        self.decoding = DecodingConfig(
+            order=gen_order, group_size=int(gen_group_size), dynamic=gen_mode == "dynamic", criterion=criterion,
+            per_step=int(per_step), speculative=int(speculative), seed=self.seed, use_cache=bool(use_cache),
+        )  # fmt: skip
 
     # -- what the harness asks of a model ----------------------------------------------------------
 
@@ -152,7 +153,13 @@ class A3LM(TemplateLM):
             "seed": self.seed,
             "max_length": self.max_length,
             "max_gen_toks": self.max_gen_toks,
-            **self.gen_settings,
+            "gen_mode": self.decoding.mode,
+            "gen_order": self.decoding.order,
+            "gen_group_size": self.decoding.group_size,
+            "criterion": self.decoding.criterion,
+            "per_step": self.decoding.per_step,
+            "speculative": self.decoding.speculative,
+            "use_cache": self.decoding.use_cache,
         }
 
     def get_model_info(self) -> dict[str, Any]:
@@ -259,24 +266,17 @@ class A3LM(TemplateLM):
         for b, p in enumerate(prompts):  # left padding; the sampler left-aligns every row itself
             input_ids[b, L - len(p) :] = torch.tensor(p)
             attention_mask[b, L - len(p) :] = 1
-        g = self.gen_settings
         out = sampling.sample(
             self.model,
             input_ids.to(self.device),
             attention_mask.to(self.device),
             length=length,
-            group_size=g["gen_group_size"],
-            order=g["gen_order"],
-            dynamic=g["gen_mode"] == "dynamic",
-            criterion=g["criterion"],
-            per_step=g["per_step"],
+            config=self.decoding,
             temperature=temperature,
             top_k=gen_kwargs.get("top_k"),
             top_p=gen_kwargs.get("top_p"),
-            seed=self.seed,
             eos_token_id=self.eot_token_id,
             pad_token_id=self._pad_id(),
-            use_cache=g["use_cache"],
         )
         texts = []
         for b, p in enumerate(prompts):

@@ -1,0 +1,188 @@
+"""What a decoding run may be asked to do, validated once, and how one token is chosen.
+
+`DecodingConfig` is the single owner of every decoding option: the CLI, the lm-eval adapter and Python
+callers build one (or pass its fields as keywords to `sample` / `infill`), and an option that does not
+apply to the chosen mode is an error rather than silently ignored. Three modes:
+
+- group-wise (default): the positions to fill are split into groups of `group_size` in `order`;
+- dynamic (`dynamic=True`): every step commits the best `per_step` unfilled positions by `criterion`
+  (or all above `threshold`);
+- speculative (`speculative=k`): lossless parallel decoding of the singleton `order`: k positions
+  drafted at once from the query stream, verified in one forward (samples follow the s = 1 joint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .groups import Order, check_order
+
+CRITERIA = ("confidence", "margin", "entropy", "random")
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Every decoding option. Defaults: left-to-right singletons (plain AR), temperature 1, exact cache.
+
+    order: left-to-right, right-to-left, random, random-blocks, or a custom order (a permutation of the
+        positions to fill, by left-to-right rank: one 1-D tensor shared by every row or one per row).
+    group_size: positions per group (group-wise mode).
+    dynamic, criterion, per_step, threshold: dynamic resampling (criterion confidence, margin, entropy
+        or random; commit `per_step` per step, or every position with score >= `threshold`).
+    speculative: k >= 1 drafts per forward (0 = off), for singleton orders (group_size 1).
+    temperature (0 = greedy), top_k, top_p: applied to every distribution a token is drawn from.
+    seed: seeds a fresh generator (None: nondeterministic); a generator passed to `sample` wins.
+    stop_at_eos, eos_token_id: `sample` stops a row at a generated EOS (default id: the model's).
+    pad_token_id: fills padding in the output (default: the model's, else 0).
+    use_cache: the exact KV cache; False recomputes the full two-stream forward every step.
+    """
+
+    order: Order = "left-to-right"
+    group_size: int = 1
+    dynamic: bool = False
+    criterion: str = "confidence"
+    per_step: int = 1
+    threshold: float | None = None
+    speculative: int = 0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_at_eos: bool = True
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        check_order(self.order)
+        self._check_mode()
+        if self.group_size < 1:
+            raise ValueError(f"group size must be >= 1, got {self.group_size}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.per_step < 1:
+            raise ValueError(f"per_step (k) must be >= 1, got {self.per_step}")
+        if self.threshold is not None:
+            if self.per_step != 1:
+                raise ValueError("give either per_step (commit k per step) or threshold (commit all above p), not both")
+            if not 0.0 < self.threshold < 1.0:
+                raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+            if self.criterion not in ("confidence", "margin"):
+                raise ValueError(f"threshold compares a probability: use criterion confidence or margin, not {self.criterion!r}")
+        if self.speculative < 0:
+            raise ValueError(f"speculative (drafts per forward) must be >= 1, or 0 for off; got {self.speculative}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def _check_mode(self) -> None:
+        """Options of one mode given to another are an error (a value other than the default)."""
+        custom_order = not (isinstance(self.order, str) and self.order == "left-to-right")
+        if self.dynamic and self.speculative:
+            raise ValueError("dynamic and speculative decoding exclude each other: choose one")
+        if self.dynamic and (self.group_size != 1 or custom_order):
+            raise ValueError("group_size and order do not apply to dynamic decoding (it picks positions by criterion)")
+        if not self.dynamic and (self.criterion != "confidence" or self.per_step != 1 or self.threshold is not None):
+            raise ValueError("criterion, per_step and threshold apply to dynamic decoding only: set dynamic=True (--dynamic)")
+        if self.speculative and self.group_size != 1:
+            raise ValueError(f"speculative decoding verifies singleton groups: group_size must be 1, got {self.group_size}")
+
+    @property
+    def mode(self) -> str:
+        """"speculative", "dynamic" or "group"."""
+        return "speculative" if self.speculative else "dynamic" if self.dynamic else "group"
+
+    @classmethod
+    def build(cls, config: DecodingConfig | None = None, **options) -> DecodingConfig:
+        """`config` with `options` replaced (or a new one from `options`); unknown names raise TypeError."""
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown decoding option(s) {', '.join(sorted(unknown))}; see DecodingConfig")
+        if config is None:
+            return cls(**options)
+        return cls(**{**{f.name: getattr(config, f.name) for f in fields(cls)}, **options})
+
+    def make_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
+
+# -- token choice ----------------------------------------------------------------------------------
+
+
+def filter_logits(
+    logits_XV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Temperature (0 = greedy: left untouched), then top-k and top-p (nucleus) filtering; float32."""
+    logits = logits_XV.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p (the first always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def token_probs(logits_XV: torch.Tensor, config: DecodingConfig) -> torch.Tensor:
+    """The distribution [..., V] a token is drawn from: filtered softmax, or one-hot argmax when greedy."""
+    logits = filter_logits(logits_XV, config.temperature, config.top_k, config.top_p)
+    if config.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return logits.softmax(-1)
+
+
+def draw(probs_XV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs [..., V] -> [...]."""
+    flat = probs_XV.reshape(-1, probs_XV.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs_XV.shape[:-1])
+
+
+def choose_tokens(
+    logits_XV: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (temperature > 0) or take the argmax (temperature 0) of each row.
+
+    Returns tokens [...] and the filtered distribution probs [..., V] they were drawn from (greedy:
+    the softmax of the unscaled logits, which dynamic criteria score).
+    """
+    probs = filter_logits(logits_XV, temperature, top_k, top_p).softmax(-1)
+    if temperature == 0:
+        return probs.argmax(-1), probs
+    return draw(probs, generator), probs
+
+
+def criterion_scores(criterion: str, probs_BQV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Higher = commit first. confidence: max prob; margin: top-1 minus top-2 prob; entropy: minus the
+    entropy; random: uniform noise. Returns [B, Q]."""
+    if criterion == "confidence":
+        return probs_BQV.max(-1).values
+    if criterion == "margin":
+        top2 = probs_BQV.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if criterion == "entropy":
+        return (probs_BQV * probs_BQV.clamp_min(1e-30).log()).sum(-1)
+    if criterion == "random":
+        return torch.rand(probs_BQV.shape[:-1], generator=generator, device=probs_BQV.device)
+    raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+__all__ = ["CRITERIA", "DecodingConfig", "choose_tokens", "criterion_scores", "draw", "filter_logits", "token_probs"]

@@ -1,0 +1,135 @@
+"""Lossless any-subset speculative decoding: several tokens per forward, the singleton order's joint.
+
+Take the positions to fill in a singleton fill order j_1, j_2, ... (left to right, random, custom, the
+blanks of an infilling). The query stream gives every unfilled position's distribution given the
+committed tokens, q_j = p(x_j | committed), in one forward: draft the next k positions from it. Then
+verify in one forward, with the drafts as singleton groups in that order: query slot m sees the
+committed tokens and drafts 1..m-1, so it reads the exact sequential conditional p_m. Accept draft m
+with probability min(1, p_m / q_m); at the first rejection draw that position from the normalised
+residual max(0, p_m - q_m) and drop the later drafts. This is speculative sampling (Leviathan et al.;
+Chen et al.), with the model drafting for itself (as in ASSD, Guo and Ermon): every committed token
+follows p(x_{j_m} | x_{j_<m}) exactly, so samples follow the s = 1 distribution of the order.
+
+One forward per round, [content ; queries] against the exact cache:
+    content: the committed token not yet cached (the first draft of a window, or the residual draw)
+             and the drafts 2..k, each its own group in the order;
+    queries: the drafts 2..k (their p_m), and the k positions after the drafts, seeing everything:
+             when every draft is accepted these are exactly the next window's q (the first of which is
+             then p, so the next window's first draft is always accepted).
+After a rejection the next window's q are unknown (the residual token is new): that row's next forward
+carries no drafts, only the residual's content and the window's queries. Rejected drafts' cached keys
+are dropped (rows of a batch accept different counts: padded slots are invalid keys). Temperature,
+top-k and top-p shape q and p alike; greedy makes both one-hot, so greedy speculative decoding gives
+greedy s = 1 decoding's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decoding import DecodingConfig, draw, token_probs
+from .groups import fill_groups
+from .model import A3ForCausalLM
+from .sampling import Canvas, GenerationOutput, StepForward, StepLogits, mask_to_cols, scatter_where
+
+
+def _accept(p_BDV, q_BDV, drafts_BD, valid_BD, generator):
+    """Leading accepted drafts [B, D] (bool) and the residual draw at the first rejection [B]."""
+    p_d = p_BDV.gather(-1, drafts_BD[..., None]).squeeze(-1)
+    q_d = q_BDV.gather(-1, drafts_BD[..., None]).squeeze(-1)
+    u = torch.rand(drafts_BD.shape, generator=generator, device=drafts_BD.device)
+    lead = ((u * q_d < p_d) & valid_BD).long().cumprod(1).bool()  # u < p/q, without dividing
+    first_out = lead.sum(1, keepdim=True).clamp(max=drafts_BD.shape[1] - 1)  # the rejected slot (if any)
+    p_r = p_BDV.gather(1, first_out[..., None].expand(-1, -1, p_BDV.shape[-1])).squeeze(1)
+    q_r = q_BDV.gather(1, first_out[..., None].expand(-1, -1, q_BDV.shape[-1])).squeeze(1)
+    residual = (p_r - q_r).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_r)  # p == q: never rejected
+    return lead, draw(residual, generator)
+
+
+class _Window:
+    """The fill order as columns: rank r of row b is column cols_BM[b, r]; gathers windows of it."""
+
+    def __init__(self, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator):
+        blank = canvas.real & ~canvas.known
+        N = blank.shape[1]
+        rank_BN = fill_groups(blank, cfg.order, 1, generator)  # singleton groups: the fill rank
+        self.count_B = blank.sum(1)
+        M = max(int(self.count_B.max()), 1)
+        self.cols_BM = rank_BN.masked_fill(~blank, 2 * N).argsort(1)[:, :M]
+
+    def at(self, start_B: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns [B, width] of ranks start..start+width-1 and whether each rank exists."""
+        ranks = start_B[:, None] + torch.arange(width, device=start_B.device)
+        cols = self.cols_BM.gather(1, ranks.clamp(max=self.cols_BM.shape[1] - 1))
+        return cols, ranks < self.count_B[:, None]
+
+
+@torch.no_grad()
+def decode_speculative(
+    model: A3ForCausalLM, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator, eos_token_id: int | None,
+    pad_token_id: int, output_logits: bool,
+) -> GenerationOutput:  # fmt: skip
+    """Speculative decoding of the canvas's blanks in the singleton order cfg.order, k = cfg.speculative."""
+    B, N = canvas.ids.shape
+    k, D = cfg.speculative, cfg.speculative - 1  # window, drafts to verify per forward
+    window = _Window(canvas, cfg, generator)
+    forward = StepForward(model, B, cfg.use_cache)
+    step_logits: list[StepLogits] | None = [] if output_logits else None
+    n_known_B, top = canvas.n_known, 2 * N + 1  # `top`: a query group that sees every committed token
+    done_B = torch.zeros(B, dtype=torch.long, device=canvas.ids.device)  # blanks committed (by rank)
+    pending_cols, pending_valid = mask_to_cols(canvas.known)  # committed content not cached yet
+    draft_cols, _ = window.at(done_B, D)
+    draft_valid = torch.zeros_like(draft_cols, dtype=torch.bool)
+    drafts_BD = torch.zeros_like(draft_cols)
+    q_BDV: torch.Tensor | None = None
+    steps = drafted = accepted = 0
+    while True:
+        next_cols, next_valid = window.at(done_B + draft_valid.sum(1), k)
+        next_valid &= ~canvas.finished[:, None]
+        if not bool(next_valid.any() | draft_valid.any()):
+            break
+        steps += 1
+        draft_groups = n_known_B[:, None] + done_B[:, None] + torch.arange(D, device=done_B.device)
+        ids = scatter_where(canvas.ids, draft_cols, draft_valid, drafts_BD)
+        group = scatter_where(canvas.group, draft_cols, draft_valid, draft_groups)
+        query_cols = torch.cat([draft_cols, next_cols], dim=1)
+        query_valid = torch.cat([draft_valid, next_valid], dim=1)
+        query_groups = torch.cat([draft_groups, torch.full_like(next_cols, top)], dim=1)
+        logits_BQV = forward(canvas, torch.cat([pending_cols, draft_cols], 1), torch.cat([pending_valid, draft_valid], 1),
+                             query_cols, query_valid, query_groups, ids_BN=ids, group_BN=group)  # fmt: skip
+        if step_logits is not None:
+            step_logits.append(StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV.float()))
+        probs_BQV = token_probs(logits_BQV, cfg)
+
+        rejected_B = torch.zeros_like(done_B, dtype=torch.bool)
+        lead_BD, residual_col = torch.zeros_like(draft_valid), next_cols[:, :1]
+        if D and q_BDV is not None:
+            lead_BD, residual_B = _accept(probs_BQV[:, :D], q_BDV, drafts_BD, draft_valid, generator)
+            n_acc_B = lead_BD.sum(1)
+            rejected_B = n_acc_B < draft_valid.sum(1)
+            drafted, accepted = drafted + int(draft_valid.sum()), accepted + int(n_acc_B.sum())
+            canvas.commit(draft_cols, drafts_BD, lead_BD, draft_groups, steps)
+            residual_col = draft_cols.gather(1, n_acc_B.clamp(max=D - 1)[:, None])
+            canvas.commit(residual_col, residual_B[:, None], rejected_B[:, None], (n_known_B + done_B + n_acc_B)[:, None], steps)
+            done_B = done_B + n_acc_B + rejected_B.long()
+            canvas.stop_at_eos(eos_token_id)
+        if D and forward.cache is not None:  # drafts are the last D cached slots: drop the rejected ones
+            drop = torch.zeros_like(forward.cache.key_valid_BK)
+            drop[:, -D:] = ~lead_BD
+            forward.cache.drop(drop)
+
+        # rows that accepted every draft: the next window's q are this forward's; draft it, commit its first
+        new_BK = draw(probs_BQV[:, D:], generator)
+        first_ok = next_valid[:, 0] & ~rejected_B & ~canvas.finished
+        canvas.commit(next_cols[:, :1], new_BK[:, :1], first_ok[:, None], (n_known_B + done_B)[:, None], steps)
+        done_B = done_B + first_ok.long()
+        canvas.stop_at_eos(eos_token_id)
+        pending_cols = torch.where(rejected_B[:, None], residual_col, next_cols[:, :1])
+        pending_valid = (rejected_B | first_ok)[:, None]
+        draft_cols, drafts_BD, q_BDV = next_cols[:, 1:], new_BK[:, 1:], probs_BQV[:, D + 1 :]
+        draft_valid = next_valid[:, 1:] & first_ok[:, None] & ~canvas.finished[:, None]
+    return canvas.output(eos_token_id, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted)
+
+
+__all__ = ["decode_speculative"]
