@@ -4,8 +4,9 @@
     <root>/.tmp-step_00000300/  one being written; a crash leaves it behind, and it is ignored/removed
 
 A rename within one file system is atomic, so a kill at any moment leaves either the previous
-checkpoints only, or those plus the new complete one. What goes into a folder is the trainer's
-business (`write` callback); this module only makes the write atomic and keeps the last k.
+checkpoints only, or those plus the new complete one. `save`/`atomic_dir` make any folder write
+atomic; `CheckpointManager` writes a training run's registered parts into such a folder, sharded
+(torch.distributed.checkpoint), and loads them back into any number of processes.
 """
 
 from __future__ import annotations

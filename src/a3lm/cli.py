@@ -1,10 +1,86 @@
-"""The `a3lm` command. Each subcommand lives beside the idea it drives; this file only wires them."""
+"""The `a3lm` command. Each subcommand lives beside the idea it drives; this file only wires them.
+
+Errors: every command registered on `app` reports a failure as one line on stderr (`error: ...`) and
+exits 2 for bad input (ValueError, OSError, KeyError), 1 otherwise, 130 on Ctrl-C; `--debug` (an
+option every command gets) raises instead, with the traceback. Python warnings print as one
+`warning: ...` line. A command adds nothing for this: `A3Typer.command` wraps it.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Any-order autoregressive language models (A3).")
+DEBUG_HELP = "Show the full traceback of an error instead of one line."
+
+
+USER_ERRORS = (ValueError, OSError, KeyError)  # bad input: exit code 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The message alone for bad input and a3lm's own errors; the type and a hint for anything else."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError) and err.args:  # str(KeyError) quotes its message
+        text = str(err.args[0])
+    if not isinstance(err, USER_ERRORS) and not type(err).__module__.startswith("a3lm"):
+        text = f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"
+    return text
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` as a command whose failures print one line; adds the `--debug` option to its signature."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except KeyboardInterrupt as err:
+                if debug:
+                    raise
+                typer.echo(str(err) or "interrupted", err=True)
+                raise typer.Exit(130) from err
+            except Exception as err:
+                if debug or isinstance(err, typer.BadParameter):
+                    raise
+                typer.echo(f"error: {_one_line(err)}", err=True)
+                raise typer.Exit(2 if isinstance(err, USER_ERRORS) else 1) from err
+
+    signature = inspect.signature(fn, eval_str=True)
+    flag = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                             default=typer.Option(False, "--debug", help=DEBUG_HELP))
+    command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
+    command.__annotations__ = {**fn.__annotations__, "debug": bool}
+    return command
+
+
+class A3Typer(typer.Typer):
+    """A Typer app whose every command gets one-line errors and `--debug`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            register(one_line_errors(fn))
+            return fn
+
+        return decorator
+
+
+app = A3Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+              help="Any-order autoregressive language models (A3).")
 
 
 @app.command()
@@ -51,11 +127,7 @@ def eval_command(
         infill_per_step=infill_per_step, blank_length=blank_length, judge=judge, genppl_samples=genppl_samples,
         genppl_length=genppl_length, genppl_per_step=genppl_per_step,
     )  # fmt: skip
-    try:
-        result = run(model, cfg, output)
-    except (FileNotFoundError, ValueError) as err:  # missing data, bad option: the message says what to do
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    result = run(model, cfg, output)
     typer.echo(result["table"])
     typer.echo(f"results written to {output}")
 
@@ -75,23 +147,13 @@ def train_command(
     import os
     from dataclasses import asdict
 
-    from .train import NonFiniteLossError, make_config, train
+    from .train import make_config, train
 
-    try:
-        cfg = make_config(model, data, output, preset, overrides)
-        if show_config:
-            typer.echo(json.dumps(asdict(cfg), indent=2))
-            return
-        final = train(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
-    except NonFiniteLossError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from err
-    except KeyboardInterrupt as err:
-        typer.echo(str(err) or "interrupted", err=True)
-        raise typer.Exit(130) from err
+    cfg = make_config(model, data, output, preset, overrides)
+    if show_config:
+        typer.echo(json.dumps(asdict(cfg), indent=2))
+        return
+    final = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here; one line is enough
         typer.echo(f"model saved to {final}")
 
@@ -116,12 +178,8 @@ def demo_command(
                          progress=progress, threads=threads)
     try:
         result = run_demo(cfg)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     except KeyboardInterrupt as err:
-        typer.echo(f"{err or 'interrupted'}; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from err
+        raise KeyboardInterrupt(f"{err or 'interrupted'}; rerun the same command to resume") from err
     typer.echo(result.markdown)
     typer.echo("\n".join(f"{k}: {v}" for k, v in result.files.items()))
 
@@ -141,13 +199,9 @@ def _decoding_config(group_size, order, dynamic, criterion, per_step, threshold,
 def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config_args: tuple, **kwargs) -> None:
     from .sampling import load_pretrained
 
-    try:
-        config = _decoding_config(*config_args)
-        model, tokenizer = load_pretrained(model_dir)
-        out, picture = fn(model, tokenizer, text, config=config, **kwargs)
-    except (OSError, ValueError) as err:  # bad model dir, bad option, bad blank spec: the message says which
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    config = _decoding_config(*config_args)  # options first: a bad option is reported before anything loads
+    model, tokenizer = load_pretrained(model_dir)
+    out, picture = fn(model, tokenizer, text, config=config, **kwargs)
     if show_order:
         typer.echo(picture)
     typer.echo(out)
@@ -173,7 +227,7 @@ _SHOW_ORDER = typer.Option(False, "--show-order", help="Print which step filled 
 def sample_command(
     model: str = _MODEL,
     prompt: str = typer.Option("", help="Text to continue (the tokenizer adds BOS)."),
-    length: int = typer.Option(64, help="Tokens to generate."),
+    length: int | None = typer.Option(None, help="Tokens to generate (default: 64, or fewer to fit the model's positions)."),
     group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
     per_step: int = _PER_STEP, threshold: float | None = _THRESHOLD, speculative: int = _SPECULATIVE,
     temperature: float = _TEMPERATURE, top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED,

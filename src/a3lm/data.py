@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,6 +105,36 @@ def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
     return kinds.pop(), files
 
 
+def local_file_problem(path: str | Path) -> str | None:
+    """What makes a local data file unreadable ("is empty", "line 3 is not JSON: ..."), or None."""
+    import json
+
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json", ".txt", ".text"):
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return "is empty"
+    if path.suffix in (".txt", ".text"):
+        return None
+    if path.suffix == ".json":
+        try:
+            json.loads(text)  # one JSON document (an array of records) is fine too
+            return None
+        except json.JSONDecodeError:
+            pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not JSON ({e.msg}): {line[:60]!r}"
+        if not isinstance(record, dict):
+            return f"line {n} is not a JSON object: {line[:60]!r}"
+    return None
+
+
 class HFDocuments:
     """Token ids of the documents of a `datasets` source (local files or the Hub), streamed."""
 
@@ -115,9 +146,15 @@ class HFDocuments:
         import datasets
 
         local = resolve_local_files(self.cfg.source)
+        self._files = local[1] if local is not None else []
         if local is not None:
             builder, files = local
-            return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+            # its parse errors are logged, then raised: we raise our own, naming the file and line
+            logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+            try:
+                return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+            except Exception as e:  # an empty file: StopIteration from the builder's schema peek
+                raise self._read_error(e) from e
         try:
             return datasets.load_dataset(self.cfg.source, self.cfg.name, split=self.cfg.split, streaming=True)
         except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
@@ -146,10 +183,26 @@ class HFDocuments:
             # skip before tokenising: resuming costs reading the skipped documents, not encoding them
             examples = ds.skip(start) if start else ds
         field = self.cfg.text_field
-        for example in examples:
+        examples = iter(examples)
+        while True:
+            try:
+                example = next(examples)
+            except StopIteration:
+                return
+            except Exception as e:  # datasets' parse errors name neither the file nor the line
+                raise self._read_error(e) from e
             if field not in example:
-                raise KeyError(f"data has no text field {field!r}; its columns are {sorted(example)} (set data.text_field)")
+                raise KeyError(f"data {self.cfg.source!r} has no text field {field!r}; its columns are "
+                               f"{sorted(example)} (set data.text_field)")
             yield self.tokenizer(example[field], add_special_tokens=False)["input_ids"]
+
+    def _read_error(self, err: Exception) -> Exception:
+        """A one-line error naming the local file and what is wrong with it (empty, line N not JSON)."""
+        for f in self._files:
+            problem = local_file_problem(f)
+            if problem:
+                return ValueError(f"data file {f}{' ' if problem.startswith('is ') else ': '}{problem}")
+        return ValueError(f"cannot read data {self.cfg.source!r}: {type(err).__name__}: {err}")
 
 
 class SyntheticDocuments:
@@ -264,6 +317,11 @@ class PackedLoader:
         self.skip = sorted({*(s for s in skip if s >= self.offset), *(_nth_kept(offset, skip, j) for j in taken)})
         self.epoch, self.consumed, self._it = states[0]["epoch"], 0, None
         self.buffer = [t for r, s in enumerate(states) if r % self.world_size == self.rank for t in s["buffer"]]
+
+    def check_readable(self) -> None:
+        """Read this rank's first document now: an empty or unreadable source fails before training."""
+        if next(self.docs.iterate(self.rank, self.world_size, 0), None) is None:
+            raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
 
     def _next_document(self) -> list[int]:
         for _attempt in range(2):

@@ -23,6 +23,7 @@ canvas every step (the reference: same tokens, same logits up to float rounding)
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -438,19 +439,45 @@ def _text_and_picture(tokenizer: PreTrainedTokenizerBase, out: GenerationOutput)
     return tokenizer.decode(ids, skip_special_tokens=True), picture
 
 
+DEFAULT_LENGTH = 64
+
+
+def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    """Warn when words of `text` become the unknown token (a word-level vocabulary): they are lost."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not text:
+        return
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    if unk not in enc["input_ids"]:
+        return
+    spans = enc.get("offset_mapping") or []
+    words = [text[a:b] for i, (a, b) in zip(enc["input_ids"], spans, strict=False) if i == unk]
+    shown = ", ".join(repr(w) for w in dict.fromkeys(words)) if words else "some words"
+    warnings.warn(f"not in the model's vocabulary, read as {tokenizer.unk_token}: {shown}", stacklevel=2)
+
+
 def sample_text(
-    model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: DecodingConfig | None = None, **kwargs
+    model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: DecodingConfig | None = None,
+    length: int | None = None, **kwargs
 ) -> tuple[str, str]:
-    """Continue one text prompt (keywords as in `sample`); returns (text, fill-order picture)."""
+    """Continue one text prompt (keywords as in `sample`); returns (text, fill-order picture).
+
+    length None: DEFAULT_LENGTH tokens, or fewer if the model's positions end sooner after the prompt.
+    """
+    warn_unknown_words(tokenizer, prompt)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if length is None:
+        max_pos = _max_positions(model)
+        length = DEFAULT_LENGTH if max_pos is None else max(min(DEFAULT_LENGTH, max_pos - input_ids.shape[1]), 1)
     eos_given = kwargs.get("eos_token_id") is not None or (config is not None and config.eos_token_id is not None)
     if not eos_given and tokenizer.eos_token_id is not None:
         kwargs["eos_token_id"] = tokenizer.eos_token_id
-    return _text_and_picture(tokenizer, sample(model, input_ids, config=config, **kwargs))
+    return _text_and_picture(tokenizer, sample(model, input_ids, config=config, length=length, **kwargs))
 
 
 def infill_text(model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> tuple[str, str]:
     """Fill the [BLANK:n] spans of one text (keywords as in `infill`); returns (text, fill-order picture)."""
+    warn_unknown_words(tokenizer, _BLANK.sub(" ", text))
     input_ids, known = encode_with_blanks(tokenizer, text)
     return _text_and_picture(tokenizer, infill(model, input_ids, known, **kwargs))
 

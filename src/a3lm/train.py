@@ -6,8 +6,9 @@ The run folder:
 
     config.json         the TrainConfig (a rerun with a different config is refused)
     metrics.jsonl       one line per logged step
-    checkpoints/step_N  model (safetensors), optimizer, scheduler, trainer state, per-rank data
-                        position and RNG states; atomic, the last `checkpoint.keep` kept
+    checkpoints/step_N  meta.json (step, phase), state/ (model, optimizer, LR schedule through
+                        torch.distributed.checkpoint: sharded under FSDP), data_rank*.pt and
+                        rng_rank*.pt per process; atomic, the last `checkpoint.keep` kept
     ar_final/           stage 0 only: the plain AR model after pretraining (+ tokenizer)
     final/              the A3 model (+ tokenizer), `save_pretrained`
 
@@ -17,7 +18,10 @@ pretraining and curriculum fine-tuning want different learning rates. Steps are 
 phases, so `step` alone locates a run; the curriculum decides the grouping of every step.
 
 Distributed: under `torchrun` or `accelerate launch` (RANK / WORLD_SIZE / LOCAL_RANK in the
-environment) it trains data-parallel with torch DDP (NCCL on GPUs, gloo on CPU), unchanged.
+environment) it trains data-parallel with torch DDP (NCCL on GPUs, gloo on CPU), unchanged, or with
+FSDP2 (`parallel="fsdp"`). Each stateful part (model, optimizer, schedule, data position, RNG)
+registers with one `checkpoint.CheckpointManager`; a checkpoint resumes on any number of processes
+as long as the rows per step (micro_batch_size x grad_accum x processes) stay the same.
 """
 
 from __future__ import annotations
@@ -338,14 +342,30 @@ def load_tokenizer(cfg: TrainConfig):
     return word_tokenizer(default_hmm(cfg.data.hmm_seed).words, model_max_length=cfg.model.max_position_embeddings)
 
 
+def check_model_path(path: str, what: str = "model") -> None:
+    """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes."""
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or p.exists()
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise FileNotFoundError(f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)")
+    if what == "model" and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
+
+
 def initial_base_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The plain `*ForCausalLM` a run starts from: loaded from model.path or a fresh tiny one."""
     if cfg.model.path is not None:
+        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if getattr(AutoConfig.from_pretrained(cfg.model.path), "model_type", None) == "a3":
             raise ValueError(f"{cfg.model.path} is already an A3 model: stage 0 (plain AR) needs a base decoder")
-        return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+        try:
+            return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+        except SafetensorError as err:
+            raise OSError(f"corrupt checkpoint in {cfg.model.path}: {err}") from err
     from .debug import tiny_base_model
 
     m = cfg.model
@@ -582,6 +602,10 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         # read-only checks first: nothing is written until the model and the data are known to load
         check_run_folder(self.out, cfg, write=False)
+        if cfg.model.path is not None:
+            check_model_path(cfg.model.path)
+        if cfg.model.tokenizer is not None:
+            check_model_path(cfg.model.tokenizer, "tokenizer")
         if cfg.data.source != SYNTHETIC:
             resolve_local_files(cfg.data.source)  # a missing local file fails now, not after loading the model
         self.ckpt_root = self.out / CHECKPOINTS_DIR
@@ -615,12 +639,15 @@ class Trainer:
                 initial_a3_model(cfg, len(self.tokenizer))
             self._enter_phase(first, model)
         self.loader = self._build_loader()
+        self.loader.check_readable()
         self.checkpoints.register("data", DataPosition(self.loader), per_rank=True)
         self.checkpoints.register("rng", RNGState(self), per_rank=True)
         if latest is not None:
             self.checkpoints.load(latest)
             if self.dist.main:
                 self._truncate_metrics()
+        self.new_run = not (self.out / CONFIG_FILE).exists()
+        self.dist.barrier()  # every rank looks before rank 0 writes
         if self.dist.main:
             check_run_folder(self.out, cfg, write=True)
         self.dist.barrier()
@@ -940,6 +967,19 @@ class Trainer:
             for close in self._closers:
                 close()
 
+    def discard_if_nothing_saved(self) -> None:
+        """After a failure: a run this process started that never reached a checkpoint leaves no
+        folder behind (a corrected rerun then starts afresh, whatever it changed)."""
+        if not (self.dist.main and self.new_run) or self.checkpoints.latest() is not None:
+            return
+        import shutil
+
+        for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR):
+            path = self.out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        with suppress(OSError):
+            self.out.rmdir()  # only if nothing else (e.g. tensorboard logs) is in it
+
     def _save_ar_model(self) -> None:
         """The plain AR model at the end of stage 0 (the baseline that A3 models are compared with)."""
         self._save_model_dir(AR_DIR)
@@ -957,6 +997,9 @@ def train(config: TrainConfig) -> Path:
     trainer = Trainer(config)
     try:
         return trainer.fit()
+    except Exception:
+        trainer.discard_if_nothing_saved()
+        raise
     finally:
         if trainer.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()

@@ -14,6 +14,7 @@ when this module is imported; `python -m a3lm.evaluation` is the `lm_eval` comma
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -35,9 +36,13 @@ DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """"cuda" when a GPU is there and nothing is asked for, else what is asked for."""
+    """"cuda" when a GPU is there and nothing is asked for, else what is asked for; "cuda" on a
+    machine without CUDA (the `lm_eval` command's default device) falls back to the CPU, with a warning."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device {device!r} asked for, but this machine has no CUDA: running on the CPU", stacklevel=2)
+        return torch.device("cpu")
     return torch.device(device)
 
 

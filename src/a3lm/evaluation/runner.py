@@ -46,6 +46,8 @@ class EvalConfig:
     genppl_temperature: float = 1.0
 
     def validate(self) -> None:
+        if not self.tasks:
+            raise ValueError(f"no tasks given: --tasks takes a comma-separated list of {', '.join(ALL_TASKS)}")
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")

@@ -8,6 +8,7 @@ dataset for that file, so prompts, choices and metrics stay the harness's.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class HarnessTask:
     yaml: str
     hub: str
     fields: str
+    required: tuple[str, ...]  # the fields its prompt and answer read
 
     def local_file(self, data_dir: str | Path) -> Path:
         return Path(data_dir) / self.name / "validation.jsonl"
@@ -43,14 +45,18 @@ HARNESS_TASKS = {
     t.name: t
     for t in (
         HarnessTask("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", "Rowan/hellaswag",
-                    "ctx_a, ctx_b, ctx, activity_label, endings (4), label"),
-        HarnessTask("piqa", "piqa", "piqa/piqa.yaml", "baber/piqa", "goal, sol1, sol2, label"),
+                    "ctx_a, ctx_b, ctx, activity_label, endings (4), label",
+                    ("ctx_a", "ctx_b", "ctx", "activity_label", "endings", "label")),
+        HarnessTask("piqa", "piqa", "piqa/piqa.yaml", "baber/piqa", "goal, sol1, sol2, label",
+                    ("goal", "sol1", "sol2", "label")),
         HarnessTask("winogrande", "winogrande", "winogrande/default.yaml", "allenai/winogrande (winogrande_xl)",
-                    "sentence (with _), option1, option2, answer ('1' or '2')"),
+                    "sentence (with _), option1, option2, answer ('1' or '2')",
+                    ("sentence", "option1", "option2", "answer")),
         HarnessTask("siqa", "social_iqa", "siqa/siqa.yaml", "lighteval/siqa",
-                    "context, question, answerA, answerB, answerC, label ('1'..'3')"),
+                    "context, question, answerA, answerB, answerC, label ('1'..'3')",
+                    ("context", "question", "answerA", "answerB", "answerC", "label")),
         HarnessTask("triviaqa", "triviaqa", "triviaqa/default.yaml", "mandarjoshi/trivia_qa (rc.nocontext)",
-                    "question, answer: {aliases: [...], value}"),
+                    "question, answer: {aliases: [...], value}", ("question", "answer")),
     )
 }  # fmt: skip
 
@@ -68,11 +74,29 @@ def missing_data_message(tasks: list[HarnessTask], data_dir: str | Path | None, 
     return "\n".join(lines)
 
 
+def check_local_file(task: HarnessTask, path: Path) -> None:
+    """An empty file, a line that is not a JSON object or one without a field the task reads: one
+    error naming the file, the line and the problem (not a template error deep in the harness)."""
+    from ..data import local_file_problem
+
+    problem = local_file_problem(path)
+    if problem:
+        raise ValueError(f"benchmark file {path}{' ' if problem.startswith('is ') else ': '}{problem}")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            absent = [f for f in task.required if f not in json.loads(line)]
+            if absent:
+                raise ValueError(f"benchmark file {path}: line {n} lacks field(s) {', '.join(absent)} "
+                                 f"({task.name} reads {task.fields})")
+
+
 def local_task_dir(tasks: list[HarnessTask], data_dir: str | Path, out_dir: str | Path) -> Path:
     """Write one yaml per task into out_dir: the harness's config with the dataset swapped for a local file."""
     missing = [t for t in tasks if not t.local_file(data_dir).is_file()]
     if missing:
         raise MissingDataError(missing_data_message(missing, data_dir, f"missing benchmark data in {data_dir}."))
+    for t in tasks:
+        check_local_file(t, t.local_file(data_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for t in tasks:
