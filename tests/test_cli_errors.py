@@ -207,3 +207,21 @@ def test_every_command_of_an_a3_app_gets_one_line_errors():
     res = runner.invoke(demo, ["broken", "--debug"])
     assert isinstance(res.exception, RuntimeError)
     assert "--debug" in runner.invoke(demo, ["broken", "--help"]).output
+
+
+def test_lm_eval_command_reads_local_data(tmp_path):
+    import yaml
+
+    from a3lm.evaluation.__main__ import local_data_args
+
+    path = tmp_path / "data" / "piqa" / "validation.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"goal": "a", "sol1": "b", "sol2": "c", "label": 0}) + "\n")
+    argv = ["--model", "a3lm", "--data_dir", str(tmp_path / "data"), "--tasks", "piqa"]
+    out = local_data_args(argv, str(tmp_path / "yamls"))
+    assert out == ["--model", "a3lm", "--tasks", "piqa", "--include_path", str(tmp_path / "yamls")]
+    config = yaml.safe_load((tmp_path / "yamls" / "piqa.yaml").read_text())
+    assert config["task"] == "piqa" and config["dataset_kwargs"]["data_files"]["validation"] == str(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match=f"benchmark file {path} is empty"):
+        local_data_args(argv, str(tmp_path / "yamls"))
