@@ -108,11 +108,15 @@ class Canvas:
         cols may repeat within a row on slots that are not chosen (padding): scatter-adds of the chosen
         slots' values alone are exact where a sum of one nonzero term is.
         """
-        chosen_BN = scatter_where(torch.zeros_like(self.filled), cols_BQ, chosen_BQ, True)
-        self.ids = scatter_where(self.ids, cols_BQ, chosen_BQ, tokens_BQ)
-        self.group = scatter_where(self.group, cols_BQ, chosen_BQ, groups_BQ)
-        self.fill_step = scatter_where(self.fill_step, cols_BQ, chosen_BQ, step)
-        self.filled = self.filled | chosen_BN
+        hit_BN = torch.zeros_like(self.filled).scatter_add(1, cols_BQ, chosen_BQ)  # bool: adds are ors
+
+        def put(t: torch.Tensor, values) -> torch.Tensor:
+            values = torch.as_tensor(values, device=t.device).to(t.dtype).expand(cols_BQ.shape)
+            written = torch.zeros_like(t).scatter_add(1, cols_BQ, values * chosen_BQ)
+            return torch.where(hit_BN, written, t)
+
+        self.ids, self.group, self.fill_step = put(self.ids, tokens_BQ), put(self.group, groups_BQ), put(self.fill_step, step)
+        self.filled = self.filled | hit_BN
 
     def stop_at_eos(self, eos_token_id: int | None) -> None:
         if eos_token_id is not None:
