@@ -5,8 +5,8 @@
 
 Rows (each a ratio against a baseline measured in the same run):
   train step      two-stream fwd+bwd / AR fwd+bwd (same B, N)
-  memory          two-stream / AR step, with and without gradient checkpointing (CUDA: peak allocated
-                  above the model; CPU: bytes autograd saves for backward)
+  memory          two-stream / AR step, with and without gradient checkpointing: peak tensor memory
+                  above the model (CUDA: allocator statistics; CPU: the profiler's allocation events)
   sampling s      group-wise sampling time per token / the base model's generate() (KV cache)
   dynamic         cached dynamic resampling vs full two-stream recompute every step
   scoring         likelihood throughput (sequences/s) of A3 / the base model's forward
@@ -27,7 +27,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import interleaved_times  # noqa: E402
+from bench_model import interleaved_times, peak_memory_growth  # noqa: E402
 
 import a3lm  # noqa: E402
 from a3lm import A3ForCausalLM, groups, sequence_logprobs  # noqa: E402
@@ -105,28 +105,14 @@ def scoring_row(base, a3, config, B, N, device, repeats) -> dict:
     return {"row": "scoring (seq/s)", "B": B, "N": N, "baseline_s": t_ar, "a3_s": t_a3, "ratio": t_ar / t_a3}
 
 
-def saved_activation_bytes(model, **inputs) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one step (the activation memory)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**inputs).loss
-    loss.backward()
-    return sum(storages.values())
-
-
 def _step_memory(kind: str, base, a3, ids, mask, group_ids, device: str) -> int:
     model = a3 if kind == "a3" else base
     inputs = {"input_ids": ids, "labels": ids}
     if kind == "a3":
         inputs |= {"group_ids": group_ids, "attention_mask": mask}
     model.zero_grad(set_to_none=True)
-    if device != "cuda":  # no allocator statistics on CPU: count what autograd keeps alive
-        return saved_activation_bytes(model, **inputs)
+    if device != "cuda":  # no allocator statistics on CPU: the profiler's allocation events
+        return peak_memory_growth(lambda: model(**inputs).loss.backward())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -135,7 +121,7 @@ def _step_memory(kind: str, base, a3, ids, mask, group_ids, device: str) -> int:
 
 
 def memory_rows(base, a3, config, B, N, device) -> list[dict]:
-    """Peak step memory above the loaded model (CUDA), or saved activations (CPU), A3 / AR."""
+    """Peak step memory above the loaded model, A3 / AR."""
     ids, mask, group_ids = batch(config, B, N, device)
     rows = []
     base.train(), a3.train()
@@ -146,9 +132,8 @@ def memory_rows(base, a3, config, B, N, device) -> list[dict]:
             else:
                 model.activation_checkpointing_disable()
         ar, two = (_step_memory(k, base, a3, ids, mask, group_ids, device) for k in ("ar", "a3"))
-        what = "peak memory" if device == "cuda" else "activation memory"
         rows.append({
-            "row": f"{what}{' (grad ckpt)' if checkpointing else ''}", "B": B, "N": N,
+            "row": f"peak memory{' (grad ckpt)' if checkpointing else ''}", "B": B, "N": N,
             "baseline_MiB": ar / 2**20, "a3_MiB": two / 2**20, "ratio": two / ar,
         })
     for model in (base, a3):

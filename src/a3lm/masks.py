@@ -41,6 +41,16 @@ def two_stream_mask(group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor)
     return group_attention_mask(query_groups, query_strict, group_ids_BN, attention_mask_BN)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as the additive 0 / -inf bias fused attention kernels take, in `dtype`.
+
+    An additive mask passes through (cast to `dtype`). Build it once per forward: every layer shares it.
+    """
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def sort_by_group(group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor) -> torch.Tensor:
     """Permutation [B, N] putting real tokens in (group, position) order and padding last.
 

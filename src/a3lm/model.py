@@ -40,7 +40,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import ModelOutput
 
 from .groups import PAD_GROUP, left_to_right, predictable, validate_group_ids
-from .masks import flex_two_stream_block_mask, group_attention_mask, sort_by_group, two_stream_mask
+from .masks import (
+    additive_mask,
+    flex_two_stream_block_mask,
+    group_attention_mask,
+    sort_by_group,
+    two_stream_mask,
+)
 
 if TYPE_CHECKING:
     from .cache import ContentCache
@@ -57,16 +63,15 @@ def _compiled_flex_attention():
 def _repeat_kv(key: torch.Tensor, value: torch.Tensor, n_heads: int):
     if key.shape[1] == n_heads:
         return key, value
-    rep = n_heads // key.shape[1]  # GQA: SDPA's enable_gqa path is slow on CPU
+    rep = n_heads // key.shape[1]
     return key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
 
 
 def _attend_with_self(query, key, value, own_key, own_value, mask, scaling, dropout=0.0):
-    """Softmax over the masked content keys plus each row's own slot.
+    """Dense reference (and the dropout path): softmax over the masked content keys plus each row's own slot.
 
-    query/own_key/own_value [B, H, S, D]; key/value [B, H, K, D]; mask [B, 1, S, K]. The own slot is
-    one extra score per row: an [S, K] score matrix plus a diagonal, half the work of SDPA over all
-    K + S keys with a diagonal mask.
+    query/own_key/own_value [B, H, S, D]; key/value [B, H, K, D]; mask [B, 1, S, K] (bool). It
+    materialises [B, H, S, K] scores; `TwoStreamAttention` computes the same without them.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
@@ -76,11 +81,78 @@ def _attend_with_self(query, key, value, own_key, own_value, mask, scaling, drop
     return torch.matmul(probs[..., :-1], value) + probs[..., -1:] * own_value
 
 
-def _sdpa(module, query, key, value, mask, scaling, dropout):
-    key, value = _repeat_kv(key, value, query.shape[1])
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
-    )
+def _own_slot_score(query_BHSD: torch.Tensor, own_key_BGSD: torch.Tensor) -> torch.Tensor:
+    """q . k_own per row [B, H, S], with G = H / rep KV heads broadcast (no repeated copies)."""
+    B, H, S, D = query_BHSD.shape
+    q = query_BHSD.unflatten(1, (own_key_BGSD.shape[1], -1))  # [B, G, rep, S, D]
+    return (q * own_key_BGSD[:, :, None]).sum(-1).flatten(1, 2)
+
+
+def _per_kv_head(x_BHSD: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """[B, H, S, D] -> [B, G, S, D]: sum over the query heads that share a KV head (GQA gradients)."""
+    return x_BHSD.unflatten(1, (n_kv_heads, -1)).sum(2)
+
+
+def _broadcast_kv(x_BGSD: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, G, S, D] -> a [B, H, S, D] view (each KV head shared by H / G query heads, no copy)."""
+    B, G, S, D = x_BGSD.shape
+    return x_BGSD[:, :, None].expand(B, G, n_heads // G, S, D).flatten(1, 2)
+
+
+class TwoStreamAttention(torch.autograd.Function):
+    """Fused two-stream attention: every row over the masked content keys, the last S rows also over
+    their own slot, without materialising a score matrix.
+
+    One CPU flash-attention call (GQA broadcast in the kernel) gives each row's output over the content
+    keys and its log-sum-exp; the own slot is one extra score s per row, merged analytically:
+    lse = logaddexp(lse_c, s), out = out_c + exp(s - lse) (v_own - out_c). Backward: flash attention's
+    backward with the *merged* output and lse is exactly the content keys' part of the gradient of the
+    softmax over [content ; own] (its probabilities exp(s_j - lse) and row term rowsum(dO * out) are
+    the merged ones); the own slot adds one rank-one term per row.
+
+    query [B, H, R, D]; key/value [B, G, K + S, D]; bias [B, 1, R, K] additive (0 / -inf) in the query's
+    dtype, every row with at least one visible key.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, n_self: int, scale: float):
+        K = bias.shape[-1]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key[:, :, :K], value[:, :, :K], attn_mask=bias, scale=scale
+        )
+        if n_self:
+            rows = slice(query.shape[2] - n_self, None)
+            own = _own_slot_score(query[:, :, rows], key[:, :, K:]).to(lse.dtype) * scale
+            lse_c = lse[:, :, rows]
+            merged = torch.logaddexp(lse_c, own)
+            p_own = (own - merged).exp().to(out.dtype)[..., None]
+            out_c = out[:, :, rows]
+            out_c.add_(p_own * (_broadcast_kv(value[:, :, K:], query.shape[1]) - out_c))
+            lse_c.copy_(merged)
+        ctx.save_for_backward(query, key, value, bias, out, lse)
+        ctx.n_self, ctx.scale = n_self, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, bias, out, lse = ctx.saved_tensors
+        n_self, scale, K = ctx.n_self, ctx.scale, bias.shape[-1]
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, 0.0, False, attn_mask=bias, scale=scale
+        )
+        if not n_self:
+            return dq, dk, dv, None, None, None
+        G, rows = key.shape[1], slice(query.shape[2] - n_self, None)
+        q, g, o, own_k, own_v = query[:, :, rows], grad_out[:, :, rows], out[:, :, rows], key[:, :, K:], value[:, :, K:]
+        p_own = (_own_slot_score(q, own_k).to(lse.dtype) * scale - lse[:, :, rows]).exp().to(q.dtype)[..., None]
+        # d score_own = p_own (dO . v_own - rowsum(dO * out)), times the softmax scale
+        d_own = p_own * ((g * _broadcast_kv(own_v, q.shape[1])).sum(-1, keepdim=True) - (g * o).sum(-1, keepdim=True))
+        d_own = d_own * scale
+        dq[:, :, rows] += d_own * _broadcast_kv(own_k, q.shape[1])
+        dk = torch.cat([dk, _per_kv_head(d_own * q, G)], dim=2)
+        dv = torch.cat([dv, _per_kv_head(p_own * g, G)], dim=2)
+        return dq, dk, dv, None, None, None
 
 
 def a3_attention(
@@ -117,22 +189,45 @@ def a3_attention(
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError("a3 attention needs the explicit 4D two-stream mask")
     n_content = attention_mask.shape[-1]
-    n_self = key.shape[2] - n_content if getattr(module, "a3_query_self_attention", False) else 0
-    if n_self == 0:
-        out = _sdpa(module, query, key[:, :, :n_content], value[:, :, :n_content], attention_mask, scaling, dropout)
-        return out.transpose(1, 2).contiguous(), None
-    rows_content = query.shape[2] - n_self
+    n_query = key.shape[2] - n_content  # query-stream rows, the last ones
+    n_self = n_query if getattr(module, "a3_query_self_attention", False) else 0
+    key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
+    dropout = dropout if module.training else 0.0
+    n_skipped = query.shape[2] - n_query if getattr(module, "a3_query_rows_only", False) else 0
+    query, attention_mask = query[:, :, n_skipped:], attention_mask[:, :, n_skipped:]
+    if query.device.type == "cpu" and not dropout:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if torch.is_autocast_enabled("cpu"):  # as autocast does for SDPA: RoPE leaves q, k in fp32, v in bf16
+            query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
+        bias = additive_mask(attention_mask, query.dtype)
+        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale)
+    else:
+        out = _dense_two_stream(query, key, value, attention_mask, n_self, scaling, dropout)
+    out = out.transpose(1, 2)
+    if n_skipped:  # the rows' count must stay what the layer reshapes to
+        return torch.cat([out.new_zeros(out.shape[0], n_skipped, *out.shape[2:]), out], dim=1), None
+    return out.contiguous(), None
+
+
+def _dense_two_stream(query, key, value, mask, n_self: int, scaling, dropout: float) -> torch.Tensor:
+    """Reference two-stream attention with a dense mask (CUDA's sdpa backend, dropout): [B, H, R, D]."""
+    mask = mask if mask.dtype == torch.bool else mask == 0
+    n_content = mask.shape[-1]
     key, value = _repeat_kv(key, value, query.shape[1])
+    if n_self == 0:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    rows_content = query.shape[2] - n_self
     out_query = _attend_with_self(
         query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
-        key[:, :, n_content:], value[:, :, n_content:], attention_mask[:, :, rows_content:], scaling,
-        dropout if module.training else 0.0,
+        key[:, :, n_content:], value[:, :, n_content:], mask[:, :, rows_content:], scaling, dropout,
     )  # fmt: skip
     if rows_content:
-        out_content = _sdpa(module, query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
-                            attention_mask[:, :, :rows_content], scaling, dropout)  # fmt: skip
+        out_content = F.scaled_dot_product_attention(
+            query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
+            attn_mask=mask[:, :, :rows_content], dropout_p=dropout, scale=scaling,
+        )  # fmt: skip
         out_query = torch.cat([out_content, out_query], dim=2)
-    return out_query.transpose(1, 2).contiguous(), None
+    return out_query
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, a3_attention)
@@ -195,27 +290,34 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
-    """Run the last layer's MLP on the query half only (hooks on the unmodified module).
+    """Run the last layer's work after the attention scores on the query rows only (hooks on the
+    unmodified modules): its attention rows, o_proj, post-attention norm, MLP and the final norm.
 
     The content stream's last-layer output feeds nothing: later queries read only its keys and
-    values, which come before the MLP. Its MLP is an eighth of a 4-layer model's two-stream work.
-    The content rows then carry residual + attention only; callers must not read them.
+    values, which come before. Its MLP alone is an eighth of a 4-layer model's two-stream work.
+    The content rows then carry zeros or the residual; callers must not read them.
     """
-    mlp = getattr(decoder.layers[-1], "mlp", None) if hasattr(decoder, "layers") else None
-    if mlp is None:
+    layer = decoder.layers[-1] if hasattr(decoder, "layers") else None
+    attn, norm = getattr(layer, "self_attn", None), getattr(decoder, "norm", None)
+    post_norm, mlp = getattr(layer, "post_attention_layernorm", None), getattr(layer, "mlp", None)
+    if any(m is None for m in (attn, norm, post_norm, mlp)) or not hasattr(attn, "o_proj"):
         yield
         return
 
-    def query_half(module, args):
-        return (args[0][:, n_content:], *args[1:])
+    def query_half(module, args):  # a copy, so that backward does not keep the content rows alive
+        return (args[0][:, n_content:].contiguous(), *args[1:])
 
     def pad_content(module, args, out):
         return torch.cat([out.new_zeros(out.shape[0], n_content, out.shape[-1]), out], dim=1)
 
-    handles = [mlp.register_forward_pre_hook(query_half), mlp.register_forward_hook(pad_content)]
+    handles = [post_norm.register_forward_pre_hook(query_half), mlp.register_forward_hook(pad_content)]
+    for module in (attn.o_proj, norm):
+        handles += [module.register_forward_pre_hook(query_half), module.register_forward_hook(pad_content)]
+    attn.a3_query_rows_only = True  # read by a3_attention: the content rows' outputs are zeros
     try:
         yield
     finally:
+        attn.a3_query_rows_only = False
         for handle in handles:
             handle.remove()
 
@@ -365,6 +467,8 @@ class A3ForCausalLM(A3PreTrainedModel):
         mask = group_attention_mask(
             torch.cat([content_groups_BC, query_groups_BQ], dim=1), strict.expand(B, -1), cache.key_groups_BK, cache.key_valid_BK
         )
+        if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
+            mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
         hidden = self._run_decoder(content_ids_BC, Q, mask, positions, True, past_key_values=cache.kv, use_cache=True)
         if Q:
@@ -395,6 +499,8 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN, self.config.query_self_attention)
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
+            if input_ids_BN.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
+                mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the MLP whole then.
         skip_mlp = not keep_content and not self.model.is_activation_checkpointing
         position_ids = torch.cat([position_ids_BN, position_ids_BN], dim=1)
@@ -451,7 +557,8 @@ class A3ForCausalLM(A3PreTrainedModel):
             num_targets = targets.sum()
             if int(num_targets) == 0:
                 raise ValueError("no predictable target in the batch: every label is -100, padding or context")
-            loss = F.cross_entropy(logits[targets].float(), labels[targets])
+            # ignore_index rather than logits[targets]: no [B, N, V] gather copy (and its backward's zeros)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~targets, -100).flatten())
         return A3Output(
             loss=loss,
             logits=logits,
