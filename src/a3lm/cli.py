@@ -165,7 +165,7 @@ def demo_command(
     steps: int | None = typer.Option(None, "--steps", help="Steps of stage 3 (stage 0, 1, 2 keep theirs); overrides the default's."),
     seed: int = typer.Option(0, help="Seed of the model init, the groupings and the held-out set."),
     seeds: int = typer.Option(1, "--seeds", help="Repeat every training run with K seeds (seed, seed+1, ...): gaps as mean ± spread, and a curriculum-vs-ablation verdict."),
-    stage_schedule: bool | None = typer.Option(None, "--stage-schedule/--global-schedule", help="LR warmup + decay restart at every curriculum stage (default), or one schedule over stages 1-3."),
+    stage_schedule: bool | None = typer.Option(None, "--stage-schedule/--global-schedule", help="LR warmup + decay restart at every curriculum stage, or one schedule over stages 1-3 (default)."),
     quick: bool = typer.Option(False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."),
@@ -179,7 +179,8 @@ def demo_command(
     try:
         result = run_demo(cfg)
     except KeyboardInterrupt as err:
-        raise KeyboardInterrupt(f"{err or 'interrupted'}; rerun the same command to resume") from err
+        msg = str(err) or "interrupted"
+        raise KeyboardInterrupt(msg if "rerun the same command" in msg else f"{msg}; rerun the same command to resume") from err
     typer.echo(result.markdown)
     typer.echo("\n".join(f"{k}: {v}" for k, v in result.files.items()))
 

@@ -74,7 +74,7 @@ class DemoConfig:
     num_key_value_heads: int = 2
     # budget
     scale: float = 1.0
-    stage0_steps: int = 2000
+    stage0_steps: int = 800  # the AR model is within 0.002 nats/word of the truth by then
     stage1_steps: int = 150
     stage2_steps: int = 450
     stage3_steps: int = 1400
@@ -83,9 +83,9 @@ class DemoConfig:
     lr: float = 3e-3  # stages 1-3 (the tiny model learns fastest at the stage-0 rate)
     warmup_steps: int = 50
     # True: warmup + decay restart at every curriculum stage, so stage 3 starts at the peak LR as the
-    # ablation does; False: one schedule over stages 1-3 (the curriculum's stage 3 then trains at a
-    # decayed LR). See the README's demo section for what it changes.
-    stage_schedule: bool = True
+    # ablation does; False: one schedule over stages 1-3 (stage 3 starts at 0.83 of the peak). The
+    # measured default; the README's demo section says why the LR is not what holds stage 3 back.
+    stage_schedule: bool = False
     infill_share: float = 0.1  # share of stage-3 samples with infilling-shaped orders
     block_share: float = 0.0  # share of stage-3 samples with contiguous spans in a random order
     checkpoint_every: int = 200
@@ -858,10 +858,16 @@ def plot_curves(res: dict, path: Path) -> None:
     edges = [0, *bounds, a3_total]
     for ax, r in zip(axes.flat, rows, strict=False):
         name = r["order"]
-        for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-            ax.axvspan(lo, hi, color="0.93" if i % 2 == 0 else "0.86", lw=0, zorder=0)
-            ax.text((lo + hi) / 2, 0.97, f"stage {i + 1}", transform=ax.get_xaxis_transform(), ha="center", va="top",
-                    fontsize=7, color="0.35")
+        spans = [(f"stage {i + 1}", lo, hi) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))]
+        if name == "left-to-right":
+            spans.insert(0, ("stage 0 (AR)", -ar_total, 0))
+        width = spans[-1][2] - spans[0][1]
+        for i, (label, lo, hi) in enumerate(spans):
+            ax.axvspan(lo, hi, color="0.94" if i % 2 == 0 else "0.86", lw=0, zorder=0)
+            if (hi - lo) < 0.15 * width:  # a narrow stage: its number only
+                label = label.split()[1]
+            ax.text((lo + hi) / 2, 0.97, label, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                    fontsize=7, color="0.3")
         runs = ("curriculum", "ablation") + (("ar",) if name == "left-to-right" else ())
         for run in runs:
             for c in curves.values() if len(curves) > 1 else ():  # each seed, faintly
@@ -882,11 +888,12 @@ def plot_curves(res: dict, path: Path) -> None:
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()  # the first panel has every series
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(labels), fontsize=9,
+               frameon=False)
     seeds = res["config"]["seeds"]
-    fig.suptitle("held-out NLL per word vs training step" + (f" (mean of {seeds} seeds; faint: each seed)"
-                                                            if seeds > 1 else ""), y=0.995, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle("held-out NLL per word vs training step; shaded: the curriculum's stages"
+                 + (f"; mean of {seeds} seeds (faint: each seed)" if seeds > 1 else ""), y=0.995, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.91))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
