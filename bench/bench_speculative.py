@@ -71,11 +71,10 @@ def oracle(hmm, words: torch.Tensor, known: torch.Tensor, order: str, k: int, se
             w = scatter_where(w, d.cols[:, m : m + 1], d.valid[:, m : m + 1], d.tokens[:, m : m + 1])
             f = scatter_where(f, d.cols[:, m : m + 1], d.valid[:, m : m + 1], True)
         probs = torch.cat([*rows, rows_at(w, f, next_cols)], dim=1)
-        start = done
         committed, rejected, residual_col = _verify(canvas, no_cache, d, probs[:, :D], canvas.group[:, :1].expand(-1, D), done, step, gen)
         drafted, accepted = drafted + int(d.valid.sum()), accepted + int((committed - rejected.long()).sum())
         done = done + committed
-        d, done = _next_drafts(canvas, window, probs, start, n_valid, done, rejected, residual_col, next_cols, next_valid, step, gen, None)
+        d, done = _next_drafts(canvas, probs, done, rejected, residual_col, next_cols, next_valid, step, gen, None)
     return {"acceptance": accepted / max(drafted, 1), "tokens_per_forward": int((~known).sum()) / int(forwards_B.sum())}
 
 

@@ -137,46 +137,39 @@ def decode_speculative(
         if step_logits is not None:
             step_logits.append(StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV.float()))
         probs_BQV = token_probs(logits_BQV, cfg)
-        start_B = done_B
         committed_B, rejected_B, residual_col = _verify(canvas, forward, d, probs_BQV[:, :D], groups_BD, done_B, steps, generator)
         drafted, accepted = drafted + int(d.valid.sum()), accepted + int((committed_B - rejected_B.long()).sum())
         done_B = done_B + committed_B
         canvas.stop_at_eos(eos_token_id)
-        d, done_B = _next_drafts(canvas, window, probs_BQV, start_B, n_valid_B, done_B, rejected_B, residual_col,
-                                 next_cols, next_valid, steps, generator, eos_token_id)  # fmt: skip
+        d, done_B = _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, steps,
+                                 generator, eos_token_id)  # fmt: skip
     return canvas.output(eos_token_id, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted)
 
 
-def _next_drafts(canvas, window, probs_BQV, start_B, n_valid_B, done_B, rejected_B, residual_col, next_cols, next_valid,
-                 step: int, generator, eos_token_id) -> tuple[_Drafts, torch.Tensor]:  # fmt: skip
-    """The next forward's pending token and drafts, drawn from this forward's query rows.
+def _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, step: int, generator,
+                 eos_token_id) -> tuple[_Drafts, torch.Tensor]:  # fmt: skip
+    """The next forward's pending token and drafts, drawn from this forward's window rows.
 
     A row that accepted every draft commits the first position of the window after them (its q is
-    exact) and drafts the rest from the window's rows. A rejected row's pending token is the residual
-    draw and it drafts nothing: the rows after it saw a rejected draft. (Drafting from them is exact
-    too, any proposal is, but on the HMM source they were poor proposals: left to right, k = 4, the
-    oracle's tokens per forward fell from 1.59 to 1.37; one forward of fresh marginals is worth more.)
+    exact: p) and drafts the rest. A rejected row's pending token is the residual draw and it drafts
+    nothing: the rows after it saw a rejected draft. (Drafting from them is exact too, any proposal
+    is, but on the HMM source they were poor proposals: left to right, k = 4, the oracle's tokens per
+    forward fell from 1.59 to 1.37; one forward of fresh marginals is worth more.)
     """
-    D = probs_BQV.shape[1] - next_cols.shape[1]
-    tokens_BQ = draw(probs_BQV, generator)  # one draw per query row: [drafts' ranks ; window's ranks]
+    K = next_cols.shape[1]
+    tokens_BK = draw(probs_BQV[:, -K:], generator)
     first_ok = next_valid[:, 0] & ~rejected_B & ~canvas.finished
-    canvas.commit(next_cols[:, :1], tokens_BQ[:, D : D + 1], first_ok[:, None], (canvas.n_known + done_B)[:, None], step)
+    canvas.commit(next_cols[:, :1], tokens_BK[:, :1], first_ok[:, None], (canvas.n_known + done_B)[:, None], step)
     done_B = done_B + first_ok.long()
     canvas.stop_at_eos(eos_token_id)
-    ranks = done_B[:, None] + torch.arange(D, device=done_B.device)  # the next drafts' ranks
-    offset = ranks - start_B[:, None]  # query row of rank r: drafts first, then the window after them
-    row = torch.where(offset < n_valid_B[:, None], offset, D + offset - n_valid_B[:, None])
-    in_rows = row < probs_BQV.shape[1]
-    row = row.clamp(max=probs_BQV.shape[1] - 1)
-    cols, exists = window.at(done_B, D)
     more = first_ok & ~canvas.finished
     return _Drafts(
         pending_cols=torch.where(rejected_B[:, None], residual_col, next_cols[:, :1]),
         pending_valid=(rejected_B | first_ok)[:, None],
-        cols=cols,
-        tokens=tokens_BQ.gather(1, row),
-        valid=exists & in_rows & more[:, None],
-        q_BDV=probs_BQV.gather(1, row[..., None].expand(-1, -1, probs_BQV.shape[-1])),
+        cols=next_cols[:, 1:],
+        tokens=tokens_BK[:, 1:],
+        valid=next_valid[:, 1:] & more[:, None],
+        q_BDV=probs_BQV[:, -K + 1 :] if K > 1 else probs_BQV[:, :0],
     ), done_B
 
 
