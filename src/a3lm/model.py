@@ -388,10 +388,22 @@ class A3ForCausalLM(A3PreTrainedModel):
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {pretrained_model_name_or_path}: {err}") from err
 
+    @torch.no_grad()
+    def init_query(self, seed: int) -> None:
+        """Redraw the query vector from a generator seeded with `seed` (reproducible conversions)."""
+        std = self.config.query_init_std
+        if std is None:
+            std = float(self.model.get_input_embeddings().weight.float().std())
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.query_embed.shape, generator=gen, dtype=torch.float32) * std
+        self.query_embed.copy_(w.to(self.query_embed))
+
     @classmethod
     def from_base(cls, base: PreTrainedModel, query_init_std: float | None = None) -> A3ForCausalLM:
         """Wrap an in-memory `*ForCausalLM` (weights copied, query vector fresh)."""
-        model = cls(A3Config(text_config=base.config.to_dict(), query_init_std=query_init_std))
+        text = base.config.to_dict()
+        text.pop("quantization_config", None)  # a GGUF-loaded base holds dequantized floats
+        model = cls(A3Config(text_config=text, query_init_std=query_init_std))
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         if set(missing) - {"query_embed", "lm_head.weight"} or unexpected:
             raise ValueError(f"base model does not match: missing {missing}, unexpected {unexpected}")
@@ -567,7 +579,23 @@ class A3ForCausalLM(A3PreTrainedModel):
         )
 
 
+def require_a3(path: str) -> None:
+    """Refuse a plain decoder where an A3 model is needed (sampling, scoring): its query vector would
+    be random and every prediction garbage. The message says how to get an A3 checkpoint."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{path} is a file, not a model folder")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ValueError(f"{path} holds no config.json: not a save_pretrained model folder")
+    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
+    if model_type != "a3":
+        raise ValueError(
+            f"{path} is a plain {model_type} decoder, not an A3 model (its query vector would be random): "
+            f"run `a3lm convert {path} OUT` (zero-shot) or `a3lm train --model {path}` first"
+        )
+
+
 AutoConfig.register("a3", A3Config)
 AutoModelForCausalLM.register(A3Config, A3ForCausalLM)
 
-__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "default_position_ids"]
+__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "default_position_ids", "require_a3"]

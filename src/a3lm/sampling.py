@@ -33,7 +33,8 @@ from .cache import ContentCache
 from .decoding import CRITERIA, DecodingConfig, choose_tokens, criterion_scores, filter_logits
 from .groups import ORDERS as FILL_ORDERS
 from .groups import PAD_GROUP, fill_groups
-from .model import A3ForCausalLM
+from .model import A3ForCausalLM, require_a3
+from .tokenizer import encode_row
 
 
 @dataclass
@@ -394,21 +395,26 @@ def parse_blanks(text: str) -> list[str | int]:
 
 
 def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize text with [BLANK:n] spans: input_ids [1, N] (BOS first when the tokenizer has one,
-    blanks hold pad ids) and known_mask [1, N] (False at blanks)."""
-    ids: list[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    known: list[bool] = [True] * len(ids)
+    """Tokenize text with [BLANK:n] spans: input_ids [1, N] (the row start first, blanks hold pad ids)
+    and known_mask [1, N] (False at blanks).
+
+    Whitespace just before a blank is dropped: "The cat [BLANK:8] on" must not encode "The cat " with
+    a lone space token; in BPE vocabularies a word carries its leading space, so the blank's first
+    token does ("The cat" [" sat" ...] " on").
+    """
+    ids, known = encode_row(tokenizer, ""), [True]
     filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for piece in parse_blanks(text):
+    pieces = parse_blanks(text)
+    for i, piece in enumerate(pieces):
         if isinstance(piece, int):
             ids += [filler] * piece
             known += [False] * piece
-        else:
-            toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            ids += toks
-            known += [True] * len(toks)
-    if not any(known):
-        raise ValueError("infilling needs at least one known token (a tokenizer with BOS, or text around the blanks)")
+            continue
+        if i + 1 < len(pieces):  # a blank follows
+            piece = piece.rstrip()
+        toks = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        ids += toks
+        known += [True] * len(toks)
     return torch.tensor([ids]), torch.tensor([known])
 
 
@@ -429,17 +435,30 @@ def render_fill_order(tokens: list[str], fill_step: list[int], blank: str = "_")
 
 
 def load_pretrained(path: str) -> tuple[A3ForCausalLM, PreTrainedTokenizerBase]:
-    """An A3 (or plain decoder) checkpoint directory with a tokenizer saved in it: (model in eval, tokenizer)."""
-
+    """An A3 checkpoint directory with a tokenizer saved in it: (model in eval, tokenizer). A plain
+    decoder is refused: its query vector would be random (`a3lm convert` or train it first)."""
+    require_a3(path)
     return A3ForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def _piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """One token as text for the picture: its decoded string (repr'd when it is only whitespace)."""
+    if token_id >= len(tokenizer):
+        return f"<{token_id}>"
+    text = tokenizer.decode([token_id])
+    return text.strip() or repr(text)
+
+
 def _text_and_picture(tokenizer: PreTrainedTokenizerBase, out: GenerationOutput) -> tuple[str, str]:
+    """The decoded text (special tokens left out) and the fill-order picture (one decoded piece per
+    token, special tokens left out too; ids past the vocabulary, from a padded embedding, as <id>)."""
     real = out.attention_mask[0].bool()
     ids = out.sequences[0][real].tolist()
-    # ids past the tokenizer's vocabulary (a padded embedding matrix) have no token: show the id
-    tokens = [t if t is not None else f"<{i}>" for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)]
-    picture = render_fill_order(tokens, out.fill_step[0][real].tolist())
+    steps = out.fill_step[0][real].tolist()
+    special = set(tokenizer.all_special_ids)
+    shown = [(i, s) for i, s in zip(ids, steps, strict=True) if i not in special]
+    tokens = [_piece(tokenizer, i) for i, _ in shown]
+    picture = render_fill_order(tokens, [s for _, s in shown])
     return tokenizer.decode(ids, skip_special_tokens=True), picture
 
 
@@ -464,12 +483,13 @@ def sample_text(
     model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: DecodingConfig | None = None,
     length: int | None = None, **kwargs
 ) -> tuple[str, str]:
-    """Continue one text prompt (keywords as in `sample`); returns (text, fill-order picture).
+    """Continue one text prompt (keywords as in `sample`; "" = from the row start alone); returns
+    (text, fill-order picture).
 
     length None: DEFAULT_LENGTH tokens, or fewer if the model's positions end sooner after the prompt.
     """
     warn_unknown_words(tokenizer, prompt)
-    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    input_ids = torch.tensor([encode_row(tokenizer, prompt)])
     if length is None:
         max_pos = _max_positions(model)
         length = DEFAULT_LENGTH if max_pos is None else max(min(DEFAULT_LENGTH, max_pos - input_ids.shape[1]), 1)

@@ -1,8 +1,18 @@
-"""A word-level tokenizer for the synthetic corpus and the tiny debug models (offline, no hub)."""
+"""Text -> ids: the row-start convention every path shares, and the synthetic word-level tokenizer.
+
+Every row a model sees starts with the same token: training rows, sampling prompts, infilling texts
+and scored contexts. It is the tokenizer's BOS, or its EOS when it has none (Qwen2: documents end
+with <|endoftext|>, so a row that starts with it reads as the start of a document). To start rows
+with another token, set `tokenizer.bos_token` and save the tokenizer with the model. `row_start_id`
+is the rule and `encode_row` the text -> ids path; nothing else decides whether BOS is there (some
+tokenizers add it by themselves, SmolLM2's does not, so text is always encoded without special
+tokens and the row start is put in front here).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
@@ -25,3 +35,17 @@ def word_tokenizer(words: Iterable[str], model_max_length: int = 128) -> PreTrai
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word pieces with spaces
     tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def row_start_id(tokenizer: Any) -> int:
+    """The token every row starts with: BOS, else EOS (see the module docstring)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start rows with: set tokenizer.bos_token")
+    return int(token)
+
+
+def encode_row(tokenizer: Any, text: str) -> list[int]:
+    """[row start] + the ids of `text` without special tokens (an empty text gives the row start alone)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return [row_start_id(tokenizer), *ids]

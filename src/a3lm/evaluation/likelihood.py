@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..groups import PAD_GROUP
 from ..likelihood import target_logprobs
 from ..model import A3ForCausalLM
+from ..tokenizer import row_start_id
 
 SCORING_ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
 
@@ -148,11 +149,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def prefix_token_id(tokenizer) -> int:
-    """BOS, or EOS for tokenizers without one (Qwen2): the token every context starts with."""
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the context with")
-    return token
+    """The token every context starts with: the row start of training rows (`tokenizer.row_start_id`)."""
+    return row_start_id(tokenizer)
 
 
 def loglikelihood(

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 from .. import sampling
 from ..decoding import DecodingConfig
-from ..model import A3ForCausalLM
+from ..model import A3ForCausalLM, require_a3
 from .likelihood import SCORING_ORDERS, prefix_token_id, score_continuations
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
@@ -49,6 +49,7 @@ def resolve_device(device: str | None) -> torch.device:
 def load_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[A3ForCausalLM, Any]:
     """An A3 model (eval mode, on `device`) and its tokenizer from a save_pretrained directory or hub id."""
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    require_a3(pretrained)
     model = A3ForCausalLM.from_pretrained(pretrained, dtype=torch_dtype).to(resolve_device(device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
     return model, tokenizer
