@@ -92,4 +92,4 @@ def test_fifty_sigkills_at_random_moments_end_bit_identical(tmp_path):
         assert _same(_state(out), reference), f"run {out} differs from the uninterrupted run"
         out = None
     wall = time.monotonic() - start
-    print(f"\nsoak: {kills} SIGKILLs over {rounds} runs, every run bit-identical to the uninterrupted one; {wall:.0f} s")
+    print(f"\nsoak: {kills} SIGKILLs over {rounds} run(s), each bit-identical to the uninterrupted one; {wall:.0f} s")

@@ -143,11 +143,7 @@ def convert_command(
     """Convert a pretrained Llama/Qwen2/Mistral decoder into an A3 checkpoint (only the query vector is new)."""
     from .convert import convert
 
-    try:
-        out = convert(src, output, gguf_file=gguf_file, seed=seed)
-    except (OSError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    out = convert(src, output, gguf_file=gguf_file, seed=seed)
     typer.echo(f"A3 checkpoint written to {out}")
 
 
@@ -167,11 +163,7 @@ def nll_command(
     from .nll import NLLConfig, evaluate, render_table, write_json
 
     cfg = NLLConfig(text=text, seq_len=seq_len, rows=rows, batch_size=batch_size, seed=seed)
-    try:
-        res = evaluate(model, base, cfg, progress=progress)
-    except (OSError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    res = evaluate(model, base, cfg, progress=progress)
     write_json(res, output)
     typer.echo(render_table(res))
     typer.echo(f"results written to {output}")
