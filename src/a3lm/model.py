@@ -423,7 +423,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         """The decoder on [content embeds ; w repeated num_queries times]: final states [B, C + Q, H].
 
         The one place the streams enter the decoder (training forward and cached decoding step alike).
-        skip_content_mlp: the content rows' states are not read, so the last layer's work after attention skips them.
+        skip_content_mlp: the content rows' states are not read, so the last layer's MLP skips them.
         """
         skip = _skip_last_content_mlp(self.model, content_ids_BC.shape[1]) if skip_content_mlp else contextlib.nullcontext()
         with skip:
@@ -487,7 +487,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         """Final (normed) states [B, 2N, H] of [content ; query] in the input's position order.
 
         keep_content=False: the content half of the result is not needed (only the query half feeds
-        the lm_head), so the last layer's work after attention runs on the query half alone.
+        the lm_head), so the last layer's MLP runs on the query half alone.
         """
         N = input_ids_BN.shape[1]
         perm = None
