@@ -189,12 +189,9 @@ def a3_attention(
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError("a3 attention needs the explicit 4D two-stream mask")
     n_content = attention_mask.shape[-1]
-    n_query = key.shape[2] - n_content  # query-stream rows, the last ones
-    n_self = n_query if getattr(module, "a3_query_self_attention", False) else 0
+    n_self = key.shape[2] - n_content if getattr(module, "a3_query_self_attention", False) else 0
     key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
     dropout = dropout if module.training else 0.0
-    n_skipped = query.shape[2] - n_query if getattr(module, "a3_query_rows_only", False) else 0
-    query, attention_mask = query[:, :, n_skipped:], attention_mask[:, :, n_skipped:]
     if query.device.type == "cpu" and not dropout:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if torch.is_autocast_enabled("cpu"):  # as autocast does for SDPA: RoPE leaves q, k in fp32, v in bf16
@@ -203,10 +200,7 @@ def a3_attention(
         out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale)
     else:
         out = _dense_two_stream(query, key, value, attention_mask, n_self, scaling, dropout)
-    out = out.transpose(1, 2)
-    if n_skipped:  # the rows' count must stay what the layer reshapes to
-        return torch.cat([out.new_zeros(out.shape[0], n_skipped, *out.shape[2:]), out], dim=1), None
-    return out.contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _dense_two_stream(query, key, value, mask, n_self: int, scaling, dropout: float) -> torch.Tensor:
@@ -290,34 +284,27 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
-    """Run the last layer's work after the attention scores on the query rows only (hooks on the
-    unmodified modules): its attention rows, o_proj, post-attention norm, MLP and the final norm.
+    """Run the last layer's MLP on the query half only (hooks on the unmodified module).
 
     The content stream's last-layer output feeds nothing: later queries read only its keys and
-    values, which come before. Its MLP alone is an eighth of a 4-layer model's two-stream work.
-    The content rows then carry zeros or the residual; callers must not read them.
+    values, which come before the MLP. Its MLP is an eighth of a 4-layer model's two-stream work.
+    The content rows then carry residual + attention only; callers must not read them.
     """
-    layer = decoder.layers[-1] if hasattr(decoder, "layers") else None
-    attn, norm = getattr(layer, "self_attn", None), getattr(decoder, "norm", None)
-    post_norm, mlp = getattr(layer, "post_attention_layernorm", None), getattr(layer, "mlp", None)
-    if any(m is None for m in (attn, norm, post_norm, mlp)) or not hasattr(attn, "o_proj"):
+    mlp = getattr(decoder.layers[-1], "mlp", None) if hasattr(decoder, "layers") else None
+    if mlp is None:
         yield
         return
 
-    def query_half(module, args):  # a copy, so that backward does not keep the content rows alive
-        return (args[0][:, n_content:].contiguous(), *args[1:])
+    def query_half(module, args):
+        return (args[0][:, n_content:], *args[1:])
 
     def pad_content(module, args, out):
         return torch.cat([out.new_zeros(out.shape[0], n_content, out.shape[-1]), out], dim=1)
 
-    handles = [post_norm.register_forward_pre_hook(query_half), mlp.register_forward_hook(pad_content)]
-    for module in (attn.o_proj, norm):
-        handles += [module.register_forward_pre_hook(query_half), module.register_forward_hook(pad_content)]
-    attn.a3_query_rows_only = True  # read by a3_attention: the content rows' outputs are zeros
+    handles = [mlp.register_forward_pre_hook(query_half), mlp.register_forward_hook(pad_content)]
     try:
         yield
     finally:
-        attn.a3_query_rows_only = False
         for handle in handles:
             handle.remove()
 
