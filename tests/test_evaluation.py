@@ -297,3 +297,242 @@ def test_registered_and_cli_eval(model, tokenizer, tmp_path):
 
     missing = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--tasks", "hellaswag", "--data-dir", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "hellaswag/validation.jsonl" in missing.output
+
+
+# -- the base row, decoding options, generations, names, stderr ------------------------------------
+
+HELLASWAG_ENDINGS = ["sat on the mat .", "ran home", "big red dog", "yes no", "the end ."]
+
+
+def write_likelihood_fixtures(data):
+    """PIQA and HellaSwag validation files in the hub's fields (what the harness's yamls read)."""
+    piqa = [{"goal": g, "sol1": a, "sol2": b, "label": i % 2} for i, (g, a, b) in enumerate([
+        ("the cat", "sat on the mat", "ran home"), ("a dog", "went home", "is paris"), ("who is", "paris ?", "the end"),
+        ("the big red", "dog ran", "cat"), ("yes", "no", "one two three"), ("the end", ".", "good bad"),
+    ])]  # fmt: skip
+    hellaswag = [{"ctx_a": a, "ctx_b": b, "ctx": f"{a} {b}", "activity_label": label,
+                  "endings": HELLASWAG_ENDINGS[i % 2 : i % 2 + 4], "label": str(i % 4)}
+                 for i, (a, b, label) in enumerate([("the cat", "sat", "cat"), ("a dog", "ran", "dog"),
+                                                    ("who is", "the", "city"), ("the big", "red", "home")])]  # fmt: skip
+    write_jsonl(data / "piqa" / "validation.jsonl", piqa)
+    write_jsonl(data / "hellaswag" / "validation.jsonl", hellaswag)
+    questions = ["who is paris", "the big red dog", "a cat"]
+    write_jsonl(data / "triviaqa" / "validation.jsonl", [{"question": q, "answer": {"aliases": ["paris"], "value": "paris"}} for q in questions])
+
+
+@pytest.fixture(scope="module")
+def base_dir(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny-base"
+    tiny_base_model("llama", vocab_size=len(WORDS) + 4).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_base_row_equals_lm_eval_hf(base_dir, tmp_path):
+    """The AR base under our adapter gives lm-eval's own `hf` model's numbers on the same local files:
+    every log-likelihood, acc and acc_norm, and the TriviaQA generations (greedy)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from a3lm.evaluation.lm_eval_adapter import BaseLM
+    from a3lm.evaluation.tasks import run_harness
+
+    class HF(HFLM):  # the harness's hf model generates 256 tokens: more than the tiny model's 128 positions
+        @property
+        def max_gen_toks(self) -> int:
+            return 8
+
+    write_likelihood_fixtures(tmp_path)
+    ours = BaseLM(str(base_dir), batch_size=4, device="cpu", max_gen_toks=8)
+    theirs = HF(pretrained=str(base_dir), batch_size=4, device="cpu")
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)]
+    for (a, a_greedy), (b, b_greedy) in zip(ours.loglikelihood(requests, disable_tqdm=True), theirs.loglikelihood(requests), strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and a_greedy == b_greedy
+    (our_metrics, our_samples), (hf_metrics, hf_samples) = (run_harness(lm, ["piqa", "hellaswag", "triviaqa"], data_dir=tmp_path) for lm in (ours, theirs))
+    for task in ("piqa", "hellaswag"):
+        assert our_metrics[task]["acc"] == hf_metrics[task]["acc"]
+        assert our_metrics[task]["acc_norm"] == hf_metrics[task]["acc_norm"]
+    assert [s["resps"] for s in our_samples["triviaqa"]] == [s["resps"] for s in hf_samples["triviaqa"]]
+    # per-document scores too: the harness logs each choice's log-likelihood
+    for task in ("piqa", "hellaswag"):
+        for a, b in zip(our_samples[task], hf_samples[task], strict=True):
+            assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-5)
+
+
+def test_ar_model_scores_left_to_right_only(base_dir):
+    from a3lm.evaluation.lm_eval_adapter import BaseLM
+
+    with pytest.raises(ValueError, match="left to right"):
+        BaseLM(str(base_dir), order="right-to-left")
+
+
+def test_eval_decoding_configs(tmp_path):
+    """The CLI builds the two DecodingConfigs once: a bad combination fails before any model loads,
+    and the JSON records the options that act in each mode."""
+    from typer.testing import CliRunner
+
+    from a3lm.cli import app
+    from a3lm.decoding import DecodingConfig
+    from a3lm.evaluation.lm_eval_adapter import describe_decoding
+
+    missing_model = str(tmp_path / "no-model")
+    for flags, message in ((["--criterion", "entropy", "--threshold", "0.9"], "threshold compares a probability"),
+                           (["--speculative", "2", "--gen-group-size", "2"], "speculative"),
+                           (["--genppl-modes", "group,sideways"], "unknown genppl mode")):  # fmt: skip
+        result = CliRunner().invoke(app, ["eval", "--model", missing_model, "--tasks", "piqa", *flags])
+        assert result.exit_code == 2 and message in result.output, result.output
+    config = DecodingConfig(dynamic=True, criterion="margin", threshold=0.8, temperature=0.5)
+    assert describe_decoding(config) == {"mode": "dynamic", "criterion": "margin", "per_step": 1, "threshold": 0.8,
+                                         "temperature": 0.5, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    assert describe_decoding(DecodingConfig(order="random", speculative=3))["speculative"] == 3
+
+
+def test_row_names(tmp_path):
+    from a3lm.evaluation.runner import make_rows, model_name
+
+    (tmp_path / "myrun" / "final").mkdir(parents=True)
+    (tmp_path / "myrun" / "checkpoints" / "step_00000100").mkdir(parents=True)
+    assert model_name(str(tmp_path / "myrun" / "final")) == "myrun"
+    assert model_name(str(tmp_path / "myrun" / "final") + "/") == "myrun"
+    assert model_name(str(tmp_path / "myrun" / "checkpoints" / "step_00000100")) == "myrun/step_00000100"
+    assert model_name(str(tmp_path / "SmolLM2-135M.Q4_1.gguf")) == "SmolLM2-135M.Q4_1"
+    assert model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    rows = make_rows([str(tmp_path / "myrun" / "final")], ["left-to-right", "random"], base="HuggingFaceTB/SmolLM2-135M")
+    assert [r.label for r in rows] == ["HuggingFaceTB/SmolLM2-135M (AR)", "myrun [left-to-right]", "myrun [random]"]
+    with pytest.raises(ValueError, match="--name"):
+        make_rows(["a/final", "b/final"], ["left-to-right"], names=["x", "x"])
+
+
+def test_no_git_noise_and_single_pretrained(lm, tmp_path, monkeypatch, capfd, caplog):
+    """Outside a git checkout the harness's commit lookup prints git's "fatal: ..." on stderr; a run
+    through run_harness_tasks does not. The harness's own messages name the model once."""
+    import lm_eval.loggers.utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-git"))  # git finds no repository, wherever tmp is
+    lm_eval.loggers.utils.get_git_commit_hash()
+    assert "fatal" in capfd.readouterr().err  # the noise this test is about is there without the fix
+    write_jsonl(tmp_path / "piqa" / "validation.jsonl", [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": 0}])
+    instruct = A3LM(lm.model, tokenizer=lm.tokenizer)
+    instruct.model_path = str(tmp_path / "tiny-Instruct")  # the harness warns about instruct models without a chat template
+    with caplog.at_level("WARNING", logger="lm_eval"):
+        run_harness_tasks(instruct, ["piqa"], data_dir=tmp_path)
+    assert "fatal" not in capfd.readouterr().err
+    assert f"pretrained={tmp_path / 'tiny-Instruct'}" in caplog.text
+    assert "pretrained=pretrained=" not in caplog.text
+
+
+def test_cli_base_and_a3_rows_with_every_generation(model, tokenizer, base_dir, tmp_path):
+    """One table: the base row, an A3 row per scoring order, the differences; every option and every
+    generation (TriviaQA answers, ROCStories fills, genppl samples) lands in the JSON."""
+    from typer.testing import CliRunner
+
+    from a3lm.cli import app
+
+    run_dir, data = tmp_path / "myrun" / "final", tmp_path / "data"
+    model.save_pretrained(run_dir)
+    tokenizer.save_pretrained(run_dir)
+    write_likelihood_fixtures(data)
+    sentences = ["the cat sat .", "a dog ran .", "the dog went home .", "the cat sat on the mat .", "the end ."]
+    write_csv(data / "rocstories" / "stories.csv", ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
+              [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]])  # fmt: skip
+    out = tmp_path / "results.json"
+    args = ["eval", "--model", str(run_dir), "--base", str(base_dir), "--order", "left-to-right,random",
+            "--tasks", "piqa,triviaqa,rocstories,genppl", "--output", str(out), "--data-dir", str(data),
+            "--judge", str(base_dir), "--limit", "3", "--max-gen-toks", "4", "--gen-group-size", "2",
+            "--criterion", "margin", "--per-step", "2", "--genppl-modes", "group,entropy", "--genppl-samples", "2",
+            "--genppl-length", "6", "--genppl-temperature", "0.7", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    table = saved["table"].splitlines()
+    assert [line.split(" | ")[0].strip() for line in table[2:]] == [
+        "tiny-base (AR)", "myrun [left-to-right]", "- base", "myrun [random]", "- base"]  # fmt: skip
+    value = {(r["row"], r["task"], r["metric"]): r["value"] for r in saved["results"]}
+    # each difference row is A3 minus base, column by column
+    header = [c.strip() for c in table[0].split(" | ")]
+    for col, (task, metric) in ((header.index("piqa acc"), ("piqa", "acc")), (header.index("gen-group ppl"), ("genppl_group", "gen_ppl"))):
+        base_value = value[("tiny-base (AR)", task, metric)]
+        for diff_line, row in ((table[4], "myrun [left-to-right]"), (table[6], "myrun [random]")):
+            diff = value[(row, task, metric)] - base_value
+            assert diff_line.split(" | ")[col].strip() == (f"{100 * diff:+.1f}" if metric == "acc" else f"{diff:+.2f}")
+    # options round-trip into the JSON: the random row generates in random order, groups of 2
+    trivia = {r["row"]: r["settings"]["decoding"] for r in saved["results"] if r["task"] == "triviaqa" and r["metric"] == "exact_match"}
+    assert trivia["myrun [random]"] == {"mode": "group", "order": "random", "group_size": 2, "temperature": 0.0,
+                                       "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    assert trivia["myrun [left-to-right]"]["order"] == "left-to-right"
+    roc = {r["row"]: r["settings"] for r in saved["results"] if r["task"] == "rocstories_dynamic" and r["metric"] == "rouge1"}
+    assert roc["myrun [random]"]["decoding"] == {"mode": "dynamic", "criterion": "margin", "per_step": 2, "threshold": None,
+                                                 "temperature": 0.0, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    gen = {(r["row"], r["task"]): r["settings"] for r in saved["results"] if r["metric"] == "gen_ppl"}
+    assert gen[("myrun [random]", "genppl_entropy")]["decoding"]["criterion"] == "entropy"
+    assert gen[("myrun [random]", "genppl_entropy")]["decoding"]["temperature"] == 0.7
+    assert gen[("myrun [random]", "genppl_group")]["decoding"] | {} == {"mode": "group", "order": "random", "group_size": 2,
+                                                                        "temperature": 0.7, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    assert ("tiny-base (AR)", "genppl_group") in gen and ("tiny-base (AR)", "genppl_entropy") not in gen
+    assert saved["config"]["decoding"]["group_size"] == 2 and saved["config"]["dynamic"]["criterion"] == "margin"
+    assert saved["config"]["genppl_modes"] == ["group", "entropy"]
+    # every generation with its prompt and score; empty answers counted
+    for row in ("tiny-base (AR)", "myrun [left-to-right]", "myrun [random]"):
+        outputs = saved["outputs"][row]
+        answers = outputs["triviaqa"]
+        assert len(answers) == 3 and all(a["prompt"].startswith("Question: ") and "exact_match" in a for a in answers)
+        assert value[(row, "triviaqa", "empty")] == sum(a["answer"] == "" for a in answers)
+        assert value[(row, "triviaqa", "exact_match")] == pytest.approx(sum(a["exact_match"] for a in answers) / 3)
+        fills = outputs["rocstories_ar" if "AR" in row else "rocstories_group"]
+        assert [f["reference"] for f in fills] == ["the dog went home ."] * 2 and all("[BLANK:" in f["prompt"] for f in fills)
+        assert value[(row, "rocstories_ar" if "AR" in row else "rocstories_group", "rouge1")] == pytest.approx(sum(f["rouge1"] for f in fills) / 2)
+        samples = outputs["genppl_group"]
+        nll, n = sum(s["judge_nll"] for s in samples), sum(s["judge_tokens"] for s in samples)
+        assert len(samples) == 2 and value[(row, "genppl_group", "gen_ppl")] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert "trivia" not in table[0] or "triviaqa empty" in table[0]
+
+    bad = CliRunner().invoke(app, ["eval", "--model", str(run_dir), "--tasks", "piqa", "--gen-order", "sideways", "--data-dir", str(data)])
+    assert bad.exit_code == 2 and "unknown order 'sideways'" in bad.output
+
+
+def test_base_rocstories_continues_the_prefix_greedily(tokenizer):
+    """The AR base fills the blank with its greedy continuation of sentences 1-2 (a token-by-token
+    argmax loop over full forwards here), cut to the blank's length."""
+    from a3lm.evaluation.rocstories import Story, evaluate_rocstories
+
+    base = tiny_base_model("llama", seed=3, vocab_size=len(WORDS) + 4)
+    stories = [Story("a", ("the cat sat .", "a dog ran .", "the dog went home .", "the end .", "yes .")),
+               Story("b", ("who is paris ?", "a big city .", "one two .", "no .", "the end ."))]  # fmt: skip
+    _, records = evaluate_rocstories(base, tokenizer, stories, batch_size=2, progress=False)
+    for story, record in zip(stories, records, strict=True):
+        ids = tokenizer(" ".join(story.sentences[:2]))["input_ids"]
+        n = len(tokenizer.encode(" " + story.sentences[2], add_special_tokens=False))
+        fill = []
+        for _ in range(n):
+            with torch.no_grad():
+                token = int(base(input_ids=torch.tensor([ids + fill])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            fill.append(token)
+        assert record["prediction"] == tokenizer.decode(fill, skip_special_tokens=True).strip()
+        assert record["prompt"] == f"{' '.join(story.sentences[:2])} [BLANK:{n}] {' '.join(story.sentences[3:])}"
+
+
+def test_rerun_keeps_finished_rows(base_dir, tmp_path, monkeypatch):
+    """The JSON is written after every row; a rerun of the same config evaluates only the rows that
+    are not in it, and a changed config starts afresh."""
+    from a3lm.evaluation import runner
+
+    write_likelihood_fixtures(tmp_path)
+    cfg = runner.EvalConfig(tasks=["piqa"], limit=2, data_dir=str(tmp_path), device="cpu")
+    out = tmp_path / "results.json"
+    first = runner.run([], cfg, out, base=str(base_dir))
+    assert first["complete"] and json.loads(out.read_text())["table"] == first["table"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished row was evaluated again")
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "evaluate_row", fail)
+        again = runner.run([], cfg, out, base=str(base_dir))
+    assert again["results"] == first["results"] and again["table"] == first["table"]
+    calls = []
+    real = runner.evaluate_row
+    monkeypatch.setattr(runner, "evaluate_row", lambda *a, **k: calls.append(a[0].label) or real(*a, **k))
+    runner.run([], runner.EvalConfig(tasks=["piqa"], limit=1, data_dir=str(tmp_path), device="cpu"), out, base=str(base_dir))
+    assert calls == ["tiny-base (AR)"]

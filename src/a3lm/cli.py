@@ -96,38 +96,56 @@ def version() -> None:
 
 @app.command("eval")
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", help="A3 checkpoint dir (repeat for several models: one table row each)."),
+    model: list[str] = typer.Option([], "--model", help="A3 checkpoint dir (repeat for several: rows of their own)."),
+    base: str | None = typer.Option(None, help="The AR base model (HF folder, .gguf file or hub id): a row scored left to right, and the difference under each A3 row."),
+    name: list[str] = typer.Option([], "--name", help="Row name of each --model, in order (default: the folder's, or the run's for RUN/final)."),
+    base_name: str | None = typer.Option(None, help="Row name of --base (default: its folder or file name)."),
     tasks: str = typer.Option("hellaswag,piqa,winogrande,siqa,triviaqa,rocstories,genppl", help="Comma-separated tasks."),
-    output: str = typer.Option("results.json", help="Results JSON: every metric, setting and package version."),
+    output: str = typer.Option("results.json", help="Results JSON: every metric, setting, generation and package version."),
     limit: int | None = typer.Option(None, help="Examples per task (a quick look)."),
-    order: str = typer.Option("left-to-right", help="Scoring order of continuations: left-to-right, right-to-left, random, random-blocks."),
-    group_size: int = typer.Option(1, help="Group size of the scoring order."),
+    order: str = typer.Option("left-to-right", help="Scoring orders, comma-separated, one A3 row each: left-to-right, right-to-left, random, random-blocks."),
+    group_size: int = typer.Option(1, help="Group size of the scoring orders."),
     batch_size: int = typer.Option(16),
     num_fewshot: int | None = typer.Option(None, help="Few-shot examples (harness tasks; default: the task's, 0)."),
     data_dir: str | None = typer.Option(None, help="Local data: DIR/<task>/validation.jsonl, DIR/rocstories/*.csv."),
     judge: str | None = typer.Option(None, help="AR judge for genppl (any Hugging Face causal LM path)."),
     device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
     seed: int = typer.Option(1234),
-    max_gen_toks: int = typer.Option(32, help="TriviaQA: tokens generated (greedy) before the stop strings cut."),
-    infill_group_size: int = typer.Option(1, help="ROCStories group-wise infilling: group size."),
-    infill_criterion: str = typer.Option("confidence", help="ROCStories dynamic infilling: confidence, margin, entropy, random."),
-    infill_per_step: int = typer.Option(1, help="ROCStories dynamic infilling: tokens committed per step."),
+    max_gen_toks: int = typer.Option(32, help="TriviaQA: tokens generated before the stop strings cut."),
+    gen_order: str | None = typer.Option(None, help="Generation fill order (TriviaQA, ROCStories group, genppl group): left-to-right, right-to-left, random, random-blocks (default: each row's scoring order)."),
+    gen_group_size: int = typer.Option(1, help="Generation: tokens per group."),
+    speculative: int = typer.Option(0, "--speculative", help="Generation: lossless speculative decoding, k drafts per forward (singleton orders)."),
+    gen_mode: str = typer.Option("group", help="TriviaQA decoding: group (gen order, gen group size, speculative) or dynamic (criterion, per step / threshold)."),
+    criterion: str = typer.Option("confidence", help="Dynamic decoding: confidence, margin, entropy, random."),
+    per_step: int = typer.Option(1, "--per-step", help="Dynamic decoding: positions committed per step."),
+    threshold: float | None = typer.Option(None, help="Dynamic decoding: commit every position with score >= p instead."),
+    temperature: float = typer.Option(0.0, help="TriviaQA / ROCStories temperature (0 = greedy, as the protocol)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sampling: keep the k most likely tokens (every generative task)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sampling: nucleus of probability p (every generative task)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Decode without the exact KV cache (reference; same tokens)."),
+    infill_modes: str = typer.Option("group,dynamic", help="ROCStories runs, comma-separated: group, dynamic."),
     blank_length: int | None = typer.Option(None, help="ROCStories blank length (default: the reference's)."),
+    genppl_modes: str = typer.Option("random,confidence,entropy", help="Generative perplexity runs: group, confidence, margin, entropy, random."),
     genppl_samples: int = typer.Option(16, help="Generative perplexity: samples per mode (M)."),
     genppl_length: int = typer.Option(128, help="Generative perplexity: tokens per sample (L)."),
-    genppl_per_step: int = typer.Option(1, help="Generative perplexity: tokens committed per step."),
+    genppl_temperature: float = typer.Option(1.0, help="Generative perplexity: sampling temperature."),
 ) -> None:
-    """Evaluate A3 models on the paper's benchmarks: print a table, write a results JSON."""
+    """Evaluate A3 models (and their AR base) on the paper's benchmarks: print one table, write a results JSON."""
+    from .decoding import DecodingConfig
     from .evaluation.runner import EvalConfig, run
 
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "use_cache": not no_cache}
+    decoding = DecodingConfig(order=gen_order or "left-to-right", group_size=gen_group_size, speculative=speculative, **sampling)
+    dynamic = DecodingConfig(dynamic=True, criterion=criterion, per_step=per_step, threshold=threshold, **sampling)
     cfg = EvalConfig(
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order, group_size=group_size,
-        batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, device=device, seed=seed,
-        max_gen_toks=max_gen_toks, infill_group_size=infill_group_size, infill_criterion=infill_criterion,
-        infill_per_step=infill_per_step, blank_length=blank_length, judge=judge, genppl_samples=genppl_samples,
-        genppl_length=genppl_length, genppl_per_step=genppl_per_step,
+        tasks=split(tasks), orders=split(order), group_size=group_size, batch_size=batch_size, limit=limit,
+        num_fewshot=num_fewshot, data_dir=data_dir, device=device, seed=seed, max_gen_toks=max_gen_toks,
+        decoding=decoding, dynamic=dynamic, follow_order=gen_order is None, gen_mode=gen_mode, infill_modes=split(infill_modes),
+        blank_length=blank_length, judge=judge, genppl_modes=split(genppl_modes), genppl_samples=genppl_samples,
+        genppl_length=genppl_length, genppl_temperature=genppl_temperature,
     )  # fmt: skip
-    result = run(model, cfg, output)
+    result = run(model, cfg, output, base=base, names=name, base_name=base_name)
     typer.echo(result["table"])
     typer.echo(f"results written to {output}")
 

@@ -1,9 +1,10 @@
 """Evaluation of A3 models: the DiffuLLaMA protocol, an lm-evaluation-harness adapter, generative perplexity.
 
-Importing this package registers the `a3lm` model with lm-eval (see lm_eval_adapter).
+Importing this package registers the `a3lm` (A3) and `a3lm-base` (its AR base, same conventions)
+models with lm-eval (see lm_eval_adapter).
 """
 
 from .likelihood import SCORING_ORDERS, ContinuationScore, loglikelihood, score_continuations
-from .lm_eval_adapter import A3LM
+from .lm_eval_adapter import A3LM, BaseLM
 
-__all__ = ["A3LM", "SCORING_ORDERS", "ContinuationScore", "loglikelihood", "score_continuations"]
+__all__ = ["A3LM", "SCORING_ORDERS", "BaseLM", "ContinuationScore", "loglikelihood", "score_continuations"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from ..groups import PAD_GROUP
 from ..likelihood import target_logprobs
@@ -73,7 +74,7 @@ def _truncate(context: list[int], continuation: list[int], max_length: int | Non
 
 
 def score_continuations(
-    model: A3ForCausalLM,
+    model: A3ForCausalLM | PreTrainedModel,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     order: str = "left-to-right",
     group_size: int = 1,
@@ -85,12 +86,17 @@ def score_continuations(
 ) -> list[ContinuationScore]:
     """Score token-level (context_ids, continuation_ids) pairs; context_ids must start with BOS.
 
+    `model` is an A3 model (scored under `order`, `group_size`) or a plain causal LM (the AR base:
+    left to right only), through the same batching, truncation and BOS convention.
+
     Each batch is one padded forward [B, N] (right padding; positions count real tokens). Requests are
     sorted longest first so that a batch holds similar lengths, and returned in the input order.
     max_length defaults to the model's max_position_embeddings; longer contexts lose tokens after BOS.
     """
     if max_length is None:
-        max_length = getattr(model.config.text_config, "max_position_embeddings", None)
+        max_length = max_positions(model)
+    if not isinstance(model, A3ForCausalLM) and (order, group_size) != ("left-to-right", 1):
+        raise ValueError(f"a plain AR model scores left to right one token at a time, not {order} with groups of {group_size}")
     prepared = []
     for context, continuation in requests:
         context, continuation = list(context), list(continuation)
@@ -120,10 +126,7 @@ def score_continuations(
             group_ids[b, C : C + L] = C + continuation_fill_order(L, order, group_size, gen)
             targets[b, C : C + L] = True
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        with torch.no_grad():
-            logits_BNV = model(
-                input_ids=input_ids, group_ids=group_ids.to(device), attention_mask=attention_mask
-            ).logits
+        logits_BNV = token_logits(model, input_ids, group_ids.to(device), attention_mask)
         targets = targets.to(device)
         logp_T, greedy_T = target_logprobs(logits_BNV, input_ids, targets)
         row_T = targets.nonzero()[:, 0]
@@ -132,6 +135,26 @@ def score_continuations(
         for b, i in enumerate(batch):
             results[i] = ContinuationScore(float(logp_B[b]), bool(misses_B[b] == 0), len(prepared[i][1]))
     return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def token_logits(model, input_ids: torch.Tensor, group_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, N, V] logits whose row i is the distribution of token i (BOS's row is never a target).
+
+    An A3 model's query stream is that already (under group_ids). A plain causal LM (the AR base) is
+    scored left to right as lm-eval's `hf` model scores it: its row i - 1 predicts token i, so its
+    logits move one row down; group_ids play no part.
+    """
+    if isinstance(model, A3ForCausalLM):
+        return model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask).logits
+    logits_BNV = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return torch.cat([torch.zeros_like(logits_BNV[:, :1]), logits_BNV[:, :-1]], dim=1)
+
+
+def max_positions(model) -> int | None:
+    """The model's max_position_embeddings (an A3 model's is its decoder's)."""
+    config = getattr(model.config, "text_config", model.config)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

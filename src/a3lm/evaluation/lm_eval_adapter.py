@@ -9,13 +9,19 @@ when this module is imported; `python -m a3lm.evaluation` is the `lm_eval` comma
 - loglikelihood: one padded forward per batch; the context is left-to-right singleton groups with BOS
   first, the continuation follows in `order` with groups of `group_size` (see .likelihood).
 - loglikelihood_rolling: the harness's disjoint rolling windows, each scored the same way.
-- generate_until: the group-wise (or dynamic) sampler of a3lm.sampling with its exact KV cache.
+- generate_until: the group-wise (or dynamic) sampler of a3lm.sampling with its exact KV cache,
+  decoding as its `DecodingConfig` says.
+
+`a3lm-base` (BaseLM) is the AR base model under the same conventions (BOS in front of every context,
+the same batching and truncation), scored left to right as lm-eval's `hf` model scores it: the
+base row of `a3lm eval`'s table.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (before registering: the registry imports the harness's models only while empty)
@@ -25,12 +31,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import sampling
 from ..decoding import DecodingConfig
 from ..model import A3ForCausalLM, require_a3
-from .likelihood import SCORING_ORDERS, prefix_token_id, score_continuations
+from .likelihood import SCORING_ORDERS, max_positions, prefix_token_id, score_continuations
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
@@ -63,11 +69,10 @@ class A3LM(TemplateLM):
         A3ForCausalLM (then pass `tokenizer` too).
     order, group_size: factorization of the continuation when scoring (left-to-right, right-to-left,
         random, random-blocks); seed fixes the random orders (one per request, batch independent).
-    gen_order, gen_group_size: group-wise generation; gen_mode=dynamic commits `per_step` tokens per
-        step by `criterion` (confidence, margin, entropy, random) instead; speculative=k drafts k
-        positions of gen_order per forward (lossless). use_cache: exact KV cache. These build one
-        `DecodingConfig` (options of another mode are an error); the harness sets temperature / top-k /
-        top-p per request.
+    decoding: a `DecodingConfig` (how generate_until decodes, its temperature / top-k / top-p
+        included), or its fields as separate arguments (what `--model_args` can pass): gen_mode (group
+        / dynamic), gen_order, gen_group_size, criterion, per_step, threshold, speculative, use_cache;
+        then the task sets temperature / top-k / top-p per request.
     max_gen_toks: generation length when a task does not say; max_length: positions (default the
         model's max_position_embeddings).
     """
@@ -84,23 +89,25 @@ class A3LM(TemplateLM):
         seed: int = 1234,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        decoding: DecodingConfig | None = None,
         gen_mode: str = "group",
         gen_order: str = "left-to-right",
         gen_group_size: int = 1,
         criterion: str = "confidence",
         per_step: int = 1,
+        threshold: float | None = None,
         speculative: int = 0,
         use_cache: bool = True,
         **unused: Any,  # the harness passes max_batch_size and friends to every model
     ) -> None:
         super().__init__()
-        if isinstance(pretrained, A3ForCausalLM):
+        if isinstance(pretrained, torch.nn.Module):
             if tokenizer is None:
-                raise ValueError("pass the tokenizer along with an in-memory A3ForCausalLM")
+                raise ValueError(f"pass the tokenizer along with an in-memory {type(pretrained).__name__}")
             self.model = pretrained.eval() if device is None else pretrained.to(resolve_device(device)).eval()
             self.model_path = getattr(pretrained.config, "_name_or_path", "") or "<in-memory>"
         else:
-            self.model, loaded_tokenizer = load_model(str(pretrained), device, dtype)
+            self.model, loaded_tokenizer = self.load(str(pretrained), device, dtype)
             tokenizer = tokenizer or loaded_tokenizer
             self.model_path = str(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
@@ -114,10 +121,17 @@ class A3LM(TemplateLM):
         self.seed = int(seed)
         self._max_length = int(max_length) if max_length is not None else None
         self.max_gen_toks = int(max_gen_toks)
-        self.decoding = DecodingConfig(
+        # a config handed in decides the sampling too; one built from arguments leaves it to the task
+        self.task_sampling = decoding is None
+        self.decoding = decoding or DecodingConfig(
             order=gen_order, group_size=int(gen_group_size), dynamic=gen_mode == "dynamic", criterion=criterion,
-            per_step=int(per_step), speculative=int(speculative), seed=self.seed, use_cache=bool(use_cache),
+            per_step=int(per_step), threshold=None if threshold is None else float(threshold),
+            speculative=int(speculative), use_cache=bool(use_cache),
         )  # fmt: skip
+
+    @staticmethod
+    def load(pretrained: str, device: str | None, dtype: str) -> tuple[torch.nn.Module, Any]:
+        return load_model(pretrained, device, dtype)
 
     # -- what the harness asks of a model ----------------------------------------------------------
 
@@ -129,7 +143,7 @@ class A3LM(TemplateLM):
     def max_length(self) -> int:
         if self._max_length is not None:
             return self._max_length
-        return int(getattr(self.model.config.text_config, "max_position_embeddings", 2048))
+        return max_positions(self.model) or 2048
 
     @property
     def eot_token_id(self) -> int:
@@ -159,13 +173,7 @@ class A3LM(TemplateLM):
             "seed": self.seed,
             "max_length": self.max_length,
             "max_gen_toks": self.max_gen_toks,
-            "gen_mode": self.decoding.mode,
-            "gen_order": self.decoding.order,
-            "gen_group_size": self.decoding.group_size,
-            "criterion": self.decoding.criterion,
-            "per_step": self.decoding.per_step,
-            "speculative": self.decoding.speculative,
-            "use_cache": self.decoding.use_cache,
+            "decoding": describe_decoding(self.decoding) | ({"sampling": "the task's"} if self.task_sampling else {}),
         }
 
     def get_model_info(self) -> dict[str, Any]:
@@ -272,26 +280,142 @@ class A3LM(TemplateLM):
         for b, p in enumerate(prompts):  # left padding; the sampler left-aligns every row itself
             input_ids[b, L - len(p) :] = torch.tensor(p)
             attention_mask[b, L - len(p) :] = 1
+        rows = self.sample_rows(input_ids.to(self.device), attention_mask.to(self.device), length, temperature, gen_kwargs)
+        return [cut_at_stop(self.tok_decode(row), until) for row in rows]
+
+    def sample_rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, temperature: float, gen_kwargs: dict
+    ) -> list[list[int]]:
+        """The generated ids of each left-padded prompt row (up to its first EOS), decoded by self.decoding."""
+        sampling_options = {"temperature": temperature, "top_k": gen_kwargs.get("top_k"), "top_p": gen_kwargs.get("top_p")}
         out = sampling.sample(
-            self.model,
-            input_ids.to(self.device),
-            attention_mask.to(self.device),
-            length=length,
-            config=self.decoding,
-            temperature=temperature,
-            top_k=gen_kwargs.get("top_k"),
-            top_p=gen_kwargs.get("top_p"),
-            eos_token_id=self.eot_token_id,
-            pad_token_id=self._pad_id(),
-        )
-        texts = []
-        for b, p in enumerate(prompts):
-            row = out.sequences[b, len(p) :][out.attention_mask[b, len(p) :].bool()].tolist()
-            texts.append(cut_at_stop(self.tok_decode(row), until))
-        return texts
+            self.model, input_ids, attention_mask, length=length, config=self.decoding, seed=self.seed,
+            eos_token_id=self.eot_token_id, pad_token_id=self._pad_id(), **(sampling_options if self.task_sampling else {}),
+        )  # fmt: skip
+        lengths = attention_mask.sum(1).tolist()
+        return [
+            out.sequences[b, n:][out.attention_mask[b, n:].bool()].tolist() for b, n in enumerate(lengths)
+        ]
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+@register_model("a3lm-base")
+class BaseLM(A3LM):
+    """The AR base model (any Hugging Face causal LM) under A3LM's conventions, for the table's base row.
+
+    pretrained: a model directory, a .gguf file (transformers dequantizes it) or a hub id. Scoring is
+    plain left to right (as lm-eval's `hf` model scores): the same requests, BOS in front of every
+    context, batching and truncation as A3LM, the logits of the unmodified model. generate_until is
+    the model's own `generate` (greedy unless the task samples; a DecodingConfig's temperature, top-k and
+    top-p override the task's).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | torch.nn.Module,
+        tokenizer: Any = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for key in ("order", "group_size", "gen_mode", "gen_order", "gen_group_size"):
+            if kwargs.pop(key, None) not in (None, "left-to-right", 1, "1", "group"):
+                raise ValueError(f"the AR base model is scored and decoded left to right one token at a time: drop {key}")
+        decoding = kwargs.pop("decoding", None)
+        if decoding is None and (temperature, top_k, top_p) != (None, None, None):
+            decoding = DecodingConfig(
+                temperature=0.0 if temperature is None else float(temperature),
+                top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
+            )  # fmt: skip
+        if decoding is not None and (decoding.mode, decoding.order, decoding.group_size) != ("group", "left-to-right", 1):
+            raise ValueError("the AR base model decodes left to right one token at a time: give it temperature, top-k, top-p only")
+        super().__init__(pretrained, tokenizer, decoding=decoding, **kwargs)
+
+    @staticmethod
+    def load(pretrained: str, device: str | None, dtype: str) -> tuple[torch.nn.Module, Any]:
+        return load_base_model(pretrained, device, dtype)
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings() | {"model_kind": "base (plain AR)"}
+        d = self.decoding
+        sampling_options = {"sampling": "the task's"} if self.task_sampling else {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p}
+        settings["decoding"] = {"mode": "left-to-right (generate)", **sampling_options}
+        return settings
+
+    def sample_rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, temperature: float, gen_kwargs: dict
+    ) -> list[list[int]]:
+        d = self.decoding
+        top_k, top_p = gen_kwargs.get("top_k"), gen_kwargs.get("top_p")
+        if not self.task_sampling:
+            temperature, top_k, top_p = d.temperature, d.top_k, d.top_p
+        return ar_generate(
+            self.model, input_ids, attention_mask, length, temperature, top_k, top_p,
+            eos_token_id=self.eot_token_id, pad_token_id=self._pad_id(), seed=self.seed,
+        )  # fmt: skip
+
+
+def load_base_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
+    """A plain causal LM (eval mode) and its tokenizer from a directory, a .gguf file or a hub id."""
+    path, kwargs = Path(pretrained), {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        pretrained, kwargs = str(path.parent), {"gguf_file": path.name}
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
+    if isinstance(model, A3ForCausalLM):
+        raise ValueError(f"{pretrained} is an A3 checkpoint: pass it as --model, and its AR base model as --base")
+    return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(pretrained, **kwargs)
+
+
+@torch.no_grad()
+def ar_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    length: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
+    """`length` new tokens after each left-padded prompt row [B, L] with the model's own `generate`;
+    each row's ids up to (without) its first EOS when stop_at_eos, else exactly `length` of them."""
+    sample = temperature > 0
+    options: dict[str, Any] = {"do_sample": sample}
+    if sample:
+        options |= {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+        torch.manual_seed(seed)
+    else:  # the model's generation_config may ask for sampling: say greedy in full
+        options |= {"temperature": None, "top_k": None, "top_p": None}
+    if stop_at_eos:
+        options["eos_token_id"] = eos_token_id
+    else:
+        options["min_new_tokens"] = length
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=length, pad_token_id=pad_token_id, **options
+    )[:, input_ids.shape[1] :].tolist()
+    if stop_at_eos and eos_token_id is not None:
+        out = [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in out]
+    return out
+
+
+def describe_decoding(config: DecodingConfig) -> dict[str, Any]:
+    """What the results JSON records of a DecodingConfig: its mode and the options that act in it."""
+    acting = {"group": ("order", "group_size"), "speculative": ("order", "speculative"),
+              "dynamic": ("criterion", "per_step", "threshold")}[config.mode]  # fmt: skip
+    options = {k: getattr(config, k) for k in acting}
+    if not isinstance(options.get("order", ""), str):
+        options["order"] = "custom"
+    return {"mode": config.mode, **options, "temperature": config.temperature, "top_k": config.top_k,
+            "top_p": config.top_p, "use_cache": config.use_cache}  # fmt: skip
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

@@ -2,8 +2,8 @@
 
 Each story has five sentences; sentences 1-2 and 4-5 are given, sentence 3 is a blank of the
 reference's token length (or a fixed length) filled by the A3 sampler: every known token first
-(left-to-right singletons), then the blank group-wise (`mode="group"`) or by dynamic resampling
-(`mode="dynamic"`). Two CSV layouts are read:
+(left-to-right singletons), then the blank by a `DecodingConfig` (group-wise in an order, dynamic
+resampling, or speculative). Two CSV layouts are read:
 
 - ROCStories: storyid, storytitle, sentence1..sentence5;
 - Story Cloze (cloze_test_val__spring2016.csv, what DiffuLLaMA evaluated): InputStoryid,
@@ -16,14 +16,17 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from .. import sampling
+from ..decoding import DecodingConfig
 from ..model import A3ForCausalLM
 from .likelihood import prefix_token_id
+from .lm_eval_adapter import ar_generate
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 CLOZE_FILE = "cloze_test_val__spring2016.csv"
@@ -80,17 +83,22 @@ def find_stories_file(data_dir: str | Path) -> Path:
     )
 
 
-def rouge(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 (x100) of predictions against references, with rouge-score."""
+def rouge_per_item(predictions: list[str], references: list[str], use_stemmer: bool = True) -> list[dict[str, float]]:
+    """ROUGE-1/2/L F1 (x100) of each prediction against its reference, with rouge-score."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need as many predictions as references (>0), got {len(predictions)} and {len(references)}")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    out = []
     for pred, ref in zip(predictions, references, strict=True):
         scores = scorer.score(ref, pred)  # (target, prediction)
-        for k in ROUGE_TYPES:
-            totals[k] += scores[k].fmeasure
-    return {k: 100.0 * v / len(predictions) for k, v in totals.items()}
+        out.append({k: 100.0 * scores[k].fmeasure for k in ROUGE_TYPES})
+    return out
+
+
+def rouge(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (x100) of predictions against references, with rouge-score."""
+    items = rouge_per_item(predictions, references, use_stemmer)
+    return {k: sum(item[k] for item in items) / len(items) for k in ROUGE_TYPES}
 
 
 def infill_batch(tokenizer, stories: list[Story], blank_length: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,44 +127,72 @@ def infill_batch(tokenizer, stories: list[Story], blank_length: int | None) -> t
 
 
 def evaluate_rocstories(
-    model: A3ForCausalLM,
+    model: A3ForCausalLM | torch.nn.Module,
     tokenizer,
     stories: list[Story],
-    mode: str = "group",
-    group_size: int = 1,
-    order: str = "left-to-right",
-    criterion: str = "confidence",
-    per_step: int = 1,
-    temperature: float = 0.0,
+    config: DecodingConfig = DecodingConfig(temperature=0.0),
     blank_length: int | None = None,
     batch_size: int = 16,
     seed: int = 1234,
     use_stemmer: bool = True,
     progress: bool = True,
-) -> tuple[dict[str, float], list[str]]:
-    """Fill sentence 3 of every story; returns (mean ROUGE-1/2/L F1 x100, the generated sentences)."""
-    if mode not in ("group", "dynamic"):
-        raise ValueError(f"unknown infilling mode {mode!r}; choose group or dynamic")
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Fill sentence 3 of every story. Returns (mean ROUGE-1/2/L F1 x100, one record per story: its
+    id, the prompt with the blank shown as [BLANK:n], the reference, the prediction and its ROUGE).
+
+    An A3 model infills as `config` says (default greedy, left to right). A plain causal LM (the AR
+    base) cannot see the suffix: it continues sentences 1-2 by the blank's length at config's
+    temperature / top-k / top-p, and its fill ends at its first EOS.
+    """
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    predictions = []
-    for start in tqdm(range(0, len(stories), batch_size), desc=f"rocstories ({mode})", disable=not progress):
+    predictions, prompts = [], []
+    desc = f"rocstories ({config.mode if isinstance(model, A3ForCausalLM) else 'AR, prefix only'})"
+    for start in tqdm(range(0, len(stories), batch_size), desc=desc, disable=not progress):
         batch = stories[start : start + batch_size]
         input_ids, known, attention_mask = infill_batch(tokenizer, batch, blank_length)
-        out = sampling.infill(
-            model,
-            input_ids.to(model.device),
-            known.to(model.device),
-            attention_mask.to(model.device),
-            group_size=group_size,
-            order=order,
-            dynamic=mode == "dynamic",
-            criterion=criterion,
-            per_step=per_step,
-            temperature=temperature,
-            generator=generator,
-        )
-        blanks = (~known & attention_mask.bool()).to(out.sequences.device)
+        blanks = ~known & attention_mask.bool()
+        if isinstance(model, A3ForCausalLM):
+            out = sampling.infill(
+                model, input_ids.to(model.device), known.to(model.device), attention_mask.to(model.device),
+                config=config, generator=generator,
+            )  # fmt: skip
+            fills = [out.sequences[b][blanks[b].to(out.sequences.device)].tolist() for b in range(len(batch))]
+        else:
+            fills = _ar_fill(model, tokenizer, input_ids, blanks, config, seed + start)
         for b in range(len(batch)):
-            predictions.append(tokenizer.decode(out.sequences[b][blanks[b]].tolist(), skip_special_tokens=True).strip())
-    return rouge(predictions, [s.sentences[2] for s in stories], use_stemmer), predictions
+            predictions.append(tokenizer.decode(fills[b], skip_special_tokens=True).strip())
+            prompts.append(_show_blank(tokenizer, input_ids[b], blanks[b], attention_mask[b]))
+    references = [s.sentences[2] for s in stories]
+    items = rouge_per_item(predictions, references, use_stemmer)
+    records = [
+        {"id": s.story_id, "prompt": prompt, "reference": ref, "prediction": pred, **scores}
+        for s, prompt, ref, pred, scores in zip(stories, prompts, references, predictions, items, strict=True)
+    ]
+    return {k: sum(item[k] for item in items) / len(items) for k in ROUGE_TYPES}, records
 
+
+def _ar_fill(model, tokenizer, input_ids, blanks, config: DecodingConfig, seed: int) -> list[list[int]]:
+    """Each row's prefix (the known tokens before its blank) continued by the blank's length."""
+    starts = blanks.long().argmax(1).tolist()
+    lengths = blanks.sum(1).tolist()
+    L = max(starts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt = torch.full((len(starts), L), pad, dtype=torch.long)
+    mask = torch.zeros_like(prompt)
+    for b, n in enumerate(starts):  # left padding, as generate wants
+        prompt[b, L - n :] = input_ids[b, :n]
+        mask[b, L - n :] = 1
+    rows = ar_generate(
+        model, prompt.to(model.device), mask.to(model.device), max(lengths), config.temperature,
+        config.top_k, config.top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=seed,
+    )  # fmt: skip
+    return [row[:n] for row, n in zip(rows, lengths, strict=True)]
+
+
+def _show_blank(tokenizer, ids: torch.Tensor, blank: torch.Tensor, real: torch.Tensor) -> str:
+    """The story as the model saw it: prefix [BLANK:n] suffix."""
+    first, n = int(blank.long().argmax()), int(blank.sum())
+    end = int(real.sum())
+    prefix = tokenizer.decode(ids[:first].tolist(), skip_special_tokens=True)
+    suffix = tokenizer.decode(ids[first + n : end].tolist(), skip_special_tokens=True)
+    return f"{prefix} [BLANK:{n}] {suffix}"

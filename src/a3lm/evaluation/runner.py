@@ -1,16 +1,28 @@
-"""`a3lm eval`: every benchmark of the paper for one or more models, a table and a results JSON."""
+"""`a3lm eval`: every benchmark of the paper for the AR base and its A3 adaptations, one table and a results JSON.
+
+Every row goes through the same prompts, BOS convention and data files: the base (any Hugging Face
+causal LM, or a GGUF file) is scored left to right as lm-eval's `hf` model scores it, each A3 model
+once per scoring order; under each A3 row, its difference from the base.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .lm_eval_adapter import A3LM
-from .tasks import HARNESS_TASKS, MissingDataError, run_harness_tasks
+from ..checkpoint import PREFIX
+from ..decoding import DecodingConfig
+from ..train import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
+from .genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl, load_judge, mode_config
+from .likelihood import SCORING_ORDERS
+from .lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
+from .rocstories import evaluate_rocstories, find_stories_file, read_stories
+from .tasks import HARNESS_TASKS, MissingDataError, run_harness
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
@@ -18,10 +30,18 @@ VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "dataset
 
 @dataclass
 class EvalConfig:
-    """Settings shared by every model of one `a3lm eval` run (all recorded in the JSON)."""
+    """Settings shared by every model of one `a3lm eval` run (all recorded in the JSON).
+
+    orders: scoring orders of the likelihood tasks, one A3 row each (groups of group_size).
+    decoding, dynamic: the two DecodingConfigs of the generative tasks, built once (by the CLI):
+    `decoding` group-wise (or speculative) in an order, `dynamic` resampling by a criterion. With
+    follow_order, `decoding`'s order is each row's scoring order. gen_mode: TriviaQA's (group: the
+    first, dynamic: the second); infill_modes: the ROCStories runs; genppl_modes: "group" (the first)
+    or a criterion (the second with that criterion), at genppl_temperature.
+    """
 
     tasks: list[str]
-    order: str = "left-to-right"
+    orders: list[str] = field(default_factory=lambda: ["left-to-right"])
     group_size: int = 1
     batch_size: int = 16
     limit: int | None = None
@@ -29,20 +49,18 @@ class EvalConfig:
     data_dir: str | None = None
     device: str | None = None
     seed: int = 1234
-    # TriviaQA: greedy generation of at most this many tokens, left-to-right groups of gen_group_size
-    max_gen_toks: int = 32
-    gen_group_size: int = 1
-    # ROCStories: group-wise (infill_group_size, left to right) and dynamic (criterion, per_step) infilling
-    infill_group_size: int = 1
-    infill_criterion: str = "confidence"
-    infill_per_step: int = 1
+    max_gen_toks: int = 32  # TriviaQA: tokens generated before the stop strings cut
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(temperature=0.0))
+    dynamic: DecodingConfig = field(default_factory=lambda: DecodingConfig(dynamic=True, temperature=0.0))
+    follow_order: bool = True
+    gen_mode: str = "group"
+    infill_modes: list[str] = field(default_factory=lambda: ["group", "dynamic"])
     blank_length: int | None = None
     # generative perplexity: genppl_samples samples of genppl_length tokens per mode, judged by `judge`
     judge: str | None = None
-    genppl_modes: list[str] = field(default_factory=lambda: ["random", "confidence", "entropy"])
+    genppl_modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     genppl_samples: int = 16
     genppl_length: int = 128
-    genppl_per_step: int = 1
     genppl_temperature: float = 1.0
 
     def validate(self) -> None:
@@ -51,6 +69,17 @@ class EvalConfig:
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
+        if not self.orders or any(o not in SCORING_ORDERS for o in self.orders):
+            raise ValueError(f"unknown scoring order in {self.orders}; choose from {', '.join(SCORING_ORDERS)}")
+        for name, modes, allowed in (("gen mode", [self.gen_mode], ("group", "dynamic")),
+                                     ("infill mode", self.infill_modes, ("group", "dynamic")),
+                                     ("genppl mode", self.genppl_modes, GENPPL_MODES)):  # fmt: skip
+            if not modes or any(m not in allowed for m in modes):
+                raise ValueError(f"unknown {name} in {modes}; choose from {', '.join(allowed)}")
+        if self.decoding.dynamic or not self.dynamic.dynamic:
+            raise ValueError("EvalConfig.decoding is the group-wise config and EvalConfig.dynamic the dynamic one")
+        for mode in self.genppl_modes:  # each mode's config is valid (e.g. a threshold needs confidence / margin)
+            mode_config(mode, self.decoding, self.dynamic, self.genppl_temperature)
         if "genppl" in self.tasks and not self.judge:
             raise ValueError("genppl needs an AR judge: pass --judge PATH (any Hugging Face causal LM)")
         if "rocstories" in self.tasks and not self.data_dir:
@@ -59,6 +88,39 @@ class EvalConfig:
             raise MissingDataError(
                 f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
             )
+
+    def row_decoding(self, order: str) -> DecodingConfig:
+        """The group-wise config of the A3 row scored in `order`."""
+        return DecodingConfig.build(self.decoding, order=order) if self.follow_order else self.decoding
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a model (path), its kind (a3 / base), its readable name, the scoring order."""
+
+    path: str
+    kind: str
+    name: str
+    order: str = "left-to-right"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (AR)" if self.kind == "base" else f"{self.name} [{self.order}]"
+
+
+def model_name(path: str) -> str:
+    """A readable row name: the folder's name, or the run's for a run's output (runs/x/final -> x)."""
+    p = Path(path.rstrip("/"))
+    if p.suffix == ".gguf":
+        return p.stem
+    if not p.exists():  # a hub id: keep it whole
+        return path
+    if p.name == FINAL_DIR:
+        return p.parent.name or p.name
+    if p.name == AR_DIR or p.name.startswith(PREFIX):
+        run = p.parent.parent if p.parent.name == CHECKPOINTS_DIR else p.parent
+        return f"{run.name}/{p.name}"
+    return p.name
 
 
 def package_versions() -> dict[str, str]:
@@ -71,119 +133,220 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def evaluate_model(model_path: str, cfg: EvalConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run cfg.tasks on one model. Returns (records, outputs): one record per (task, metric) with the
-    settings that produced it, and the generated text (ROCStories infills, genppl samples)."""
+def build_lm(row: Row, cfg: EvalConfig, loaded: dict[str, tuple[Any, Any]] | None = None) -> A3LM:
+    """The harness model of one row; `loaded` keeps each model loaded once across its rows."""
+    loaded = {} if loaded is None else loaded
+    if row.path not in loaded:
+        load = load_base_model if row.kind == "base" else load_model
+        loaded[row.path] = load(row.path, cfg.device)
+    model, tokenizer = loaded[row.path]
+    common = {"tokenizer": tokenizer, "batch_size": cfg.batch_size, "seed": cfg.seed, "max_gen_toks": cfg.max_gen_toks}
+    if row.kind == "base":  # the base samples as the A3 rows do: same temperature, top-k, top-p
+        d = cfg.decoding
+        lm = BaseLM(model, decoding=DecodingConfig(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p), **common)
+    else:
+        decoding = cfg.dynamic if cfg.gen_mode == "dynamic" else cfg.row_decoding(row.order)
+        lm = A3LM(model, order=row.order, group_size=cfg.group_size, decoding=decoding, **common)
+    lm.model_path = row.path
+    return lm
+
+
+def evaluate_row(row: Row, cfg: EvalConfig, loaded: dict | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run cfg.tasks for one row. Returns (records, outputs): one record per (task, metric) with the
+    settings that produced it, and every generation with its prompt and score, by task. `loaded`
+    keeps models (and the judge) loaded across rows."""
     cfg.validate()
-    lm = A3LM(
-        pretrained=model_path,
-        order=cfg.order,
-        group_size=cfg.group_size,
-        batch_size=cfg.batch_size,
-        device=cfg.device,
-        seed=cfg.seed,
-        max_gen_toks=cfg.max_gen_toks,
-        gen_group_size=cfg.gen_group_size,
-    )
+    loaded = {} if loaded is None else loaded
+    lm = build_lm(row, cfg, loaded)
     records: list[dict[str, Any]] = []
     outputs: dict[str, Any] = {}
 
     def add(task: str, metrics: dict[str, float], settings: dict[str, Any]) -> None:
         for metric, value in metrics.items():
-            records.append({"model": model_path, "task": task, "metric": metric, "value": value, "settings": settings})
+            records.append({"row": row.label, "name": row.name, "model": row.path, "kind": row.kind,
+                            "order": row.order, "task": task, "metric": metric, "value": value, "settings": settings})  # fmt: skip
 
     harness = [t for t in cfg.tasks if t in HARNESS_TASKS]
     if harness:
-        results = run_harness_tasks(lm, harness, cfg.limit, cfg.data_dir, cfg.num_fewshot, cfg.seed)
+        results, samples = run_harness(lm, harness, cfg.limit, cfg.data_dir, cfg.num_fewshot, cfg.seed)
         for task in harness:
             settings = lm.settings() | {"num_fewshot": cfg.num_fewshot or 0, "limit": cfg.limit}
             if task != "triviaqa":  # scoring tasks: the generation settings play no part
-                settings = {k: v for k, v in settings.items() if not k.startswith(("gen_", "max_gen", "criterion", "per_step", "use_cache"))}
-            add(task, results[task], settings)
+                settings = {k: v for k, v in settings.items() if k not in ("decoding", "max_gen_toks")}
+                add(task, results[task], settings)
+                continue
+            answers = triviaqa_answers(samples.get(task, []))
+            empty = sum(a["answer"] == "" for a in answers)
+            add(task, results[task] | {"empty": empty, "count": len(answers)}, settings)
+            outputs[task] = answers
 
+    group = lm.decoding if row.kind == "base" else cfg.row_decoding(row.order)
     if "rocstories" in cfg.tasks:
-        from .rocstories import evaluate_rocstories, find_stories_file, read_stories
-
         path = find_stories_file(cfg.data_dir)  # type: ignore[arg-type]
         stories = read_stories(path)[: cfg.limit]
-        modes = {
-            "group": {"group_size": cfg.infill_group_size, "order": "left-to-right"},
-            "dynamic": {"criterion": cfg.infill_criterion, "per_step": cfg.infill_per_step},
-        }
-        for mode, kwargs in modes.items():
-            scores, predictions = evaluate_rocstories(
-                lm.model, lm.tokenizer, stories, mode=mode, blank_length=cfg.blank_length,
-                batch_size=cfg.batch_size, seed=cfg.seed, **kwargs,
+        modes = ["ar"] if row.kind == "base" else cfg.infill_modes
+        for mode in modes:
+            config = cfg.dynamic if mode == "dynamic" else group
+            scores, items = evaluate_rocstories(
+                lm.model, lm.tokenizer, stories, config, blank_length=cfg.blank_length, batch_size=cfg.batch_size,
+                seed=cfg.seed,
             )  # fmt: skip
-            settings = {"model": model_path, "data": str(path), "num_stories": len(stories), "mode": mode,
-                        "temperature": 0.0, "blank_length": cfg.blank_length or "reference", "seed": cfg.seed,
-                        "rouge": "F1 x100, rouge-score, use_stemmer", **kwargs}  # fmt: skip
+            how = {"context": "prefix only (AR)", "decoding": lm.settings()["decoding"]} if row.kind == "base" else {}
+            settings = {"model": row.path, "data": str(path), "num_stories": len(stories), "decoding": describe_decoding(config),
+                        **how, "blank_length": cfg.blank_length or "reference", "seed": cfg.seed,
+                        "rouge": "F1 x100, rouge-score, use_stemmer"}  # fmt: skip
             add(f"rocstories_{mode}", scores, settings)
-            outputs[f"rocstories_{mode}"] = predictions
+            outputs[f"rocstories_{mode}"] = items
 
     if "genppl" in cfg.tasks:
-        from .genppl import evaluate_genppl, load_judge
-
-        judge, judge_tokenizer = load_judge(cfg.judge, lm.device)  # type: ignore[arg-type]
+        if ("judge", cfg.judge) not in loaded:
+            loaded[("judge", cfg.judge)] = load_judge(cfg.judge, lm.device)  # type: ignore[arg-type]
+        judge, judge_tokenizer = loaded[("judge", cfg.judge)]
+        modes = ["group"] if row.kind == "base" else cfg.genppl_modes
+        configs = {mode: mode_config(mode, group, cfg.dynamic, cfg.genppl_temperature) for mode in modes}
         results, samples = evaluate_genppl(
-            lm.model, lm.tokenizer, judge, judge_tokenizer, cfg.genppl_modes, cfg.genppl_samples,
-            cfg.genppl_length, cfg.genppl_per_step, cfg.genppl_temperature, cfg.batch_size, cfg.seed,
+            lm.model, lm.tokenizer, judge, judge_tokenizer, configs, cfg.genppl_samples, cfg.genppl_length,
+            cfg.batch_size, cfg.seed,
         )  # fmt: skip
         for mode, metrics in results.items():
-            settings = {"model": model_path, "judge": cfg.judge, "mode": "dynamic", "criterion": mode,
-                        "num_samples": cfg.genppl_samples, "length": cfg.genppl_length,
-                        "per_step": cfg.genppl_per_step, "temperature": cfg.genppl_temperature, "seed": cfg.seed}  # fmt: skip
+            how = {"decoding": describe_decoding(configs[mode]) | {"mode": "left-to-right (generate)"}} if row.kind == "base" else {}
+            settings = {"model": row.path, "judge": cfg.judge, "decoding": describe_decoding(configs[mode]), **how,
+                        "num_samples": cfg.genppl_samples, "length": cfg.genppl_length, "seed": cfg.seed}  # fmt: skip
             add(f"genppl_{mode}", metrics, settings)
             outputs[f"genppl_{mode}"] = samples[mode]
     return records, outputs
 
 
+def triviaqa_answers(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per question from the harness's samples: the prompt, the raw generation, the answer
+    after the task's filter (what exact match compares), the aliases and the score."""
+    out = []
+    for s in samples:
+        raw = s["resps"][0][0] if s.get("resps") else ""
+        answer = s["filtered_resps"][0] if s.get("filtered_resps") else raw
+        out.append({"id": s.get("doc_id"), "prompt": s["arguments"][0][0], "generation": raw, "answer": answer,
+                    "aliases": s["doc"]["answer"]["aliases"], "exact_match": s.get("exact_match")})  # fmt: skip
+    return out
+
+
 # metrics shown in the table, in the paper's order; the JSON holds every metric (stderr included)
-TABLE_METRICS = ("acc", "acc_norm", "exact_match", "rouge1", "rouge2", "rougeL", "gen_ppl", "unigram_entropy")
+TABLE_METRICS = ("acc", "acc_norm", "exact_match", "empty", "rouge1", "rouge2", "rougeL", "gen_ppl", "unigram_entropy")
 SHORT = {"acc_norm": "acc_n", "exact_match": "em", "rouge1": "R1", "rouge2": "R2", "rougeL": "RL", "gen_ppl": "ppl", "unigram_entropy": "H"}
+PERCENT = ("acc", "acc_norm", "exact_match")
+
+
+def _cell(metric: str, v: float | None, count: float | None = None, diff: bool = False) -> str:
+    if v is None:
+        return "-"
+    sign = "+" if diff else ""
+    if metric in PERCENT:
+        return f"{100 * v:{sign}.1f}"
+    if metric == "empty":
+        return f"{int(v):{sign}d}" if diff or count is None else f"{int(v)}/{int(count)}"
+    return f"{v:{sign}.2f}"
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """One row per model, one column per (task, metric), as in the paper's tables (accuracies x100)."""
+    """One row per (model, scoring order), one column per (task, metric), as in the paper's tables
+    (accuracies x100; "empty": TriviaQA answers that were empty after the task's filter). Under each
+    A3 row, when a base row is there, its difference from the base (A3 - base)."""
     columns: list[tuple[str, str]] = []
     for r in records:
         key = (r["task"], r["metric"])
         if r["metric"] in TABLE_METRICS and key not in columns:
             columns.append(key)
-    models = list(dict.fromkeys(r["model"] for r in records))
-    value = {(r["model"], r["task"], r["metric"]): r["value"] for r in records}
-
-    def cell(model: str, task: str, metric: str) -> str:
-        v = value.get((model, task, metric))
-        if v is None:
-            return "-"
-        return f"{100 * v:.1f}" if metric in ("acc", "acc_norm", "exact_match") else f"{v:.2f}"
+    rows = list(dict.fromkeys((r.get("row", r["model"]), r.get("kind", "a3")) for r in records))
+    value = {(r.get("row", r["model"]), r["task"], r["metric"]): r["value"] for r in records}
+    base = next((label for label, kind in rows if kind == "base"), None)
 
     header = ["model", *(f"{t.replace('rocstories_', 'roc-').replace('genppl_', 'gen-')} {SHORT.get(m, m)}" for t, m in columns)]
-    rows = [[Path(m).name or m, *(cell(m, t, k) for t, k in columns)] for m in models]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    fmt = lambda row: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))  # noqa: E731
-    return "\n".join([fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, rows)])
+    lines = []
+    for label, kind in rows:
+        lines.append([label, *(_cell(m, value.get((label, t, m)), value.get((label, t, "count"))) for t, m in columns)])
+        if base is not None and kind != "base":
+            diffs = []
+            for t, m in columns:
+                a, b = value.get((label, t, m)), value.get((base, t, m))
+                diffs.append(_cell(m, None if a is None or b is None else a - b, diff=True))
+            lines.append(["  - base", *diffs])
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    fmt = lambda line: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))  # noqa: E731
+    return "\n".join([fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, lines)])
 
 
-def run(models: list[str], cfg: EvalConfig, output: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate every model, write the results JSON (when `output`), return it."""
+def make_rows(models: list[str], orders: list[str], base: str | None = None, names: list[str] | None = None,
+              base_name: str | None = None) -> list[Row]:  # fmt: skip
+    """The table's rows: the base (if any) first, then every A3 model once per scoring order."""
+    names = list(names or [])
+    if len(names) > len(models):
+        raise ValueError(f"{len(names)} names for {len(models)} models: give at most one --name per --model")
+    names += [model_name(m) for m in models[len(names) :]]
+    rows = [Row(base, "base", base_name or model_name(base))] if base else []
+    rows += [Row(m, "a3", n, o) for m, n in zip(models, names, strict=True) for o in orders]
+    if len({r.label for r in rows}) != len(rows):
+        raise ValueError(f"two rows share a name ({', '.join(r.label for r in rows)}): tell them apart with --name")
+    return rows
+
+
+def run(
+    models: list[str],
+    cfg: EvalConfig,
+    output: str | Path | None = None,
+    base: str | None = None,
+    names: list[str] | None = None,
+    base_name: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate the base (if any) and every A3 model in every scoring order; write the results JSON
+    (when `output`, atomically), return it."""
     cfg.validate()
-    records: list[dict[str, Any]] = []
-    outputs: dict[str, Any] = {}
-    for model_path in models:
-        model_records, model_outputs = evaluate_model(model_path, cfg)
-        records += model_records
-        outputs[model_path] = model_outputs
-    result = {
-        "config": asdict(cfg),
-        "models": models,
-        "versions": package_versions(),
-        "table": format_table(records),
-        "results": records,
-        "outputs": outputs,
-    }
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2, default=str))
+    rows = make_rows(models, cfg.orders, base, names, base_name)
+    if not rows:
+        raise ValueError("nothing to evaluate: pass --model A3_DIR and/or --base BASE")
+    config = json.loads(json.dumps(asdict(cfg), default=str))
+    records, outputs = finished_rows(output, config, rows)
+    loaded: dict[Any, Any] = {}
+    for i, row in enumerate(rows):
+        if row.label not in outputs:
+            row_records, outputs[row.label] = evaluate_row(row, cfg, loaded)
+            records += row_records
+        if all(r.path != row.path for r in rows[i + 1 :]):
+            loaded.pop(row.path, None)  # free it before the next model loads
+        result = {
+            "config": config,
+            "complete": i == len(rows) - 1,
+            "rows": [asdict(r) | {"label": r.label} for r in rows],
+            "models": models,
+            "base": base,
+            "versions": package_versions(),
+            "table": format_table(records),
+            "results": records,
+            "outputs": outputs,
+        }
+        if output is not None:  # after every row: an interrupted run keeps the rows it finished
+            write_json_atomic(Path(output), result)
     return result
+
+
+def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[Row]) -> tuple[list[dict], dict[str, Any]]:
+    """(records, outputs) of the rows an earlier run of the same config already wrote to `output`
+    (same label and model path), so that a rerun after an interruption does only the rest."""
+    if output is None or not Path(output).is_file():
+        return [], {}
+    try:
+        previous = json.loads(Path(output).read_text())
+    except json.JSONDecodeError:
+        return [], {}
+    if previous.get("config") != config:
+        return [], {}
+    done = {r["label"]: r["path"] for r in previous.get("rows", []) if r["label"] in previous.get("outputs", {})}
+    keep = {row.label for row in rows if done.get(row.label) == row.path}
+    records = [r for r in previous.get("results", []) if r.get("row") in keep]
+    return records, {label: previous["outputs"][label] for label in keep}
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: an interrupted run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

@@ -9,14 +9,22 @@ dataset for that file, so prompts, choices and metrics stay the harness's.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import lm_eval
+import lm_eval.evaluator
+import transformers
 import yaml
 from lm_eval.api.model import LM
+from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.tasks import TaskManager
 
 HARNESS_TASK_DIR = Path(lm_eval.__file__).parent / "tasks"
@@ -128,12 +136,26 @@ def run_harness_tasks(
     Returns {name: {metric: value}} with the harness's metric names ("acc", "acc_norm", "exact_match",
     and their "_stderr"), filter suffixes (",none") dropped.
     """
+    return run_harness(lm, names, limit, data_dir, num_fewshot, seed, task_manager)[0]
+
+
+def run_harness(
+    lm: LM,
+    names: list[str],
+    limit: int | float | None = None,
+    data_dir: str | Path | None = None,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    task_manager: TaskManager | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """run_harness_tasks's metrics, and the harness's per-document samples of each task (prompt,
+    responses, filtered responses, target, metrics) by our task names."""
     unknown = [n for n in names if n not in HARNESS_TASKS and task_manager is None]
     if unknown:
         raise ValueError(f"unknown harness task(s) {unknown}; choose from {', '.join(HARNESS_TASKS)}")
     specs = [HARNESS_TASKS[n] for n in names if n in HARNESS_TASKS]
     task_names = {HARNESS_TASKS[n].task if n in HARNESS_TASKS else n: n for n in names}
-    with tempfile.TemporaryDirectory(prefix="a3lm-tasks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="a3lm-tasks-") as tmp, quiet_harness():
         if task_manager is None:
             if data_dir is not None:
                 # our yamls only: faster than indexing every harness task, and no name clash
@@ -143,11 +165,14 @@ def run_harness_tasks(
         try:
             out = lm_eval.simple_evaluate(
                 model=lm,
+                # the arguments the harness reports (and checks for an instruct model): a dict, so that
+                # its messages read "pretrained=DIR", not "pretrained=pretrained=DIR"
+                model_args={"pretrained": getattr(lm, "model_path", type(lm).__name__)},
                 tasks=list(task_names),
                 num_fewshot=num_fewshot,
                 limit=limit,
                 task_manager=task_manager,
-                log_samples=False,
+                log_samples=True,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
@@ -165,4 +190,36 @@ def run_harness_tasks(
             results[task_names[task]] = {
                 k.split(",")[0]: v for k, v in metrics.items() if "," in k and isinstance(v, int | float)
             }
-    return results
+    samples = {task_names[t]: s for t, s in out.get("samples", {}).items() if t in task_names}
+    return results, samples
+
+
+def _quiet_git_commit_hash() -> str | None:
+    """The harness's get_git_commit_hash without git's "fatal: not a git repository" on stderr."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)  # noqa: S607
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+def _brief_env_info(storage: dict[str, Any]) -> None:
+    """The harness's add_env_info without torch's environment survey (about 5 s of subprocesses per
+    run, every row); a3lm's results JSON records the package versions itself."""
+    storage.update({"transformers_version": transformers.__version__, "lm_eval_version": version("lm_eval")})
+
+
+@contextmanager
+def quiet_harness() -> Iterator[None]:
+    """While the harness runs: look the commit up without git's complaint on stderr (outside a git
+    checkout `git describe` prints "fatal: not a git repository" on every run), and skip its slow
+    environment survey."""
+    patched = {"get_git_commit_hash": _quiet_git_commit_hash, "add_env_info": _brief_env_info}
+    original = {name: getattr(lm_eval.evaluator, name) for name in patched}
+    for name, fn in patched.items():
+        setattr(lm_eval.evaluator, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in original.items():
+            setattr(lm_eval.evaluator, name, fn)
