@@ -63,6 +63,18 @@ def test_train_on_a_missing_model_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", [("sample", "--prompt", "the", "--length", "4"), ("eval", "--tasks", "piqa"),
+                                     ("nll", "--text", "fortunes:heldout")])
+def test_model_commands_on_a_missing_or_empty_folder(command, tmp_path):
+    missing, empty = tmp_path / "no-such-model", tmp_path / "empty"
+    empty.mkdir()
+    res = _run(command[0], "--model", missing, *command[1:])
+    assert res.exit_code == 2
+    assert _error(res) == f"error: no model folder at {missing}: expected a save_pretrained directory (or a Hub id org/name)"
+    res = _run(command[0], "--model", empty, *command[1:])
+    assert _error(res) == f"error: {empty} holds no config.json: not a Hugging Face model folder"
+
+
 def test_train_and_eval_on_a_truncated_safetensors_file(truncated_dir, tmp_path):
     res = _run("train", "--model", truncated_dir, "--output", tmp_path / "run", *TINY_TRAIN)
     assert res.exit_code == 2 and _error(res).startswith(f"error: corrupt checkpoint in {truncated_dir}: ")

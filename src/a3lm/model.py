@@ -361,10 +361,7 @@ class A3ForCausalLM(A3PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         """Open an A3 checkpoint, or convert a plain decoder checkpoint (only `query_embed` is new)."""
-        path = Path(str(pretrained_model_name_or_path))
-        looks_local = path.is_absolute() or str(pretrained_model_name_or_path).startswith((".", "~"))
-        if looks_local and not path.expanduser().is_dir():
-            raise FileNotFoundError(f"no model folder at {path}: expected a save_pretrained directory")
+        check_model_path(str(pretrained_model_name_or_path))
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
@@ -566,14 +563,25 @@ class A3ForCausalLM(A3PreTrainedModel):
         )
 
 
+def check_model_path(path: str, what: str = "model") -> None:
+    """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes."""
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or p.exists()
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise FileNotFoundError(f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)")
+    if what == "model" and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
+
+
 def require_a3(path: str) -> None:
     """Refuse a plain decoder where an A3 model is needed (sampling, scoring): its query vector would
     be random and every prediction garbage. The message says how to get an A3 checkpoint."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ValueError(f"{path} is a file, not a model folder")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ValueError(f"{path} holds no config.json: not a save_pretrained model folder")
+    check_model_path(path)
     model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
     if model_type != "a3":
         raise ValueError(
@@ -585,4 +593,4 @@ def require_a3(path: str) -> None:
 AutoConfig.register("a3", A3Config)
 AutoModelForCausalLM.register(A3Config, A3ForCausalLM)
 
-__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "default_position_ids", "require_a3"]
+__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "check_model_path", "default_position_ids", "require_a3"]

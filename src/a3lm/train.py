@@ -48,7 +48,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .curriculum import CurriculumConfig, GroupPolicy, describe, draw_group_ids, policy_at, rank_generator
 from .data import SYNTHETIC, DataConfig, PackedLoader, build_loader, resolve_local_files
-from .model import A3ForCausalLM
+from .model import A3ForCausalLM, check_model_path
 
 AR_DIR = "ar_final"
 FINAL_DIR = "final"
@@ -380,18 +380,6 @@ def load_tokenizer(cfg: TrainConfig):
     from .tokenizer import word_tokenizer
 
     return word_tokenizer(default_hmm(cfg.data.hmm_seed).words, model_max_length=cfg.model.max_position_embeddings)
-
-
-def check_model_path(path: str, what: str = "model") -> None:
-    """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes."""
-    p = Path(path).expanduser()
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or p.exists()
-    if not looks_local:
-        return
-    if not p.is_dir():
-        raise FileNotFoundError(f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)")
-    if what == "model" and not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
 
 
 def initial_base_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:

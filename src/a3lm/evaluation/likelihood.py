@@ -1,4 +1,4 @@
-"""log p(continuation | context) for many (context, continuation) pairs, batched (DESIGN.md section 5).
+"""log p(continuation | context) for many (context, continuation) pairs, batched.
 
 The context is a run of left-to-right singleton groups with BOS first (as the model saw prompts in
 curriculum stage 1); the continuation comes after every context token, its tokens in a chosen order
