@@ -16,7 +16,7 @@ from a3lm.evaluation.genppl import judge_perplexity, unigram_entropy
 from a3lm.evaluation.likelihood import request_generator
 from a3lm.evaluation.lm_eval_adapter import cut_at_stop
 from a3lm.evaluation.rocstories import CLOZE_FILE, find_stories_file, infill_batch, read_stories, rouge
-from a3lm.evaluation.tasks import MissingDataError, run_harness_tasks
+from a3lm.evaluation.tasks import MissingDataError, run_harness
 from a3lm.evaluation.triviaqa import exact_match
 from a3lm.tokenizer import word_tokenizer
 
@@ -151,7 +151,7 @@ def test_simple_evaluate_piqa_matches_hand_count(tokenizer, tmp_path):
         sols = ["good good", "bad bad"] if g == 0 else ["bad bad", "good good"]
         docs.append({"goal": "the cat sat", "sol1": sols[0], "sol2": sols[1], "label": label})
     write_jsonl(tmp_path / "piqa" / "validation.jsonl", docs)
-    results = run_harness_tasks(A3LM(model, tokenizer=tokenizer), ["piqa"], data_dir=tmp_path)
+    results = run_harness(A3LM(model, tokenizer=tokenizer), ["piqa"], data_dir=tmp_path)[0]
     assert results["piqa"]["acc"] == pytest.approx(4 / 6)
     assert results["piqa"]["acc_norm"] == pytest.approx(4 / 6)
 
@@ -170,7 +170,7 @@ def test_simple_evaluate_siqa_matches_model_likelihoods(model, tokenizer, lm, tm
         best = max(range(3), key=lambda k: lls[k])
         doc["label"] = str(best + 1 if i < 2 else (best + 1) % 3 + 1)  # right, right, wrong, wrong
     write_jsonl(tmp_path / "siqa" / "validation.jsonl", docs)
-    results = run_harness_tasks(lm, ["siqa"], data_dir=tmp_path)
+    results = run_harness(lm, ["siqa"], data_dir=tmp_path)[0]
     assert results["siqa"]["acc"] == pytest.approx(0.5)
 
 
@@ -192,7 +192,7 @@ def test_triviaqa_from_local_file(lm, tmp_path):
         docs.append({"question": q, "answer": {"aliases": aliases, "value": aliases[0]}})
     write_jsonl(tmp_path / "triviaqa" / "validation.jsonl", docs)
     short = A3LM(lm.model, tokenizer=lm.tokenizer, max_gen_toks=3)
-    results = run_harness_tasks(short, ["triviaqa"], data_dir=tmp_path)
+    results = run_harness(short, ["triviaqa"], data_dir=tmp_path)[0]
     assert results["triviaqa"]["exact_match"] == pytest.approx(3 / 4)
 
 
@@ -254,7 +254,7 @@ def test_unigram_entropy_hand_values():
 def test_missing_data_names_the_files(lm, tmp_path):
     write_jsonl(tmp_path / "piqa" / "validation.jsonl", [{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}])
     with pytest.raises(MissingDataError) as err:
-        run_harness_tasks(lm, ["piqa", "hellaswag", "winogrande"], data_dir=tmp_path)
+        run_harness(lm, ["piqa", "hellaswag", "winogrande"], data_dir=tmp_path)[0]
     message = str(err.value)
     assert str(tmp_path / "hellaswag" / "validation.jsonl") in message
     assert str(tmp_path / "winogrande" / "validation.jsonl") in message
@@ -334,7 +334,6 @@ def test_base_row_equals_lm_eval_hf(base_dir, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
     from a3lm.evaluation.lm_eval_adapter import BaseLM
-    from a3lm.evaluation.tasks import run_harness
 
     class HF(HFLM):  # the harness's hf model generates 256 tokens: more than the tiny model's 128 positions
         @property
@@ -404,7 +403,7 @@ def test_row_names(tmp_path):
 
 def test_no_git_noise_and_single_pretrained(lm, tmp_path, monkeypatch, capfd, caplog):
     """Outside a git checkout the harness's commit lookup prints git's "fatal: ..." on stderr; a run
-    through run_harness_tasks does not. The harness's own messages name the model once."""
+    through run_harness does not. The harness's own messages name the model once."""
     import lm_eval.loggers.utils
 
     monkeypatch.chdir(tmp_path)
@@ -415,7 +414,7 @@ def test_no_git_noise_and_single_pretrained(lm, tmp_path, monkeypatch, capfd, ca
     instruct = A3LM(lm.model, tokenizer=lm.tokenizer)
     instruct.model_path = str(tmp_path / "tiny-Instruct")  # the harness warns about instruct models without a chat template
     with caplog.at_level("WARNING", logger="lm_eval"):
-        run_harness_tasks(instruct, ["piqa"], data_dir=tmp_path)
+        run_harness(instruct, ["piqa"], data_dir=tmp_path)[0]
     assert "fatal" not in capfd.readouterr().err
     assert f"pretrained={tmp_path / 'tiny-Instruct'}" in caplog.text
     assert "pretrained=pretrained=" not in caplog.text

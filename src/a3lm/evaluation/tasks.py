@@ -122,23 +122,6 @@ def local_task_dir(tasks: list[HarnessTask], data_dir: str | Path, out_dir: str 
     return out
 
 
-def run_harness_tasks(
-    lm: LM,
-    names: list[str],
-    limit: int | float | None = None,
-    data_dir: str | Path | None = None,
-    num_fewshot: int | None = None,
-    seed: int = 1234,
-    task_manager: TaskManager | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Run harness tasks by our names (see HARNESS_TASKS) or, with a task_manager, any harness task name.
-
-    Returns {name: {metric: value}} with the harness's metric names ("acc", "acc_norm", "exact_match",
-    and their "_stderr"), filter suffixes (",none") dropped.
-    """
-    return run_harness(lm, names, limit, data_dir, num_fewshot, seed, task_manager)[0]
-
-
 def run_harness(
     lm: LM,
     names: list[str],
@@ -148,8 +131,12 @@ def run_harness(
     seed: int = 1234,
     task_manager: TaskManager | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """run_harness_tasks's metrics, and the harness's per-document samples of each task (prompt,
-    responses, filtered responses, target, metrics) by our task names."""
+    """Run harness tasks by our names (see HARNESS_TASKS) or, with a task_manager, any harness task name.
+
+    Returns ({name: {metric: value}}, {name: per-document samples}): the harness's metric names ("acc",
+    "acc_norm", "exact_match", and their "_stderr") with filter suffixes (",none") dropped, and each
+    document's prompt, responses, filtered responses, target and metrics.
+    """
     unknown = [n for n in names if n not in HARNESS_TASKS and task_manager is None]
     if unknown:
         raise ValueError(f"unknown harness task(s) {unknown}; choose from {', '.join(HARNESS_TASKS)}")
