@@ -186,7 +186,9 @@ def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool
 
 def render_table(res: dict[str, Any]) -> str:
     """Markdown: one row per order, one column per model (NLL per token in nats; the base: left to right)."""
-    names = [Path(r["model"]).name or r["model"] for r in res["results"]]
+    from .evaluation.runner import model_name  # the eval table's row names (runs/x/final -> x)
+
+    names = [model_name(r["model"]) for r in res["results"]]
     head = "| order | " + " | ".join(f"{n} ({r['kind']})" for n, r in zip(names, res["results"], strict=True)) + " |"
     lines = [head, "|---" * (len(names) + 1) + "|"]
     for order in res["orders"]:
