@@ -98,6 +98,25 @@ def test_gguf_converts_to_an_a3_model_whose_content_stream_is_the_base(tmp_path,
     assert saved("the cat", add_special_tokens=False)["input_ids"] == tok.encode("the cat").ids
 
 
+def test_base_and_judge_loaders_open_a_gguf_file_and_its_folder(tmp_path):
+    """`eval --base` and `--judge` take what `convert` takes: the dequantized logits of the GGUF file."""
+    from a3lm.evaluation.genppl import load_judge
+    from a3lm.evaluation.lm_eval_adapter import load_base_model
+
+    tok = tiny_byte_bpe()
+    base = tiny_base_model("llama", seed=5, vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    write_llama_gguf(tmp_path / "tiny.gguf", base, tok)
+    ids = torch.tensor([tok.encode("the cat sat on the mat").ids])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        for model, _ in (load_base_model(str(tmp_path / "tiny.gguf"), "cpu"), load_judge(str(tmp_path), "cpu")):
+            assert getattr(model, "hf_quantizer", None) is None
+            torch.testing.assert_close(model(input_ids=ids).logits.float(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConversionError, match="no model file or folder"):
+        load_base_model(str(tmp_path / "missing.gguf"), "cpu")
+
+
 @pytest.fixture(scope="module")
 def plain_dir(tmp_path_factory):
     from a3lm.tokenizer import word_tokenizer

@@ -97,7 +97,7 @@ def version() -> None:
 @app.command("eval")
 def eval_command(
     model: list[str] = typer.Option([], "--model", help="A3 checkpoint dir (repeat for several: rows of their own)."),
-    base: str | None = typer.Option(None, help="The AR base model (HF folder, .gguf file or hub id): a row scored left to right, and the difference under each A3 row."),
+    base: str | None = typer.Option(None, help="The AR base model (folder, .gguf, Hub id or 'smollm2'): a row scored left to right, and the difference under each A3 row."),
     name: list[str] = typer.Option([], "--name", help="Row name of each --model, in order (default: the folder's, or the run's for RUN/final)."),
     base_name: str | None = typer.Option(None, help="Row name of --base (default: its folder or file name)."),
     tasks: str = typer.Option("hellaswag,piqa,winogrande,siqa,triviaqa,rocstories,genppl", help="Comma-separated tasks."),
@@ -108,7 +108,7 @@ def eval_command(
     batch_size: int = typer.Option(16),
     num_fewshot: int | None = typer.Option(None, help="Few-shot examples (harness tasks; default: the task's, 0)."),
     data_dir: str | None = typer.Option(None, help="Local data: DIR/<task>/validation.jsonl, DIR/rocstories/*.csv."),
-    judge: str | None = typer.Option(None, help="AR judge for genppl (any Hugging Face causal LM path)."),
+    judge: str | None = typer.Option(None, help="AR judge for genppl (folder, .gguf, Hub id or 'smollm2')."),
     device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
     seed: int = typer.Option(1234),
     max_gen_toks: int = typer.Option(32, help="TriviaQA: tokens generated before the stop strings cut."),

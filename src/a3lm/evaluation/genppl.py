@@ -21,22 +21,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import sampling
 from ..decoding import CRITERIA, DecodingConfig
 from ..model import A3ForCausalLM
 from .likelihood import prefix_token_id
-from .lm_eval_adapter import ar_generate
+from .lm_eval_adapter import ar_generate, load_base_model
 
 GENPPL_MODES = ("group", *CRITERIA)  # group-wise decoding, or dynamic resampling by a criterion
 DEFAULT_MODES = ("random", "confidence", "entropy")
 
 
 def load_judge(path: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """An AR judge (AutoModelForCausalLM, eval mode, fp32 on CPU) and its tokenizer."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    """An AR judge (eval mode, its checkpoint's dtype) and its tokenizer: a folder, a .gguf file,
+    'smollm2' or a Hub id, as for the base row."""
+    return load_base_model(path, str(device))
 
 
 def unigram_entropy(tokens: Sequence[int]) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (before registering: the registry imports the harness's models only while empty)
@@ -359,17 +358,16 @@ class BaseLM(A3LM):
 
 
 def load_base_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """A plain causal LM (eval mode) and its tokenizer from a directory, a .gguf file or a hub id."""
-    path, kwargs = Path(pretrained), {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"no GGUF file at {path}")
-        pretrained, kwargs = str(path.parent), {"gguf_file": path.name}
+    """A plain causal LM (eval mode) and its tokenizer: a folder, a .gguf file, 'smollm2' or a Hub id."""
+    from ..convert import drop_quantizer, resolve_source
+
+    source = resolve_source(pretrained)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **source.kwargs())
     if isinstance(model, A3ForCausalLM):
         raise ValueError(f"{pretrained} is an A3 checkpoint: pass it as --model, and its AR base model as --base")
-    return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(pretrained, **kwargs)
+    drop_quantizer(model)  # a GGUF checkpoint loads dequantized: plain floats from here on
+    return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(source.path, **source.kwargs())
 
 
 @torch.no_grad()
