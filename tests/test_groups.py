@@ -14,7 +14,7 @@ def test_builders_values():
     assert groups.contiguous(mask, 2).tolist() == [[0, 1, 1, 2, 2, 3], [PAD, PAD, 0, 1, 1, 2]]
     assert groups.right_to_left(mask).tolist() == [[0, 5, 4, 3, 2, 1], [PAD, PAD, 0, 3, 2, 1]]
     known = torch.tensor([[1, 1, 0, 0, 0, 1], [0, 0, 1, 0, 0, 1]])
-    assert groups.infill(known, mask, size=2).tolist() == [[0, 1, 3, 3, 4, 2], [PAD, PAD, 0, 2, 2, 1]]
+    assert groups.infill_groups(known, mask, size=2).tolist() == [[0, 1, 3, 3, 4, 2], [PAD, PAD, 0, 2, 2, 1]]
 
 
 def test_random_order_bos_first_sizes_and_per_sample():
@@ -63,7 +63,7 @@ def test_bad_builder_arguments():
     with pytest.raises(ValueError, match="unknown order"):
         groups.build("sideways", mask)
     with pytest.raises(ValueError, match="at least one known"):
-        groups.infill(torch.zeros(1, 4))
+        groups.infill_groups(torch.zeros(1, 4))
 
 
 def test_model_rejects_bad_inputs(a3_model):

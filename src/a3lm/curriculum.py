@@ -146,7 +146,7 @@ def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator:
         if u < policy.infill_share and n >= 2:
             known = torch.zeros_like(mask, dtype=torch.bool)
             known[mask.bool()] = _infill_known(n, generator).to(mask.device)
-            rows.append(groups.infill(known, mask, size, order="random", generator=generator))
+            rows.append(groups.infill_groups(known, mask, size, order="random", generator=generator))
         else:
             blocks = u < policy.infill_share + policy.block_share
             rows.append(groups.random_order(mask, size, generator, blocks=blocks))

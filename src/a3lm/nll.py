@@ -64,7 +64,7 @@ def factorizations(n_rows: int, n_positions: int, n_targets: int, seed: int) -> 
     known = torch.ones(n_rows, N, dtype=torch.bool)
     known[:, lo:hi] = False
     out.append(Factorization("infill-middle", f"positions {lo}-{hi - 1} given both sides, left to right",
-                             groups.infill(known, mask), ~known))
+                             groups.infill_groups(known, mask), ~known))
     return out
 
 
