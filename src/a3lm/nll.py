@@ -59,13 +59,19 @@ def factorizations(n_rows: int, n_positions: int, n_targets: int, seed: int) -> 
     ]
     for s in (1, 2, 4):
         out.append(Factorization(f"random-{s}", f"random order, groups of {s}", groups.random_order(mask, s, gen), targets))
-    # infilling: the middle half of the targets blank, everything else known (left to right) first
-    lo, hi = 1 + L // 4, 1 + L - L // 4
-    known = torch.ones(n_rows, N, dtype=torch.bool)
-    known[:, lo:hi] = False
-    out.append(Factorization("infill-middle", f"positions {lo}-{hi - 1} given both sides, left to right",
+    known = infill_middle_known(n_rows, N, L)
+    blank = (~known[0]).nonzero().squeeze(-1).tolist()
+    out.append(Factorization("infill-middle", f"positions {blank[0]}-{blank[-1]} given both sides, left to right",
                              groups.infill_groups(known, mask), ~known))
     return out
+
+
+def infill_middle_known(n_rows: int, n_positions: int, n_targets: int) -> torch.Tensor:
+    """Known mask [n_rows, n_positions] of infill-middle: the middle half of the targets (positions
+    1..n_targets) blank, everything else known (and so, as infilling, predicted from both sides)."""
+    known = torch.ones(n_rows, n_positions, dtype=torch.bool)
+    known[:, 1 + n_targets // 4 : 1 + n_targets - n_targets // 4] = False
+    return known
 
 
 @torch.no_grad()
