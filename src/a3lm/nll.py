@@ -29,8 +29,9 @@ from . import groups
 from .likelihood import sequence_logprobs
 from .model import A3ForCausalLM
 
-ORDERS = ("left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2", "random-4",
-          "infill-middle")
+# the table's rows (factorizations of a row), not fill orders (groups.ORDERS)
+FACTORIZATION_NAMES = ("left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2",
+                       "random-4", "infill-middle")
 
 
 @dataclass
