@@ -2,7 +2,7 @@
 
 The context is a run of left-to-right singleton groups with BOS first (as the model saw prompts in
 curriculum stage 1); the continuation comes after every context token, its tokens in a chosen order
-and group size. The result is exact for that factorization: different orders are different (valid)
+and group size: `groups.infill_groups` with the context known, as infilling and decoding group. The result is exact for that factorization: different orders are different (valid)
 models of the same text, so `order` is part of every reported number.
 """
 
