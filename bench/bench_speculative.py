@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     hmm = synthetic.default_hmm(args.hmm_seed)
-    held = synthetic.sample(hmm, args.samples, args.length, torch.Generator().manual_seed(10_000))
+    held = synthetic.sample_documents(hmm, args.samples, args.length, torch.Generator().manual_seed(10_000))
     model = tokenizer = None
     if args.model:
         from a3lm.sampling import load_pretrained

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from a3lm import sampling
 from a3lm.data import DataConfig, build_loader
 from a3lm.debug import tiny_a3_model, tiny_bpe_tokenizer
-from a3lm.evaluation.likelihood import encode_pair
+from a3lm.evaluation.continuations import encode_pair
 from a3lm.nll import heldout_rows
 from a3lm.sampling import encode_with_blanks, infill_text, sample_text
 from a3lm.tokenizer import encode_row, row_start_id, word_tokenizer

@@ -1,11 +1,13 @@
 """The `a3lm sample` and `a3lm infill` commands on a tiny saved model."""
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from a3lm.cli import app
 from a3lm.debug import tiny_a3_model
-from a3lm.tokenizer import word_tokenizer
+from a3lm.sampling import load_pretrained, sample
+from a3lm.tokenizer import encode_row, word_tokenizer
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", ".", "a", "big"]
 
@@ -23,15 +25,44 @@ def _run(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def _read_picture(lines: list[str]) -> tuple[list[int], list[list[str]]]:
+    """The step numbers and the shown tokens of each line of a --show-order picture ("step t: a [b] _")."""
+    steps = [int(line.split(":")[0].split()[1]) for line in lines]
+    return steps, [line.split(": ", 1)[1].split(" ") for line in lines]
+
+
 def test_sample_shows_order(model_dir):
     res = _run("sample", "--model", model_dir, "--prompt", "the cat", "--length", "6", "--group-size", "2",
                "--order", "random", "--seed", "1", "--show-order")  # fmt: skip
     assert res.exit_code == 0, res.output
-    lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("step 0: the cat _")  # the row start is there, but special tokens are not shown
-    assert lines[-1].startswith("the cat")
-    # 6 positions in groups of 2: at most 3 steps after step 0 (fewer if EOS came early)
-    assert 2 <= len(lines) <= 5
+    *picture, text = res.stdout.strip().splitlines()
+    steps, rows = _read_picture(picture)
+    width = len(rows[0])  # the prompt and the generated tokens shown (special tokens are not: BOS, an EOS)
+    assert rows[0] == ["the", "cat"] + ["_"] * (width - 2) and width > 2
+    # 6 positions in groups of 2: steps 1..3 at most (fewer if EOS came early), in increasing order
+    assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] <= 3
+    filled_at = {}
+    for t, row in zip(steps, rows, strict=True):
+        assert len(row) == width and row[:2] == ["the", "cat"]  # the prompt is never marked
+        marked = [j for j, w in enumerate(row) if w.startswith("[") and w.endswith("]")]
+        assert (1 <= len(marked) <= 2) if t else not marked
+        assert not set(marked) & set(filled_at)
+        filled_at.update(dict.fromkeys(marked, t))
+    assert sorted(filled_at) == list(range(2, width))  # every generated token marked at exactly one step
+    final = [w.strip("[]") for w in rows[-1]]
+    for t, row in zip(steps, rows, strict=True):  # blank before its step, bracketed at it, plain after
+        want = [w if j < 2 or filled_at[j] < t else f"[{w}]" if filled_at[j] == t else "_" for j, w in enumerate(final)]
+        assert row == want
+    assert text == " ".join(final)
+    # the same run through the Python API: the marks are its fill steps, at most 2 positions per step
+    model, tokenizer = load_pretrained(model_dir)
+    out = sample(model, torch.tensor([encode_row(tokenizer, "the cat")]), length=6, group_size=2, order="random",
+                 seed=1, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    real = out.attention_mask[0].bool()
+    ids, fill_step = out.sequences[0][real].tolist(), out.fill_step[0][real].tolist()
+    assert [s for i, s in zip(ids, fill_step, strict=True) if i not in tokenizer.all_special_ids] == [
+        0, 0, *(filled_at[j] for j in range(2, width))]  # fmt: skip
+    assert max(fill_step.count(t) for t in range(1, 4)) <= 2
 
 
 def test_sample_cache_and_no_cache_agree(model_dir):

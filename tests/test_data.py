@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from a3lm import synthetic
+from a3lm import exact, synthetic
 from a3lm.data import DataConfig, build_loader, resolve_local_files
 from a3lm.tokenizer import word_tokenizer
 
@@ -41,18 +41,18 @@ def test_hmm_is_a_sparse_seeded_distribution():
     assert not torch.equal(synthetic.default_hmm(1).trans, HMM.trans)
 
 
-def test_sample_follows_the_support_and_is_reproducible():
+def test_sampled_documents_follow_the_support_and_are_reproducible():
     g = torch.Generator().manual_seed(0)
-    words, states = synthetic.sample(HMM, 200, 16, g, return_states=True)
+    words, states = synthetic.sample_documents(HMM, 200, 16, g, return_states=True)
     assert words.shape == (200, 16) and words.dtype == torch.long
     assert (HMM.start[states[:, 0]] > 0).all()
     assert (HMM.trans[states[:, :-1], states[:, 1:]] > 0).all()
     assert (HMM.emit[states, words] > 0).all()
-    assert torch.equal(words, synthetic.sample(HMM, 200, 16, torch.Generator().manual_seed(0)))
+    assert torch.equal(words, synthetic.sample_documents(HMM, 200, 16, torch.Generator().manual_seed(0)))
     assert synthetic.texts(HMM, words[:1])[0].split() == [HMM.words[i] for i in words[0]]
     # the exact likelihood is a proper distribution over documents of length 2
     pairs = torch.cartesian_prod(torch.arange(HMM.vocab_size), torch.arange(HMM.vocab_size))
-    assert torch.isclose(synthetic.log_likelihood(HMM, pairs).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.isclose(exact.joint_logprob(HMM, pairs).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 # -- packing ------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_bos_only_marks_the_first_group_after_bos():
 
 def test_truth_column_is_the_exact_factorization():
     hmm = synthetic.default_hmm(0)
-    words = synthetic.sample(hmm, 20, 8, torch.Generator().manual_seed(0))
+    words = synthetic.sample_documents(hmm, 20, 8, torch.Generator().manual_seed(0))
     truth = true_nlls(hmm, words, factorizations(20, 8, seed=0))
     entropy = float(-exact.joint_logprob(hmm, words).mean()) / 8
     # singletons in any order are the chain rule: all equal the joint's NLL per word
@@ -177,13 +177,13 @@ def test_oracle_decoding_with_the_true_conditionals():
     words = oracle_decode(hmm, torch.zeros(n, L, dtype=torch.long), nothing, gen)
     joint = exact.joint_logprob(hmm, words)
     assert torch.isfinite(joint).all()
-    reference = synthetic.sample(hmm, 4000, L, torch.Generator().manual_seed(1))
+    reference = synthetic.sample_documents(hmm, 4000, L, torch.Generator().manual_seed(1))
     entropy = float(-exact.joint_logprob(hmm, reference).mean())
     assert abs(float(-joint.mean()) - entropy) < 4 * float(joint.std()) / n**0.5
     grouped = oracle_decode(hmm, torch.zeros(n, L, dtype=torch.long), nothing, gen, group_size=4)
     assert torch.isinf(exact.joint_logprob(hmm, grouped)).sum() > n // 2
     # infilling keeps the known words and fills only the blanks
-    held = synthetic.sample(hmm, 5, L, torch.Generator().manual_seed(2))
+    held = synthetic.sample_documents(hmm, 5, L, torch.Generator().manual_seed(2))
     known = torch.ones(5, L, dtype=torch.bool)
     known[:, 2:6] = False
     filled = oracle_decode(hmm, held, known, gen, dynamic=True, criterion="entropy")

@@ -12,8 +12,8 @@ from lm_eval.api.instance import Instance
 from a3lm import groups, sequence_logprobs
 from a3lm.debug import tiny_a3_model, tiny_base_model
 from a3lm.evaluation import A3LM
+from a3lm.evaluation.continuations import request_generator
 from a3lm.evaluation.genppl import judge_perplexity, unigram_entropy
-from a3lm.evaluation.likelihood import request_generator
 from a3lm.evaluation.lm_eval_adapter import cut_at_stop
 from a3lm.evaluation.rocstories import CLOZE_FILE, find_stories_file, infill_batch, read_stories, rouge
 from a3lm.evaluation.tasks import MissingDataError, run_harness
@@ -55,7 +55,7 @@ def reference_logprob(model, tokenizer, context: str, continuation: str, order: 
     else:
         known = torch.arange(ids.shape[1])[None] < n_ctx
         gen = request_generator(1234, ids[0, :n_ctx].tolist(), ids[0, n_ctx:].tolist())
-        group_ids = groups.infill(known, mask, size, order="random", generator=gen)
+        group_ids = groups.infill_groups(known, mask, size, order="random", generator=gen)
     target = ~(torch.arange(ids.shape[1])[None] < n_ctx)
     out = sequence_logprobs(model, ids, group_ids, mask, target)
     logits = model(input_ids=ids, group_ids=group_ids, attention_mask=mask).logits

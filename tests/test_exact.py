@@ -65,8 +65,8 @@ def groupings(gen: torch.Generator) -> list[torch.Tensor]:
         groups.right_to_left(row),
         groups.contiguous(row, 2),
         groups.contiguous(row, 4),
-        groups.infill(known, size=1),
-        groups.infill(known, size=2),
+        groups.infill_groups(known, size=1),
+        groups.infill_groups(known, size=2),
     ]
     full += [groups.random_order(row, size, gen) for size in (1, 1, 2, 2, 3) for _ in range(2)]
     out = [g[:, 1:] for g in full]  # drop BOS: it is the earliest group and carries no information

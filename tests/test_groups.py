@@ -14,7 +14,24 @@ def test_builders_values():
     assert groups.contiguous(mask, 2).tolist() == [[0, 1, 1, 2, 2, 3], [PAD, PAD, 0, 1, 1, 2]]
     assert groups.right_to_left(mask).tolist() == [[0, 5, 4, 3, 2, 1], [PAD, PAD, 0, 3, 2, 1]]
     known = torch.tensor([[1, 1, 0, 0, 0, 1], [0, 0, 1, 0, 0, 1]])
-    assert groups.infill(known, mask, size=2).tolist() == [[0, 1, 3, 3, 4, 2], [PAD, PAD, 0, 2, 2, 1]]
+    assert groups.infill_groups(known, mask, size=2).tolist() == [[0, 1, 3, 3, 4, 2], [PAD, PAD, 0, 2, 2, 1]]
+
+
+def test_every_builder_is_known_first_then_fill_groups():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    bos = mask.bool() & (mask.cumsum(1) == 1)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for order in groups.ORDERS:
+        built = groups.build(order, mask, 2, gen())
+        assert torch.equal(built, groups.infill_groups(bos, mask, 2, order, gen()))
+        fill = groups.fill_groups(mask.bool() & ~bos, order, 2, gen())
+        assert torch.equal(built, torch.where(bos, 0, torch.where(fill >= 0, 1 + fill, PAD)))
+    assert torch.equal(groups.random_order(mask, 2, gen()), groups.build("random", mask, 2, gen()))
+    assert torch.equal(groups.random_order(mask, 2, gen(), blocks=True), groups.build("random-blocks", mask, 2, gen()))
+    # a custom order lists the blanks' left-to-right ranks in fill order
+    known = torch.tensor([[1, 1, 0, 0, 0, 1]])
+    assert groups.infill_groups(known, order=torch.tensor([2, 0, 1])).tolist() == [[0, 1, 4, 5, 3, 2]]
+    assert groups.infill_groups(known, order="right-to-left").tolist() == [[0, 1, 5, 4, 3, 2]]
 
 
 def test_random_order_bos_first_sizes_and_per_sample():
@@ -62,8 +79,10 @@ def test_bad_builder_arguments():
         groups.contiguous(mask, 0)
     with pytest.raises(ValueError, match="unknown order"):
         groups.build("sideways", mask)
+    with pytest.raises(ValueError, match="order must be one of"):  # a name where a permutation has no meaning
+        groups.check_order(torch.tensor([1, 0]), named=True)
     with pytest.raises(ValueError, match="at least one known"):
-        groups.infill(torch.zeros(1, 4))
+        groups.infill_groups(torch.zeros(1, 4))
 
 
 def test_model_rejects_bad_inputs(a3_model):

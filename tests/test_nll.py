@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from a3lm import corpora
 from a3lm.cli import app
 from a3lm.debug import tiny_base_model
-from a3lm.nll import ORDERS, factorizations, heldout_rows
+from a3lm.nll import FACTORIZATION_NAMES, factorizations, heldout_rows
 from a3lm.tokenizer import word_tokenizer
 from a3lm.train import make_config
 
@@ -29,7 +29,7 @@ def dirs(tmp_path_factory):
 
 def test_factorizations_cover_the_targets_of_real_rows():
     facts = factorizations(n_rows=3, n_positions=9, n_targets=8, seed=0)
-    assert [f.name for f in facts] == list(ORDERS)
+    assert [f.name for f in facts] == list(FACTORIZATION_NAMES)
     for f in facts[:-1]:
         assert f.target_mask[:, 1:].all() and not f.target_mask[:, 0].any()
         assert (f.group_ids[:, :1] < f.group_ids[:, 1:]).all(), "the row start is the earliest group"
@@ -56,7 +56,7 @@ def test_nll_command_scores_every_order_and_the_base(dirs, tmp_path):
     result = json.loads(out.read_text())
     base, a3 = result["results"]
     assert base["kind"] == "base AR" and list(base["nll"]) == ["left-to-right"]
-    assert list(a3["nll"]) == list(ORDERS) and all(v > 0 for v in a3["nll"].values())
+    assert list(a3["nll"]) == list(FACTORIZATION_NAMES) and all(v > 0 for v in a3["nll"].values())
     assert result["settings"]["targets_per_order"] == 5 * 7
     # the base row is the causal LM's own mean next-token loss on the same rows
     from transformers import AutoModelForCausalLM

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from a3lm.debug import tiny_a3_model
-from a3lm.groups import PAD_GROUP, left_to_right
+from a3lm.groups import PAD_GROUP, infill_groups, left_to_right
 from a3lm.likelihood import sequence_logprobs
 from a3lm.sampling import (
     criterion_scores,
@@ -252,6 +252,21 @@ def test_batched_infill_equals_one_by_one():
         n = int(mask[b].sum())
         single = infill(model, ids[b : b + 1, :n], known[b : b + 1, :n], group_size=2, temperature=0)
         assert torch.equal(batched.sequences[b, :n], single.sequences[0])
+
+
+@pytest.mark.parametrize("order", ["left-to-right", "right-to-left", "random", "random-blocks"])
+def test_decoding_groups_are_the_builders_groups(order):
+    """Group-wise decoding and the group builders share one order function: with the same seed, the
+    factorization a decoder reports is `groups.infill_groups` of its known tokens (the generator's
+    first draw is the order)."""
+    model = _sharp_model("llama")
+    ids, known, mask = _infill_batch()
+    runs = [infill(model, ids, known, mask, group_size=2, order=order, seed=5),
+            sample(model, PROMPTS, PROMPT_MASK, length=7, group_size=2, order=order, seed=5, stop_at_eos=False)]
+    for out in runs:
+        given = out.fill_step == 0
+        gen = torch.Generator().manual_seed(5)
+        assert torch.equal(out.group_ids, infill_groups(given, out.attention_mask, 2, order, gen))
 
 
 def test_custom_order_per_row():

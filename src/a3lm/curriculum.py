@@ -119,7 +119,7 @@ def rank_generator(seed: int, rank: int, salt: tuple[int, ...] = ()) -> torch.Ge
     return torch.Generator().manual_seed(int(state >> 1))
 
 
-def _infill_known(n: int, generator: torch.Generator) -> torch.Tensor:
+def _known_around_random_span(n: int, generator: torch.Generator) -> torch.Tensor:
     """Known mask [n] of an infilling shape: BOS + prefix [0, a) and suffix [b, n) known, [a, b) blank."""
     a = int(torch.randint(1, n, (1,), generator=generator))
     b = int(torch.randint(a + 1, n + 1, (1,), generator=generator))
@@ -145,8 +145,8 @@ def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator:
         u = float(torch.rand((), generator=generator))
         if u < policy.infill_share and n >= 2:
             known = torch.zeros_like(mask, dtype=torch.bool)
-            known[mask.bool()] = _infill_known(n, generator).to(mask.device)
-            rows.append(groups.infill(known, mask, size, order="random", generator=generator))
+            known[mask.bool()] = _known_around_random_span(n, generator).to(mask.device)
+            rows.append(groups.infill_groups(known, mask, size, order="random", generator=generator))
         else:
             blocks = u < policy.infill_share + policy.block_share
             rows.append(groups.random_order(mask, size, generator, blocks=blocks))

@@ -40,9 +40,10 @@ from . import checkpoint as ckpt
 from . import exact, sampling, synthetic
 from .curriculum import CurriculumConfig, describe, policy_at
 from .data import DataConfig
+from .groups import Order, fill_groups
 from .likelihood import sequence_logprobs
 from .model import A3ForCausalLM
-from .nll import Factorization
+from .nll import Factorization, infill_middle_known
 from .nll import factorizations as row_factorizations
 from .tokenizer import word_tokenizer
 from .train import (
@@ -331,7 +332,7 @@ def generate_all(
         if on_mode:
             on_mode(mode)
         ids = heldout_ids[:n]
-        known = _infill_known(ids.shape[0], L)
+        known = infill_middle_known(ids.shape[0], L + 2, L)
         out = sampling.infill(model, ids, known, seed=cfg.seed + i, **kwargs)
         record(mode, out.sequences, known)
     return stats, shown
@@ -341,33 +342,22 @@ INFILL_MODES = (("infilling middle, s=1 (left to right)", {}),
                 ("infilling middle, dynamic confidence", {"dynamic": True, "criterion": "confidence"}))
 
 
-def _infill_known(n: int, length: int) -> torch.Tensor:
-    """[n, L + 2] known mask of rows [BOS w_1..w_L EOS]: the middle half of the words blank."""
-    known = torch.ones(n, length + 2, dtype=torch.bool)
-    known[:, 1 + length // 4 : 1 + length - length // 4] = False
-    return known
-
-
 def oracle_decode(
     hmm: synthetic.HMM, words: torch.Tensor, known: torch.Tensor, generator: torch.Generator, *,
-    group_size: int = 1, order: str = "left-to-right", dynamic: bool = False, criterion: str = "confidence",
+    group_size: int = 1, order: Order = "left-to-right", dynamic: bool = False, criterion: str = "confidence",
     per_step: int = 1,
 ) -> torch.Tensor:
     """Decode like `sampling` but with the source's exact conditionals in place of the model.
 
     words, known [n, L] (words at blanks are ignored) -> words [n, L]. Every step draws a token at every
     blank from p(x_i | filled positions) (exact, product of marginals within a group) and commits a
-    group (group-wise: the next `group_size` blanks in `order`; dynamic: the best `per_step` by
+    group (group-wise: the next `group_size` blanks in `order`, grouped by `groups.fill_groups` as
+    `sampling` groups them; dynamic: the best `per_step` by
     `criterion`). What a perfect model would do: the floor for each mode's statistics.
     """
     words, filled = words.clone(), known.clone()
     n, L = words.shape
-    blank = ~known
-    if order == "random":
-        rank = torch.rand(n, L, generator=generator, dtype=torch.float64).masked_fill(known, 2.0).argsort(1).argsort(1)
-    else:
-        rank = blank.long().cumsum(1) - 1
-    group = torch.where(blank, torch.div(rank, group_size, rounding_mode="floor"), -1)
+    group = fill_groups(~known, order, group_size, generator)
     step = 0
     while not bool(filled.all()):
         probs = exact.posterior_word_logprobs(hmm, words, filled).exp()  # [n, L, W]
@@ -397,7 +387,7 @@ def oracle_stats(hmm: synthetic.HMM, held_words: torch.Tensor, cfg: DemoConfig) 
         words = oracle_decode(hmm, torch.zeros(n, L, dtype=torch.long), nothing, gen, **kwargs)
         stats.append(_stat(hmm, mode, words, torch.ones(n, dtype=torch.bool), None))
     for mode, kwargs in INFILL_MODES:
-        known = _infill_known(n, L)[:, 1 : L + 1]
+        known = infill_middle_known(n, L + 2, L)[:, 1 : L + 1]
         words = oracle_decode(hmm, held_words[:n], known, gen, **kwargs)
         stats.append(_stat(hmm, mode, words, torch.ones(n, dtype=torch.bool), known))
     return stats
@@ -506,7 +496,7 @@ class HeldOut:
 def held_out_set(cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any) -> HeldOut:
     """Documents from a seed no training run reads (the same for every seed of a `--seeds` run)."""
     L, n = cfg.length, cfg.eval_docs
-    words = synthetic.sample(hmm, n, L, torch.Generator().manual_seed(10_000 + cfg.seed))
+    words = synthetic.sample_documents(hmm, n, L, torch.Generator().manual_seed(10_000 + cfg.seed))
     word_to_token = torch.tensor(tokenizer.convert_tokens_to_ids(hmm.words))
     ids = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), word_to_token[words],
                      torch.full((n, 1), tokenizer.eos_token_id)], dim=1)

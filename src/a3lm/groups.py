@@ -6,7 +6,10 @@ carry `PAD_GROUP` (-1). A position is *predictable* when some real token has a s
 earliest group of each sample (usually BOS alone) is context only.
 
 Every builder takes the `attention_mask` [B, N] (1 = real token) so that groupings are counted over
-real tokens only: left- and right-padded rows get the same grouping of their real tokens.
+real tokens only: left- and right-padded rows get the same grouping of their real tokens. Every
+builder is the same shape of grouping: some known tokens first (BOS, a prompt, the sides of a blank) as
+left-to-right singletons, then the other tokens in the groups of `fill_groups`, the one place where an
+order becomes groups (decoding and scoring use it directly).
 """
 
 from __future__ import annotations
@@ -28,141 +31,27 @@ def _as_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()
 
 
-def _chunk_ids(n: int, n_lead: int, size: int, device: torch.device) -> torch.Tensor:
-    """Group id of the k-th position in fill order: `n_lead` singletons, then chunks of `size`."""
-    k = torch.arange(n, device=device)
-    return torch.where(k < n_lead, k, n_lead + torch.div(k - n_lead, size, rounding_mode="floor"))
+def check_order(order: Order, named: bool = False) -> None:
+    """Raise a ValueError when `order` is neither a name in ORDERS nor a custom order (permutations).
 
-
-def from_fill_order(
-    attention_mask: torch.Tensor, orders: list[torch.Tensor], size: int = 1, n_lead: int = 1
-) -> torch.Tensor:
-    """Group ids from an explicit fill order per sample.
-
-    orders[b] lists the *real-token ranks* (0 = first real token of row b) in the order they are
-    generated. The first `n_lead` of them are singleton groups (BOS); the rest form groups of `size`.
+    named=True: a name only, where a custom permutation has no meaning (an order given as text, or one
+    order for requests of different lengths).
     """
-    mask = _as_mask(attention_mask)
-    if size < 1:
-        raise ValueError(f"group size must be >= 1, got {size}")
-    group_ids = torch.full(mask.shape, PAD_GROUP, dtype=torch.long, device=mask.device)
-    for b, order in enumerate(orders):
-        real = mask[b].nonzero().squeeze(-1)
-        if order.numel() != real.numel() or not torch.equal(order.sort().values.cpu(), torch.arange(real.numel())):
-            raise ValueError(f"order of sample {b} must be a permutation of its {real.numel()} real tokens")
-        group_ids[b, real[order.to(real.device)]] = _chunk_ids(real.numel(), n_lead, size, mask.device)
-    return group_ids
-
-
-def left_to_right(attention_mask: torch.Tensor, size: int = 1, n_lead: int = 1) -> torch.Tensor:
-    """Contiguous groups of `size` left to right after `n_lead` singletons (size 1: plain AR)."""
-    mask = _as_mask(attention_mask)
-    return from_fill_order(mask, [torch.arange(int(m.sum())) for m in mask], size, n_lead)
-
-
-def contiguous(attention_mask: torch.Tensor, size: int, n_lead: int = 1) -> torch.Tensor:
-    """BOS alone, then contiguous groups of `size` left to right (curriculum stage 2)."""
-    return left_to_right(attention_mask, size, n_lead)
-
-
-def right_to_left(attention_mask: torch.Tensor, size: int = 1, n_lead: int = 1) -> torch.Tensor:
-    """The `n_lead` first tokens (BOS) first, then the rest from the end backwards."""
-    mask = _as_mask(attention_mask)
-    orders = []
-    for m in mask:
-        n = int(m.sum())
-        lead = min(n_lead, n)
-        orders.append(torch.cat([torch.arange(lead), torch.arange(n - 1, lead - 1, -1)]))
-    return from_fill_order(mask, orders, size, n_lead)
-
-
-def random_order(
-    attention_mask: torch.Tensor,
-    size: int,
-    generator: torch.Generator | None = None,
-    n_lead: int = 1,
-    blocks: bool = False,
-) -> torch.Tensor:
-    """BOS first, then the other tokens in a random order per sample, in groups of `size`.
-
-    blocks=False: any subset (positions permuted, then chunked).
-    blocks=True: contiguous spans of `size` tokens, the spans in a random order.
-    """
-    mask = _as_mask(attention_mask)
-    if size < 1:
-        raise ValueError(f"group size must be >= 1, got {size}")
-    orders = []
-    for m in mask:
-        n = int(m.sum())
-        lead = min(n_lead, n)
-        rest = n - lead
-        if blocks:
-            n_blocks = -(-rest // size)
-            spans = torch.arange(rest).split(size)
-            perm = torch.randperm(n_blocks, generator=generator).tolist()
-            tail = torch.cat([spans[i] for i in perm]) if rest else torch.arange(0)
-        else:
-            tail = torch.randperm(rest, generator=generator)
-        orders.append(torch.cat([torch.arange(lead), lead + tail]))
-    return from_fill_order(mask, orders, size, n_lead)
-
-
-def infill(
-    known_mask: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    size: int = 1,
-    order: str = "left-to-right",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Every known token first (left-to-right singletons), then the blanks in groups of `size`.
-
-    known_mask [B, N]: True where the token is given (prefix, suffix, BOS), False where it is to be
-    predicted. `order` is the fill order of the blanks: left-to-right, right-to-left or random.
-    """
-    known = _as_mask(known_mask)
-    mask = torch.ones_like(known) if attention_mask is None else _as_mask(attention_mask)
-    if known.shape != mask.shape:
-        raise ValueError(f"known_mask {tuple(known.shape)} and attention_mask {tuple(mask.shape)} differ in shape")
-    if order not in ("left-to-right", "right-to-left", "random"):
-        raise ValueError(f"unknown infill order {order!r}; choose left-to-right, right-to-left or random")
-    orders, leads = [], []
-    for k, m in zip(known, mask, strict=True):
-        is_known = k[m]  # over real tokens, by rank
-        known_ranks = is_known.nonzero().squeeze(-1).cpu()
-        blank_ranks = (~is_known).nonzero().squeeze(-1).cpu()
-        if known_ranks.numel() == 0:
-            raise ValueError("infilling needs at least one known token (BOS) per sample")
-        if order == "right-to-left":
-            blank_ranks = blank_ranks.flip(0)
-        elif order == "random":
-            blank_ranks = blank_ranks[torch.randperm(blank_ranks.numel(), generator=generator)]
-        orders.append(torch.cat([known_ranks, blank_ranks]))
-        leads.append(known_ranks.numel())
-    # n_lead differs per sample: build each row on its own
-    rows = [from_fill_order(mask[b : b + 1], [orders[b]], size, leads[b]) for b in range(len(orders))]
-    return torch.cat(rows, dim=0)
-
-
-def build(order: str, attention_mask: torch.Tensor, size: int = 1, generator: torch.Generator | None = None):
-    """Group ids for a named order: left-to-right, right-to-left, random or random-blocks."""
-    if order == "left-to-right":
-        return left_to_right(attention_mask, size)
-    if order == "right-to-left":
-        return right_to_left(attention_mask, size)
-    if order == "random":
-        return random_order(attention_mask, size, generator)
-    if order == "random-blocks":
-        return random_order(attention_mask, size, generator, blocks=True)
-    raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
-
-
-def check_order(order: Order) -> None:
-    """Raise a ValueError when `order` is neither a name in ORDERS nor a custom order (permutations)."""
+    choices = ", ".join(ORDERS) + ("" if named else " or give a custom order")
     if isinstance(order, str):
         if order not in ORDERS:
-            raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)} or give a custom order")
+            raise ValueError(f"unknown order {order!r}; choose one of {choices}")
+    elif named:
+        raise ValueError(f"order must be one of {choices}, got a {type(order).__name__}")
     elif not isinstance(order, torch.Tensor | Sequence):
         raise TypeError(f"order must be a name or permutation tensor(s), got {type(order).__name__}")
+
+
+def _random_keys(like_BN: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform keys [B, N] on like_BN's device, drawn where the generator lives (a CPU generator may
+    order a batch on the GPU)."""
+    device = like_BN.device if generator is None else generator.device
+    return torch.rand(like_BN.shape, generator=generator, device=device).to(like_BN.device)
 
 
 def _random_ranks(keys_BN: torch.Tensor, member_BN: torch.Tensor) -> torch.Tensor:
@@ -214,13 +103,94 @@ def fill_groups(
     elif order == "right-to-left":
         rank = fill.sum(1, keepdim=True) - 1 - rank
     elif order == "random":
-        rank = _random_ranks(torch.rand(fill.shape, generator=generator, device=fill.device), fill)
+        rank = _random_ranks(_random_keys(fill, generator), fill)
     elif order == "random-blocks":  # spans of `size` by left-to-right rank, the spans in a random order
         cols = torch.arange(fill.shape[1], device=fill.device).expand_as(rank)
         first = fill & (rank % size == 0)  # a span is named by its first position
-        span_rank = _random_ranks(torch.rand(fill.shape, generator=generator, device=fill.device), first)
+        span_rank = _random_ranks(_random_keys(fill, generator), first)
         return torch.where(fill, span_rank.gather(1, torch.where(first, cols, 0).cummax(1).values), -1)
     return torch.where(fill, torch.div(rank, size, rounding_mode="floor"), -1)
+
+
+def _lead_mask(mask: torch.Tensor, n_lead: int) -> torch.Tensor:
+    """[B, N] bool: the first `n_lead` real tokens of each row (BOS)."""
+    return mask & (mask.long().cumsum(1) <= n_lead)
+
+
+def _known_first(
+    known: torch.Tensor, mask: torch.Tensor, order: Order, size: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Known real tokens as left-to-right singletons 0..K_b-1, then the other real tokens in the groups of
+    `fill_groups` shifted past them; PAD_GROUP on padding. known, mask: [B, N] bool."""
+    known = known & mask
+    fill = fill_groups(mask & ~known, order, size, generator)
+    rest = torch.where(fill >= 0, known.sum(1, keepdim=True) + fill, PAD_GROUP)
+    return torch.where(known, known.long().cumsum(1) - 1, rest)
+
+
+def left_to_right(attention_mask: torch.Tensor, size: int = 1, n_lead: int = 1) -> torch.Tensor:
+    """Contiguous groups of `size` left to right after `n_lead` singletons (size 1: plain AR)."""
+    mask = _as_mask(attention_mask)
+    return _known_first(_lead_mask(mask, n_lead), mask, "left-to-right", size, None)
+
+
+def contiguous(attention_mask: torch.Tensor, size: int, n_lead: int = 1) -> torch.Tensor:
+    """BOS alone, then contiguous groups of `size` left to right (curriculum stage 2)."""
+    return left_to_right(attention_mask, size, n_lead)
+
+
+def right_to_left(attention_mask: torch.Tensor, size: int = 1, n_lead: int = 1) -> torch.Tensor:
+    """The `n_lead` first tokens (BOS) first, then the rest from the end backwards."""
+    mask = _as_mask(attention_mask)
+    return _known_first(_lead_mask(mask, n_lead), mask, "right-to-left", size, None)
+
+
+def random_order(
+    attention_mask: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+    n_lead: int = 1,
+    blocks: bool = False,
+) -> torch.Tensor:
+    """BOS first, then the other tokens in a random order per sample, in groups of `size`.
+
+    blocks=False: any subset (order "random"). blocks=True: contiguous spans of `size` tokens, the spans
+    in a random order ("random-blocks").
+    """
+    mask = _as_mask(attention_mask)
+    return _known_first(_lead_mask(mask, n_lead), mask, "random-blocks" if blocks else "random", size, generator)
+
+
+def infill_groups(
+    known_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    size: int = 1,
+    order: Order = "left-to-right",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Group ids [B, N]: every known token first (left-to-right singletons), then the blanks in groups
+    of `size` in `order` (any order `fill_groups` takes; a custom one ranks each row's blanks).
+
+    known_mask [B, N]: True where the token is given (prefix, suffix, BOS), False where it is to be
+    predicted. attention_mask [B, N] (default: every token real).
+    """
+    known = _as_mask(known_mask)
+    mask = torch.ones_like(known) if attention_mask is None else _as_mask(attention_mask)
+    if known.shape != mask.shape:
+        raise ValueError(f"known_mask {tuple(known.shape)} and attention_mask {tuple(mask.shape)} differ in shape")
+    if not bool((known & mask).any(1).all()):
+        raise ValueError("infilling needs at least one known token (BOS) per sample")
+    return _known_first(known, mask, order, size, generator)
+
+
+def build(
+    order: str, attention_mask: torch.Tensor, size: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Group ids for a named order (one of ORDERS) after BOS: left-to-right, right-to-left, random or
+    random-blocks."""
+    check_order(order, named=True)
+    mask = _as_mask(attention_mask)
+    return _known_first(_lead_mask(mask, 1), mask, order, size, generator)
 
 
 def predictable(group_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

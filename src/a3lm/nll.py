@@ -29,8 +29,9 @@ from . import groups
 from .likelihood import sequence_logprobs
 from .model import A3ForCausalLM
 
-ORDERS = ("left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2", "random-4",
-          "infill-middle")
+# the table's rows (factorizations of a row), not fill orders (groups.ORDERS)
+FACTORIZATION_NAMES = ("left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2",
+                       "random-4", "infill-middle")
 
 
 @dataclass
@@ -59,13 +60,19 @@ def factorizations(n_rows: int, n_positions: int, n_targets: int, seed: int) -> 
     ]
     for s in (1, 2, 4):
         out.append(Factorization(f"random-{s}", f"random order, groups of {s}", groups.random_order(mask, s, gen), targets))
-    # infilling: the middle half of the targets blank, everything else known (left to right) first
-    lo, hi = 1 + L // 4, 1 + L - L // 4
-    known = torch.ones(n_rows, N, dtype=torch.bool)
-    known[:, lo:hi] = False
-    out.append(Factorization("infill-middle", f"positions {lo}-{hi - 1} given both sides, left to right",
-                             groups.infill(known, mask), ~known))
+    known = infill_middle_known(n_rows, N, L)
+    blank = (~known[0]).nonzero().squeeze(-1).tolist()
+    out.append(Factorization("infill-middle", f"positions {blank[0]}-{blank[-1]} given both sides, left to right",
+                             groups.infill_groups(known, mask), ~known))
     return out
+
+
+def infill_middle_known(n_rows: int, n_positions: int, n_targets: int) -> torch.Tensor:
+    """Known mask [n_rows, n_positions] of infill-middle: the middle half of the targets (positions
+    1..n_targets) blank, everything else known (and so, as infilling, predicted from both sides)."""
+    known = torch.ones(n_rows, n_positions, dtype=torch.bool)
+    known[:, 1 + n_targets // 4 : 1 + n_targets - n_targets // 4] = False
+    return known
 
 
 @torch.no_grad()

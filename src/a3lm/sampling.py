@@ -31,7 +31,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import ContentCache
 from .decoding import CRITERIA, DecodingConfig, choose_tokens, criterion_scores, filter_logits
-from .groups import ORDERS as FILL_ORDERS
 from .groups import PAD_GROUP, fill_groups
 from .model import A3ForCausalLM, require_a3
 from .tokenizer import encode_row
@@ -508,7 +507,6 @@ def infill_text(model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: 
 
 __all__ = [
     "CRITERIA",
-    "FILL_ORDERS",
     "DecodingConfig",
     "GenerationOutput",
     "StepLogits",

@@ -1,7 +1,8 @@
 """The embedded synthetic corpus: a seeded hidden Markov model over a small English vocabulary.
 
 Every probability of the source is known exactly (`HMM.start`, `HMM.trans`, `HMM.emit`, float64), so
-a model trained on it can be compared with the true conditionals (forward-backward), for any order.
+a model trained on it can be compared with the true conditionals (forward-backward, `a3lm.exact`, which
+also gives a document's exact log-likelihood), for any order.
 
 Hidden states are parts of speech with a toy grammar (DET ADJ* NOUN VERB ...); each state emits only
 its own handful of words (sparse emissions) and moves to a few allowed successors (sparse
@@ -104,7 +105,7 @@ def default_hmm(seed: int = 0, concentration: float = 1.5) -> HMM:
     return HMM(start=as_t(start), trans=as_t(trans), emit=as_t(emit), words=words, states=states)
 
 
-def sample(
+def sample_documents(
     hmm: HMM, n_docs: int, length: int, generator: torch.Generator | None = None, return_states: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """n_docs documents of `length` word indices: LongTensor [n_docs, length] (and the hidden states).
@@ -131,15 +132,6 @@ def texts(hmm: HMM, word_ids: torch.Tensor) -> list[str]:
     return [" ".join(hmm.words[i] for i in row) for row in word_ids.tolist()]
 
 
-def log_likelihood(hmm: HMM, word_ids: torch.Tensor) -> torch.Tensor:
-    """Exact log p(x_1..x_L) of each row [n_docs] (forward algorithm, float64): the corpus entropy floor."""
-    log_alpha = torch.log(hmm.start) + torch.log(hmm.emit[:, word_ids[:, 0]].T)  # [n, S]
-    log_trans = torch.log(hmm.trans)
-    for t in range(1, word_ids.shape[1]):
-        log_alpha = torch.logsumexp(log_alpha[:, :, None] + log_trans[None], dim=1) + torch.log(hmm.emit[:, word_ids[:, t]].T)
-    return torch.logsumexp(log_alpha, dim=-1)
-
-
 class SyntheticCorpus:
     """An endless, seekable stream of HMM documents: document i depends only on (seed, i).
 
@@ -155,7 +147,7 @@ class SyntheticCorpus:
         if self._cache is None or self._cache[0] != b:
             seed = int(np.random.SeedSequence([self.seed, b]).generate_state(1, dtype=np.uint64)[0] >> 1)
             gen = torch.Generator().manual_seed(seed)
-            self._cache = (b, sample(self.hmm, self.block_size, self.length, gen))
+            self._cache = (b, sample_documents(self.hmm, self.block_size, self.length, gen))
         return self._cache[1]
 
     def __getitem__(self, i: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ Importing this package registers the `a3lm` (A3) and `a3lm-base` (its AR base, s
 models with lm-eval (see lm_eval_adapter).
 """
 
-from .likelihood import SCORING_ORDERS, ContinuationScore, loglikelihood, score_continuations
+from .continuations import ContinuationScore, loglikelihood, score_continuations
 from .lm_eval_adapter import A3LM, BaseLM
 
-__all__ = ["A3LM", "SCORING_ORDERS", "BaseLM", "ContinuationScore", "loglikelihood", "score_continuations"]
+__all__ = ["A3LM", "BaseLM", "ContinuationScore", "loglikelihood", "score_continuations"]

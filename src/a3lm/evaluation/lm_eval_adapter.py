@@ -34,8 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import sampling
 from ..decoding import DecodingConfig
+from ..groups import check_order
 from ..model import A3ForCausalLM, require_a3
-from .likelihood import SCORING_ORDERS, max_positions, prefix_token_id, score_continuations
+from .continuations import max_positions, prefix_token_id, score_continuations
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
@@ -110,8 +111,7 @@ class A3LM(TemplateLM):
             tokenizer = tokenizer or loaded_tokenizer
             self.model_path = str(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        if order not in SCORING_ORDERS:
-            raise ValueError(f"unknown scoring order {order!r}; choose one of {', '.join(SCORING_ORDERS)}")
+        check_order(order, named=True)
         if gen_mode not in ("group", "dynamic"):
             raise ValueError(f"unknown gen_mode {gen_mode!r}; choose group or dynamic")
         self.order, self.group_size = order, int(group_size)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import sampling
 from ..decoding import DecodingConfig
 from ..model import A3ForCausalLM
-from .likelihood import prefix_token_id
+from .continuations import prefix_token_id
 from .lm_eval_adapter import ar_generate
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")

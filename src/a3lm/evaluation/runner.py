@@ -17,9 +17,9 @@ from typing import Any
 
 from ..checkpoint import PREFIX
 from ..decoding import DecodingConfig
+from ..groups import ORDERS, check_order
 from ..train import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
 from .genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl, load_judge, mode_config
-from .likelihood import SCORING_ORDERS
 from .lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
 from .rocstories import evaluate_rocstories, find_stories_file, read_stories
 from .tasks import HARNESS_TASKS, MissingDataError, run_harness
@@ -69,8 +69,10 @@ class EvalConfig:
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
-        if not self.orders or any(o not in SCORING_ORDERS for o in self.orders):
-            raise ValueError(f"unknown scoring order in {self.orders}; choose from {', '.join(SCORING_ORDERS)}")
+        if not self.orders:
+            raise ValueError(f"no scoring order given: --order takes a comma-separated list of {', '.join(ORDERS)}")
+        for order in self.orders:
+            check_order(order, named=True)
         for name, modes, allowed in (("gen mode", [self.gen_mode], ("group", "dynamic")),
                                      ("infill mode", self.infill_modes, ("group", "dynamic")),
                                      ("genppl mode", self.genppl_modes, GENPPL_MODES)):  # fmt: skip

@@ -2,7 +2,7 @@
 
 The context is a run of left-to-right singleton groups with BOS first (as the model saw prompts in
 curriculum stage 1); the continuation comes after every context token, its tokens in a chosen order
-and group size. The result is exact for that factorization: different orders are different (valid)
+and group size: `groups.infill_groups` with the context known, as infilling and decoding group. The result is exact for that factorization: different orders are different (valid)
 models of the same text, so `order` is part of every reported number.
 """
 
@@ -16,12 +16,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..groups import PAD_GROUP
+from ..groups import PAD_GROUP, check_order, infill_groups
 from ..likelihood import target_logprobs
 from ..model import A3ForCausalLM
 from ..tokenizer import row_start_id
-
-SCORING_ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
 
 
 @dataclass
@@ -32,27 +30,6 @@ class ContinuationScore:
     logprob: float
     is_greedy: bool
     num_tokens: int
-
-
-def continuation_fill_order(length: int, order: str, size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Group index [length] of each continuation token (0 = first group after the context)."""
-    if size < 1:
-        raise ValueError(f"group size must be >= 1, got {size}")
-    if order == "left-to-right":
-        rank = torch.arange(length)
-    elif order == "right-to-left":
-        rank = torch.arange(length - 1, -1, -1)
-    elif order == "random":
-        rank = torch.empty(length, dtype=torch.long)
-        rank[torch.randperm(length, generator=generator)] = torch.arange(length)
-    elif order == "random-blocks":  # contiguous spans of `size`, the spans in a random order
-        n_blocks = -(-length // size)
-        block_rank = torch.empty(n_blocks, dtype=torch.long)
-        block_rank[torch.randperm(n_blocks, generator=generator)] = torch.arange(n_blocks)
-        return block_rank.repeat_interleave(size)[:length]
-    else:
-        raise ValueError(f"unknown scoring order {order!r}; choose one of {', '.join(SCORING_ORDERS)}")
-    return torch.div(rank, size, rounding_mode="floor")
 
 
 def request_generator(seed: int, context: Sequence[int], continuation: Sequence[int]) -> torch.Generator:
@@ -93,6 +70,7 @@ def score_continuations(
     sorted longest first so that a batch holds similar lengths, and returned in the input order.
     max_length defaults to the model's max_position_embeddings; longer contexts lose tokens after BOS.
     """
+    check_order(order, named=True)
     if max_length is None:
         max_length = max_positions(model)
     if not isinstance(model, A3ForCausalLM) and (order, group_size) != ("left-to-right", 1):
@@ -121,9 +99,11 @@ def score_continuations(
             C, L = len(context), len(continuation)
             input_ids[b, : C + L] = torch.tensor(context + continuation)
             attention_mask[b, : C + L] = 1
-            group_ids[b, :C] = torch.arange(C)  # context: left-to-right singletons, BOS the earliest
+            # the context known first (left-to-right singletons, BOS the earliest), then the continuation;
+            # row by row over the request's own length, so that a random order depends on the request only
+            known = torch.arange(C + L)[None] < C
             gen = request_generator(seed, requests[i][0], continuation) if order.startswith("random") else None
-            group_ids[b, C : C + L] = C + continuation_fill_order(L, order, group_size, gen)
+            group_ids[b, : C + L] = infill_groups(known, size=group_size, order=order, generator=gen)[0]
             targets[b, C : C + L] = True
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         logits_BNV = token_logits(model, input_ids, group_ids.to(device), attention_mask)
