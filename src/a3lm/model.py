@@ -260,6 +260,10 @@ class A3Config(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Held as given, the caller's decoder config would be reset to this config's attention
+        # implementation (the base post-init sets it on every sub-config) and share every later change.
+        if isinstance(self.text_config, PretrainedConfig):
+            self.text_config = copy.deepcopy(self.text_config)
         super().__post_init__(**kwargs)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}; choose {', '.join(ATTENTION_BACKENDS)}")
