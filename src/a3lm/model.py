@@ -331,7 +331,8 @@ class A3PreTrainedModel(PreTrainedModel):
     # LlamaDecoderLayer), so FSDP and device maps split any decoder family at its layers.
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        """Always the two-stream function: any other would let the query stream attend to query slots."""
+        """Always the two-stream function: the decoder's other implementations know nothing of the two
+        streams (the content-only key axis, the own slot), so a request for one is refused, not ignored."""
         if requested_attention not in (None, ATTN_IMPLEMENTATION):
             raise ValueError(
                 f"an A3 model runs its own two-stream attention ({ATTN_IMPLEMENTATION!r}), "
