@@ -122,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(2)
     size = QUICK_CONFIG if args.quick else CPU_CONFIG
     base = tiny_base_model(args.family, **size).train()
-    base.config._attn_implementation = "sdpa"
+    base.set_attn_implementation("sdpa")
     models = {"a3 (own slot)": a3_variant(base, True), "a3 (xlnet)": a3_variant(base, False)}
     shapes = [(2, 64)] if args.quick else [(2, 256), (2, 512)]
     rows = [measure(base, models, b, n, group_size=4, repeats=args.repeats) for b, n in shapes]

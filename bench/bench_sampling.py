@@ -190,7 +190,7 @@ def main() -> None:
         config = QUICK_CONFIG if args.quick else CONFIG
         base = tiny_base_model(args.family, **config).to(device).eval()
         a3 = A3ForCausalLM.from_base(base).eval()
-        base.config._attn_implementation = "sdpa"
+        base.set_attn_implementation("sdpa")
     if args.profile:
         profile_s1(a3, device)
         return

@@ -50,7 +50,7 @@ QUICK_CONFIG = dict(
 
 def build_models(config: dict, device: str, dtype: torch.dtype):
     base = tiny_base_model("llama", **config).to(device, dtype)
-    base.config._attn_implementation = "sdpa"
+    base.set_attn_implementation("sdpa")
     return base, A3ForCausalLM.from_base(base)
 
 

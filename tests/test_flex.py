@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from a3lm import groups
-from a3lm.masks import flex_two_stream_block_mask, sort_by_group
+from a3lm.masks import BlockMaskCache, flex_two_stream_block_mask, sort_by_group
 
 
 @pytest.mark.parametrize("query_self", [True, False])
@@ -18,10 +18,7 @@ def test_flex_equals_sdpa(a3_model, order, query_self):
     group_ids = groups.build(order, mask, size=2, generator=gen)
     labels = ids.masked_fill(mask == 0, -100)
 
-    a3_model.config.query_self_attention = query_self
-    for module in a3_model.model.modules():
-        if hasattr(module, "q_proj"):
-            module.a3_query_self_attention = query_self
+    a3_model.config.query_self_attention = query_self  # read at every forward
 
     def run(backend):  # forward only: torch has no FlexAttention backward on CPU
         a3_model.config.attention_backend = backend
@@ -43,14 +40,21 @@ def test_sort_by_group_puts_padding_last_and_groups_in_order():
     assert sort_by_group(g, mask).tolist() == [[1, 3, 2, 4, 0]]
 
 
-def test_shared_grouping_reuses_one_block_mask():
+def test_shared_grouping_reuses_one_block_mask_from_its_owners_cache():
     mask = torch.ones(4, 16, dtype=torch.long)
     g = groups.contiguous(mask, 2)
-    first = flex_two_stream_block_mask(g, mask)
-    assert flex_two_stream_block_mask(g.clone(), mask) is first
+    cache = BlockMaskCache(capacity=2)
+    first = flex_two_stream_block_mask(g, mask, cache=cache)
+    assert flex_two_stream_block_mask(g.clone(), mask, cache=cache) is first
     assert first.shape[0] == 1  # broadcast over the batch
+    assert flex_two_stream_block_mask(g, mask, query_self=False, cache=cache) is not first
+    assert flex_two_stream_block_mask(g, mask) is not first  # no cache, no state kept anywhere
+    assert flex_two_stream_block_mask(g, mask, cache=BlockMaskCache()) is not first  # caches are not shared
     other = groups.random_order(mask, 2, torch.Generator().manual_seed(0))
-    assert flex_two_stream_block_mask(other, mask).shape[0] == 4
+    assert flex_two_stream_block_mask(other, mask, cache=cache).shape[0] == 4  # per-sample groupings: not cached
+    assert len(cache) == 2
+    flex_two_stream_block_mask(groups.left_to_right(mask), mask, cache=cache)  # a third shared grouping
+    assert len(cache) == 2 and flex_two_stream_block_mask(g, mask, cache=cache) is not first  # the oldest went
 
 
 def test_unknown_backend_is_an_error():

@@ -28,44 +28,23 @@ def test_content_stream_equals_base_model(base_and_a3):
     torch.testing.assert_close(out.content_hidden_states, ref, atol=1e-5, rtol=0)
 
 
-def test_left_to_right_query_stream_is_a_real_distribution(a3_model):
-    ids = random_ids(2, 10)
-    logits = a3_model(input_ids=ids).logits
-    assert logits.shape == (2, 10, a3_model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
-
-
-@pytest.mark.parametrize("size", [1, 2, 3])
-def test_no_leakage(a3_model, size):
-    """Perturbing token j changes the query logits at i iff group(j) < group(i)."""
-    n = 9
-    ids = random_ids(1, n, seed=size)
-    mask = torch.ones_like(ids)
-    gen = torch.Generator().manual_seed(size)
-    for trial in range(2):
-        group_ids = groups.random_order(mask, size, gen, blocks=bool(trial))
-        logits = a3_model(input_ids=ids, group_ids=group_ids).logits
-        for j in range(n):
-            perturbed = ids.clone()
-            perturbed[0, j] = 3 + (int(ids[0, j]) - 3 + 7) % 29
-            diff = (a3_model(input_ids=perturbed, group_ids=group_ids).logits - logits).abs().amax(-1)[0]
-            targets = groups.predictable(group_ids, mask)[0]  # the earliest group's rows predict nothing
-            expected = group_ids[0, j] < group_ids[0]
-            assert torch.equal((diff > 1e-6)[targets], expected[targets]), f"j={j} groups={group_ids.tolist()}"
-            assert (diff[targets & ~expected] == 0).all()
-
-
 def all_sequences(vocab: int, length: int) -> torch.Tensor:
+    """Every sequence BOS + `length` tokens over the vocabulary [vocab**length, 1 + length], the last
+    token varying fastest (so [..., vocab] blocks differ in the last token only)."""
     seqs = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
     return torch.cat([torch.full((len(seqs), 1), BOS), seqs], dim=1)
 
 
-@pytest.mark.parametrize("length", [3, 4])
-@pytest.mark.parametrize("order", ["ar", "right-to-left", "two-groups", "random-pairs"])
-def test_probabilities_sum_to_one(family, length, order):
-    vocab = 4
+def tiny_vocab_model(family: str, query_self: bool, vocab: int = 4) -> A3ForCausalLM:
+    """A tiny A3 model over `vocab` tokens, small enough to enumerate every sequence."""
     model = tiny_a3_model(family, vocab_size=vocab, bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
-    ids = all_sequences(vocab, length)
+    model.config.query_self_attention = query_self
+    return model
+
+
+def joint_probabilities(model: A3ForCausalLM, length: int, order: str) -> torch.Tensor:
+    """p(x) under `order` for every sequence of `all_sequences(V, length)` [V**length], float64."""
+    ids = all_sequences(model.config.text_config.vocab_size, length)
     mask = torch.ones_like(ids)
     if order == "ar":
         group_ids = groups.left_to_right(mask)
@@ -76,7 +55,58 @@ def test_probabilities_sum_to_one(family, length, order):
     else:  # one fixed random order (the same for every sequence) of groups of 2
         one = groups.random_order(mask[:1], 2, torch.Generator().manual_seed(3))
         group_ids = one.expand_as(ids)
-    total = sequence_logprobs(model, ids, group_ids).total.double().exp().sum()
+    return sequence_logprobs(model, ids, group_ids).total.double().exp()
+
+
+@pytest.mark.parametrize("query_self", [True, False])
+def test_left_to_right_query_stream_is_a_real_distribution(family, query_self):
+    """Row i is p(x_i | x_<i) and nothing else: summing the joint of length-4 sequences over the last
+    token gives, to float precision, the joint a forward over the length-3 sequences alone computes."""
+    model = tiny_vocab_model(family, query_self)
+    joint = joint_probabilities(model, 4, "ar")
+    shorter = joint_probabilities(model, 3, "ar")
+    torch.testing.assert_close(joint.view(-1, 4).sum(-1), shorter, atol=1e-7, rtol=1e-5)
+    assert float(shorter.max() / shorter.min()) > 1.5  # not the uniform distribution: the numbers mean something
+
+
+@pytest.mark.parametrize("query_self", [True, False])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_leakage(a3_model, size, query_self):
+    """Perturbing token j changes the query logits at i iff group(j) < group(i); perturbing every token
+    of groups >= k at once leaves the rows of groups <= k bit-for-bit unchanged."""
+    a3_model.config.query_self_attention = query_self
+    n = 9
+    ids = random_ids(1, n, seed=size)
+    mask = torch.ones_like(ids)
+    gen = torch.Generator().manual_seed(size)
+
+    def logit_change(perturb: torch.Tensor, group_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Largest change [N] of each row's logits when the tokens at `perturb` [N] change."""
+        perturbed = ids.clone()
+        perturbed[0, perturb] = 3 + (ids[0, perturb] - 3 + 7) % 29
+        return (a3_model(input_ids=perturbed, group_ids=group_ids).logits - logits).abs().amax(-1)[0]
+
+    for trial in range(2):
+        group_ids = groups.random_order(mask, size, gen, blocks=bool(trial))
+        logits = a3_model(input_ids=ids, group_ids=group_ids).logits
+        targets = groups.predictable(group_ids, mask)[0]  # the earliest group's rows predict nothing
+        for j in range(n):
+            diff = logit_change(torch.arange(n) == j, group_ids, logits)
+            expected = group_ids[0, j] < group_ids[0]
+            assert torch.equal((diff > 1e-6)[targets], expected[targets]), f"j={j} groups={group_ids.tolist()}"
+            assert (diff[targets & ~expected] == 0).all()
+        for k in range(1, int(group_ids.max()) + 1):
+            diff = logit_change(group_ids[0] >= k, group_ids, logits)
+            assert (diff[targets & (group_ids[0] <= k)] == 0).all(), f"k={k} groups={group_ids.tolist()}"
+            assert (diff[group_ids[0] > k] > 1e-6).all(), f"k={k} groups={group_ids.tolist()}"
+
+
+@pytest.mark.parametrize("query_self", [True, False])
+@pytest.mark.parametrize("length", [3, 4])
+@pytest.mark.parametrize("order", ["ar", "right-to-left", "two-groups", "random-pairs"])
+def test_probabilities_sum_to_one(family, length, order, query_self):
+    """With or without the own slot, every factorization is a distribution over all sequences."""
+    total = joint_probabilities(tiny_vocab_model(family, query_self), length, order).sum()
     assert abs(float(total) - 1.0) < 1e-5
 
 
@@ -213,6 +243,68 @@ def test_query_behind_bos_alone_knows_its_position(family, query_self):
     logits = model.eval()(input_ids=ids, group_ids=two_groups).logits[0, 1:]
     spread = (logits - logits[:1]).abs().amax()
     assert (spread > 1e-4) if query_self else (spread < 1e-6)
-    # probabilities still chain to one, and nothing leaks, with or without the self slot
-    lp = sequence_logprobs(model, all_sequences(4, 2).clamp(max=31), groups.left_to_right(torch.ones(16, 3), 1))
-    assert torch.isfinite(lp.total).all()
+    # that probabilities still chain to one and nothing leaks, with or without the own slot, is
+    # test_probabilities_sum_to_one and test_no_leakage, parametrised over query_self
+
+
+def test_building_an_a3_model_leaves_the_callers_config_alone(family):
+    """A3Config(text_config=cfg) then A3ForCausalLM: cfg keeps its attention, and a plain model built
+    from it afterwards computes what one built before did."""
+    from transformers import AutoModelForCausalLM
+
+    from a3lm import A3Config
+    from a3lm.debug import tiny_base_config
+
+    cfg = tiny_base_config(family)
+    ids = random_ids(2, 7)
+    torch.manual_seed(0)
+    before = AutoModelForCausalLM.from_config(cfg).eval()
+    snapshot = (cfg.to_dict(), cfg._attn_implementation)
+    a3_config = A3Config(text_config=cfg)
+    a3_snapshot = (a3_config.to_dict(), a3_config._attn_implementation)
+    model = A3ForCausalLM(a3_config)
+    assert model.config.text_config is not cfg and model.model.config._attn_implementation == "a3"
+    assert (cfg.to_dict(), cfg._attn_implementation) == snapshot
+    assert (a3_config.to_dict(), a3_config._attn_implementation) == a3_snapshot
+    torch.manual_seed(0)
+    after = AutoModelForCausalLM.from_config(cfg).eval()
+    assert after.config._attn_implementation == before.config._attn_implementation
+    with torch.no_grad():
+        torch.testing.assert_close(after(input_ids=ids).logits, before(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_attention_implementation_is_the_two_stream_one(a3_model, tmp_path):
+    """Set through the public attn_implementation argument; any other request is refused, not ignored."""
+    assert a3_model.config._attn_implementation == "a3" == a3_model.model.config._attn_implementation
+    with pytest.raises(ValueError, match="two-stream attention"):
+        a3_model.set_attn_implementation("sdpa")
+    a3_model.save_pretrained(tmp_path)
+    assert A3ForCausalLM.from_pretrained(tmp_path).model.config._attn_implementation == "a3"
+    with pytest.raises(ValueError, match="two-stream attention"):
+        A3ForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+
+
+def test_query_self_attention_travels_with_the_forward(family):
+    """The own-slot rule is read from the config at every forward (a forward kwarg of the decoder), not
+    stamped on modules at construction: flipping it on a built model equals building with it."""
+    from a3lm import A3Config
+
+    base = tiny_base_model(family)
+    ids = random_ids(2, 8)
+    group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
+    model = A3ForCausalLM.from_base(base).eval()
+    built = A3ForCausalLM(A3Config(text_config=base.config.to_dict(), query_self_attention=False)).eval()
+    built.load_state_dict(model.state_dict())
+    with_self = model(input_ids=ids, group_ids=group_ids).logits
+    model.config.query_self_attention = False
+    without = model(input_ids=ids, group_ids=group_ids).logits
+    assert (without - with_self).abs().amax() > 1e-4
+    torch.testing.assert_close(without, built(input_ids=ids, group_ids=group_ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="a3_query_self_attention"):  # a bare decoder run has no rule to pick
+        model.model(inputs_embeds=model.stream_embeds(ids, 8), attention_mask=torch.ones(2, 1, 16, 8, dtype=torch.bool))
+
+
+def test_no_split_modules_come_from_the_wrapped_decoder(a3_model):
+    """FSDP wraps one unit per decoder layer, whatever the family: the layer class is the decoder's own."""
+    layer_types = {type(layer).__name__ for layer in a3_model.model.layers}
+    assert set(a3_model._no_split_modules) == layer_types == set(a3_model.model._no_split_modules)

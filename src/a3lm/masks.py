@@ -11,6 +11,7 @@ or K = cached + new content (inference).
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 def group_attention_mask(
@@ -64,28 +65,58 @@ def sort_by_group(group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor) -
     return key.argsort(dim=1)
 
 
-_BLOCK_MASK_CACHE: dict[tuple, object] = {}
+class BlockMaskCache:
+    """The FlexAttention BlockMasks of the last few shared groupings, owned by whoever builds them (a model).
+
+    Stages 1-2 and fixed-order scoring give every sample of every step the same grouping, so its
+    BlockMask (`create_block_mask` evaluates the mask over the whole [2N, K] grid) is built once and
+    reused. Entries match on the grouping's values, device, block size and own-slot rule; the oldest is
+    dropped past `capacity`.
+    """
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self._entries: list[tuple[torch.Tensor, bool, int, BlockMask]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, group_ids_N: torch.Tensor, query_self: bool, block_size: int) -> BlockMask | None:
+        """The BlockMask built for this one-row grouping [N], or None."""
+        for groups_N, self_slot, size, mask in self._entries:
+            same_kind = (self_slot, size, groups_N.device, groups_N.shape) == (
+                query_self, block_size, group_ids_N.device, group_ids_N.shape
+            )
+            if same_kind and torch.equal(groups_N, group_ids_N):
+                return mask
+        return None
+
+    def put(self, group_ids_N: torch.Tensor, query_self: bool, block_size: int, mask: BlockMask) -> None:
+        """Remember `mask` as the BlockMask of the one-row grouping [N]."""
+        if len(self._entries) >= self.capacity:
+            self._entries.pop(0)
+        self._entries.append((group_ids_N.clone(), query_self, block_size, mask))
 
 
 def flex_two_stream_block_mask(
-    group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor, query_self: bool = True, block_size: int = 128
-):
+    group_ids_BN: torch.Tensor,
+    attention_mask_BN: torch.Tensor,
+    query_self: bool = True,
+    block_size: int = 128,
+    cache: BlockMaskCache | None = None,
+) -> BlockMask:
     """FlexAttention BlockMask over [content ; query] queries (2N) and keys: content (N), plus the
     query slots (N) when `query_self` (each query-stream slot sees its own slot: the diagonal).
 
     When every sample shares one grouping and has no padding (stages 1-2, fixed-order scoring), one
-    broadcast mask is built and reused across calls.
+    mask broadcast over the batch is built, and with a `cache` reused across calls.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, N = group_ids_BN.shape
     valid = attention_mask_BN.bool()
     shared = bool(valid.all()) and bool((group_ids_BN == group_ids_BN[:1]).all())
-    key = None
     if shared:
-        key = (str(group_ids_BN.device), block_size, query_self, tuple(group_ids_BN[0].tolist()))
-        if key in _BLOCK_MASK_CACHE:
-            return _BLOCK_MASK_CACHE[key]
+        if cache is not None and (mask := cache.get(group_ids_BN[0], query_self, block_size)) is not None:
+            return mask
         group_ids_BN, valid = group_ids_BN[:1], valid[:1]
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -101,8 +132,6 @@ def flex_two_stream_block_mask(
     mask = create_block_mask(
         mask_mod, None if shared else B, None, 2 * N, n_keys, device=group_ids_BN.device, BLOCK_SIZE=block_size
     )
-    if key is not None:
-        if len(_BLOCK_MASK_CACHE) >= 16:
-            _BLOCK_MASK_CACHE.pop(next(iter(_BLOCK_MASK_CACHE)))
-        _BLOCK_MASK_CACHE[key] = mask
+    if shared and cache is not None:
+        cache.put(group_ids_BN[0], query_self, block_size, mask)
     return mask

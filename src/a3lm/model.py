@@ -14,6 +14,7 @@ only `query_embed` (the learnable vector w) is new.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .groups import PAD_GROUP, left_to_right, predictable, validate_group_ids
 from .masks import (
+    BlockMaskCache,
     additive_mask,
     flex_two_stream_block_mask,
     group_attention_mask,
@@ -163,15 +165,17 @@ def a3_attention(
     attention_mask: torch.Tensor | BlockMask,
     scaling: float | None = None,
     dropout: float = 0.0,
+    a3_query_self_attention: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
     [B, Hkv, K + S, D] (content keys, then the S query-stream slots' own keys).
 
-    A dense bool mask [B, 1, R, K] covers the content keys only: query-stream keys are cut before the
-    matmul rather than masked, which halves a dense [2N, 2N] mask's work. With
-    `query_self_attention`, each query-stream row also attends to its own slot (the diagonal), so a
-    query that sees a single content key (BOS) still learns where it is: RoPE needs two keys at
+    A dense mask [B, 1, R, K] (bool, or additive 0 / -inf) covers the content keys only: query-stream
+    keys are cut before the matmul rather than masked, which halves a dense [2N, 2N] mask's work. With
+    `a3_query_self_attention` (`A3Config.query_self_attention`, passed down the decoder's forward
+    kwargs by `A3ForCausalLM`), each query-stream row also attends to its own slot (the diagonal), so
+    a query that sees a single content key (BOS) still learns where it is: RoPE needs two keys at
     different distances to tell positions apart. A FlexAttention BlockMask (CUDA) carries the whole
     pattern itself and skips empty tiles.
     """
@@ -188,8 +192,10 @@ def a3_attention(
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError("a3 attention needs the explicit 4D two-stream mask")
+    if a3_query_self_attention is None:  # a silent default would pick one of two different models
+        raise ValueError("a3 attention needs a3_query_self_attention in the decoder's forward kwargs")
     n_content = attention_mask.shape[-1]
-    n_self = key.shape[2] - n_content if getattr(module, "a3_query_self_attention", False) else 0
+    n_self = key.shape[2] - n_content if a3_query_self_attention else 0
     key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
     dropout = dropout if module.training else 0.0
     if query.device.type == "cpu" and not dropout:
@@ -241,6 +247,7 @@ class A3Config(PretrainedConfig):
     distribution. Its own slot depends only on earlier groups, so nothing leaks. False = XLNet's rule.
     attention_backend: "sdpa" (dense mask), "flex" (FlexAttention BlockMask over group-sorted
     positions), or "auto" = flex on CUDA, sdpa elsewhere.
+    Both are read at every forward, so changing them on a built model's config takes effect at once.
     """
 
     model_type = "a3"
@@ -253,6 +260,10 @@ class A3Config(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Held as given, the caller's decoder config would be reset to this config's attention
+        # implementation (the base post-init sets it on every sub-config) and share every later change.
+        if isinstance(self.text_config, PretrainedConfig):
+            self.text_config = copy.deepcopy(self.text_config)
         super().__post_init__(**kwargs)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}; choose {', '.join(ATTENTION_BACKENDS)}")
@@ -316,22 +327,34 @@ class A3PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
-    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"]
+    # No `_no_split_modules` here: `post_init` gathers the wrapped decoder's own (its layer class, e.g.
+    # LlamaDecoderLayer), so FSDP and device maps split any decoder family at its layers.
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Always the two-stream function: the decoder's other implementations know nothing of the two
+        streams (the content-only key axis, the own slot), so a request for one is refused, not ignored."""
+        if requested_attention not in (None, ATTN_IMPLEMENTATION):
+            raise ValueError(
+                f"an A3 model runs its own two-stream attention ({ATTN_IMPLEMENTATION!r}), "
+                f"not attn_implementation={requested_attention!r}"
+            )
+        return ATTN_IMPLEMENTATION
 
 
 class A3ForCausalLM(A3PreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: A3Config):
+        # The decoder is built with the two-stream attention (and the config's dtype): on a copy, so the
+        # caller's config, and any plain model later built from it, keeps its own attention.
+        config = copy.deepcopy(config)
         super().__init__(config)
         text = config.text_config
-        self.model = AutoModel.from_config(text)
-        self.model.config._attn_implementation = ATTN_IMPLEMENTATION
-        for module in self.model.modules():  # read by a3_attention, which gets the attention module
-            if hasattr(module, "q_proj"):
-                module.a3_query_self_attention = config.query_self_attention
+        self.model = AutoModel.from_config(text, attn_implementation=ATTN_IMPLEMENTATION)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
+        # Reuses the BlockMask of a grouping every sample shares (stages 1-2, fixed-order scoring).
+        self.block_masks = BlockMaskCache()
         self.post_init()
 
     # -- Hugging Face plumbing ---------------------------------------------------------------------
@@ -427,6 +450,7 @@ class A3ForCausalLM(A3PreTrainedModel):
                 inputs_embeds=self.stream_embeds(content_ids_BC, num_queries),
                 attention_mask=mask,
                 position_ids=position_ids,
+                a3_query_self_attention=self.config.query_self_attention,  # forwarded to `a3_attention`
                 **kwargs,
             ).last_hidden_state
 
@@ -492,7 +516,9 @@ class A3ForCausalLM(A3PreTrainedModel):
             input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN = (
                 t.gather(1, perm) for t in (input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN)
             )
-            mask = flex_two_stream_block_mask(group_ids_BN, attention_mask_BN, self.config.query_self_attention)
+            mask = flex_two_stream_block_mask(
+                group_ids_BN, attention_mask_BN, self.config.query_self_attention, cache=self.block_masks
+            )
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
             if input_ids_BN.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
