@@ -15,6 +15,7 @@ from a3lm import checkpoint as ckpt
 from a3lm.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
 from a3lm.data import DataConfig
 from a3lm.train import (
+    Callback,
     CheckpointConfig,
     LogConfig,
     ModelConfig,
@@ -144,7 +145,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert after < before - 0.3, (before, after)  # 3.86 -> 3.37 measured
 
 
-def test_resume_equals_uninterrupted_and_final_models_open(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_and_final_models_open(tmp_path):
     full = train(tiny_cfg(tmp_path / "full"))
     # the same run, stopped mid stage 0, at the stage 0 -> 1 boundary, then Ctrl-C mid stage 3
     parts = tmp_path / "parts"
@@ -154,20 +155,16 @@ def test_resume_equals_uninterrupted_and_final_models_open(tmp_path, monkeypatch
     cfg.stop_after = 3
     assert ckpt.step_of(train(cfg)) == 3
     assert (parts / "ar_final").is_dir()
-    original = Trainer.train_step
 
-    def interrupted(self):
-        m = original(self)
-        if self.step == 8:
-            signal.raise_signal(signal.SIGINT)
-        return m
+    class CtrlCAt(Callback):
+        def on_step_end(self, trainer, metrics):
+            if trainer.step == 8:
+                signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
     cfg.stop_after = None
     with pytest.raises(KeyboardInterrupt, match="rerun the same command"):
-        train(cfg)
+        train(cfg, callbacks=[CtrlCAt()])
     assert ckpt.step_of(ckpt.latest_checkpoint(parts / "checkpoints")) == 8
-    monkeypatch.setattr(Trainer, "train_step", original)
     assert train(cfg) == parts / "final"
 
     for name in ("final", "ar_final"):
