@@ -17,7 +17,7 @@ import inspect
 import typing
 import warnings
 from collections.abc import Callable, Collection
-from typing import Any, NamedTuple
+from typing import Any
 
 import typer
 
@@ -86,12 +86,6 @@ class A3Typer(typer.Typer):
         return decorator
 
 
-class _Given(NamedTuple):
-    """An option's value as given (None included): tells `--model.tokenizer none` from no option."""
-
-    value: Any
-
-
 def _metavar(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is list:
@@ -102,8 +96,8 @@ def _metavar(tp: Any) -> str:
 
 
 def config_options(cls: type, skip: Collection[str] = (), panel: str = "Config") -> Callable[[Callable], Callable]:
-    """Decorator: one `--section.key VALUE` option per setting of dataclass `cls` (but `skip`), read by
-    the field's type; the command receives those given as `settings` ({dotted key: value})."""
+    """Decorator: one `--section.key VALUE` option per setting of dataclass `cls` (but `skip`); the
+    command receives those given as `settings` ({dotted key: value read by the field's type})."""
     fields = {"cfg__" + key.replace(".", "__"): (key, tp) for key, tp in leaves(cls) if key not in skip}
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,14 +105,20 @@ def config_options(cls: type, skip: Collection[str] = (), panel: str = "Config")
         params = [p for p in signature.parameters.values() if p.name != "settings"]
         for name, (key, tp) in fields.items():
             section = key.split(".")[0] if "." in key else "run"
-            option = typer.Option(None, f"--{key}", parser=lambda text, tp=tp: _Given(parse_as(tp, text)),
-                                  metavar=_metavar(tp), show_default=False, rich_help_panel=f"{panel}: {section}")
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Any, default=option))
+            option = typer.Option(None, f"--{key}", metavar=_metavar(tp), show_default=False,
+                                  rich_help_panel=f"{panel}: {section}")
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=option))
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in fields if name in kwargs}
-            settings = {fields[name][0]: v.value for name, v in given.items() if v is not None}
+            given = {fields[name]: kwargs.pop(name) for name in fields if name in kwargs}
+            settings = {}
+            for (key, tp), text in given.items():
+                if text is not None:  # read here, not by click: a bad value is one `error:` line like the rest
+                    try:
+                        settings[key] = parse_as(tp, text)
+                    except ValueError as e:
+                        raise ValueError(f"bad value for --{key}: {e}") from e
             return fn(*args, settings=settings, **kwargs)
 
         command.__signature__ = signature.replace(parameters=params)
