@@ -5,7 +5,8 @@
 A callback overrides the hooks it needs; the trainer calls each hook of every callback in list order
 (its own metrics log and progress bar first), on every rank: a callback that writes files checks
 `trainer.dist.main`. Hooks see the trainer itself (`trainer.step`, `trainer.model`, `trainer.cfg`)
-and may raise; a KeyboardInterrupt or signal during `on_step_end` is handled like one in the step.
+and may raise. SIGINT/SIGTERM raised in `on_step_end` stop the run after that step, with a checkpoint,
+as a Ctrl-C during the step does (tests inject interruptions this way).
 """
 
 from __future__ import annotations

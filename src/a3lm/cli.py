@@ -277,9 +277,10 @@ def train_command(
         typer.echo(f"model saved to {final}")
 
 
-# the demo sets these per run (its seeds, folders and the AR model each run starts from)
-_DEMO_FIXED = ("output", "seed", "stop_after", "model.path", "model.init_seed", "data.source", "data.synthetic_seed",
-               "curriculum.stages", "curriculum.seed", "log.progress")
+# the demo sets these per run (its seeds, folders, the AR model each run starts from, its own corpus)
+_DEMO_FIXED = ("output", "seed", "stop_after", "model.path", "model.tokenizer", "model.init_seed", "data.source",
+               "data.name", "data.split", "data.text_field", "data.synthetic_seed", "curriculum.stages", "curriculum.seed",
+               "log.progress")
 
 
 @app.command("demo")

@@ -327,8 +327,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def _emit(self, hook: str, *args: Any) -> None:
-        for callback in getattr(self, "callbacks", ()):
-            getattr(callback, hook, lambda *_: None)(self, *args)
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     def _should_stop(self) -> bool:
         flag = torch.tensor(float(self.stop_requested), device=self.device)
