@@ -13,6 +13,7 @@ from a3lm.demo import (
     DemoConfig,
     bos_only,
     build_table,
+    demo_training,
     factorizations,
     held_out_set,
     oracle_decode,
@@ -113,7 +114,7 @@ def _fake_logprobs(held_true, facts, shift_per_seed):
 
 def test_gap_statistics_and_verdict_on_known_numbers():
     hmm = synthetic.default_hmm(0)
-    cfg = DemoConfig(eval_docs=128, length=6, seeds=3, bootstrap=200)
+    cfg = DemoConfig(eval_docs=128, seeds=3, bootstrap=200, train=demo_training(length=6))
     held = held_out_set(cfg, hmm, word_tokenizer(hmm.words))
     B = cfg.eval_docs
     docs = torch.linspace(-0.01, 0.01, B, dtype=torch.float64)  # document-to-document noise, mean 0

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import math
+import re
 import signal
 import socket
 import time
@@ -15,6 +16,7 @@ from a3lm import checkpoint as ckpt
 from a3lm.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
 from a3lm.data import DataConfig
 from a3lm.train import (
+    Callback,
     CheckpointConfig,
     LogConfig,
     ModelConfig,
@@ -118,6 +120,88 @@ def test_presets_and_overrides():
         make_config(overrides=["curriculum.stage3_max_size=0"])
 
 
+def test_overrides_are_read_by_the_field_type():
+    from a3lm.overrides import parse_as
+
+    cfg = apply_overrides(TrainConfig(), ["curriculum.stages=[1, 3]", "model.tokenizer=null", "stop_after=none",
+                                          "data.name=sample-10BT", "model.path=123", "optim.grad_clip=0"])
+    assert cfg.curriculum.stages == [1, 3] and cfg.model.tokenizer is None and cfg.stop_after is None
+    assert cfg.data.name == "sample-10BT" and cfg.model.path == "123" and cfg.optim.grad_clip == 0.0
+    assert parse_as(int | None, "7") == 7 and parse_as(list[int], "0,3") == [0, 3] and parse_as(bool, "Yes") is True
+    for item, message in [("data.micro_batch_size=x", "bad value for data.micro_batch_size: expected an integer, got 'x'"),
+                          ("log.wandb=maybe", "bad value for log.wandb: expected a boolean (true/false), got 'maybe'"),
+                          ("curriculum.stages=1,b", "bad value for curriculum.stages: expected an integer, got 'b'"),
+                          ("optimm.lr=1", "unknown config section 'optimm.lr'"),
+                          ("optim=1", "'optim' is a section")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            apply_overrides(TrainConfig(), [item])
+
+
+def test_cli_typed_options_and_overrides_set_the_same_config():
+    from typer.testing import CliRunner
+
+    from a3lm.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--show-config", "--optim.lr", "3e-4", "--curriculum.stages", "1,3",
+                              "--log.progress", "false", "-s", "optim.lr=5e-4", "--model.tokenizer", "none"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output)
+    assert cfg["optim"]["lr"] == 5e-4 and cfg["curriculum"]["stages"] == [1, 3] and cfg["log"]["progress"] is False
+    assert cfg["model"]["tokenizer"] is None  # `-s` applies last
+    res = runner.invoke(app, ["train", "--show-config", "--data.micro_batch_size", "x"])
+    assert res.exit_code == 2 and "error: bad value for --data.micro_batch_size: expected an integer, got 'x'" in res.output
+    res = runner.invoke(app, ["train", "--show-config", "-s", "optim.lrr=1"])
+    assert res.exit_code == 2 and "error: unknown config key 'optim.lrr'" in res.output
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_fit_start(self, trainer):
+        self.events.append(("fit_start", trainer.step))
+
+    def on_phase_start(self, trainer):
+        self.events.append((f"phase_start {trainer.phase.kind}", trainer.step))
+
+    def on_step_end(self, trainer, metrics):
+        assert metrics["step"] == trainer.step and "tokens_per_s" in metrics
+        self.events.append(("step", trainer.step))
+
+    def on_save(self, trainer, path):
+        assert path.is_dir() and ckpt.step_of(path) == trainer.step
+        self.events.append(("save", trainer.step))
+
+    def on_fit_end(self, trainer):
+        self.events.append(("fit_end", trainer.step))
+
+
+def test_callbacks_see_every_phase_step_and_save(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", stages=[0, 1], stage0_steps=2, stage1_steps=2)
+    cfg.checkpoint.every = 3
+    rec = Recorder()
+    train(cfg, callbacks=[rec])
+    assert rec.events == [("fit_start", 0), ("phase_start ar", 0), ("step", 1), ("step", 2), ("save", 2),
+                          ("phase_start a3", 2), ("step", 3), ("save", 3), ("step", 4), ("save", 4), ("fit_end", 4)]
+
+
+def test_metrics_log_resumes_from_checkpoints_with_or_without_its_state(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", stages=[1], stage1_steps=4)
+    cfg.stop_after = 2
+    last = train(cfg)
+    assert torch.load(last / "metrics_rank0.pt", weights_only=False) == {"through": 2}
+    # a kill after step 3 was logged but before its checkpoint; a checkpoint from before the metrics
+    # log had a state: the resumed step stands in
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
+    (last / "metrics_rank0.pt").unlink()
+    cfg.stop_after = None
+    train(cfg)
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 for m in metrics(tmp_path / "run"))
+
+
 # -- the loop --------------------------------------------------------------------------------------
 
 
@@ -144,7 +228,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert after < before - 0.3, (before, after)  # 3.86 -> 3.37 measured
 
 
-def test_resume_equals_uninterrupted_and_final_models_open(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_and_final_models_open(tmp_path):
     full = train(tiny_cfg(tmp_path / "full"))
     # the same run, stopped mid stage 0, at the stage 0 -> 1 boundary, then Ctrl-C mid stage 3
     parts = tmp_path / "parts"
@@ -154,20 +238,16 @@ def test_resume_equals_uninterrupted_and_final_models_open(tmp_path, monkeypatch
     cfg.stop_after = 3
     assert ckpt.step_of(train(cfg)) == 3
     assert (parts / "ar_final").is_dir()
-    original = Trainer.train_step
 
-    def interrupted(self):
-        m = original(self)
-        if self.step == 8:
-            signal.raise_signal(signal.SIGINT)
-        return m
+    class CtrlCAt(Callback):
+        def on_step_end(self, trainer, metrics):
+            if trainer.step == 8:
+                signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
     cfg.stop_after = None
     with pytest.raises(KeyboardInterrupt, match="rerun the same command"):
-        train(cfg)
+        train(cfg, callbacks=[CtrlCAt()])
     assert ckpt.step_of(ckpt.latest_checkpoint(parts / "checkpoints")) == 8
-    monkeypatch.setattr(Trainer, "train_step", original)
     assert train(cfg) == parts / "final"
 
     for name in ("final", "ar_final"):

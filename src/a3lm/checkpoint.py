@@ -161,10 +161,17 @@ class CheckpointManager:
         self.root, self.keep, self.rank, self.world_size, self.barrier = Path(root), keep, rank, world_size, barrier
         self.shared: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
+        self.optional: set[str] = set()
 
-    def register(self, name: str, part: Stateful, per_rank: bool = False) -> None:
-        """Add (or replace: a new phase brings a new model and optimizer) a part under `name`."""
+    def register(self, name: str, part: Stateful, per_rank: bool = False, optional: bool = False) -> None:
+        """Add (or replace: a new phase brings a new model and optimizer) a part under `name`.
+
+        optional (per-rank parts): a checkpoint without the part's files (written before the part
+        existed) leaves it as it is instead of failing.
+        """
         (self.per_rank if per_rank else self.shared)[name] = part
+        if optional:
+            self.optional.add(name)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
@@ -199,6 +206,8 @@ class CheckpointManager:
             dcp.load(dict(self.shared), checkpoint_id=path / STATE_DIR, no_dist=self.world_size == 1)
         saved_world = read_meta(path)["world_size"]
         for name, part in self.per_rank.items():
+            if name in self.optional and not (path / f"{name}_rank0.pt").exists():
+                continue
             if saved_world == self.world_size:
                 part.load_state_dict(torch.load(path / f"{name}_rank{self.rank}.pt", weights_only=False))
                 continue

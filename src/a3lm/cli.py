@@ -4,17 +4,24 @@ Errors: every command registered on `app` reports a failure as one line on stder
 exits 2 for bad input (ValueError, OSError, KeyError), 1 otherwise, 130 on Ctrl-C; `--debug` (an
 option every command gets) raises instead, with the traceback. Python warnings print as one
 `warning: ...` line. A command adds nothing for this: `A3Typer.command` wraps it.
+
+Configs: `config_options(TrainConfig)` gives a command one typed `--section.key VALUE` option per
+setting (`--optim.lr 3e-4`, `--curriculum.stages 1,3`), read by the field's type exactly as
+`-s section.key=value` is (`a3lm.overrides`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import typer
+
+from .overrides import leaves, parse_as
 
 DEBUG_HELP = "Show the full traceback of an error instead of one line."
 
@@ -77,6 +84,48 @@ class A3Typer(typer.Typer):
             return fn
 
         return decorator
+
+
+def _metavar(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return "A,B,..."
+    base = args[0] if len(args) == 1 else tp
+    name = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(base, "VALUE")
+    return f"{name}|none" if type(None) in typing.get_args(tp) else name
+
+
+def config_options(cls: type, skip: Collection[str] = (), panel: str = "Config") -> Callable[[Callable], Callable]:
+    """Decorator: one `--section.key VALUE` option per setting of dataclass `cls` (but `skip`); the
+    command receives those given as `settings` ({dotted key: value read by the field's type})."""
+    fields = {"cfg__" + key.replace(".", "__"): (key, tp) for key, tp in leaves(cls) if key not in skip}
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "settings"]
+        for name, (key, tp) in fields.items():
+            section = key.split(".")[0] if "." in key else "run"
+            option = typer.Option(None, f"--{key}", metavar=_metavar(tp), show_default=False,
+                                  rich_help_panel=f"{panel}: {section}")
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=option))
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = {fields[name]: kwargs.pop(name) for name in fields if name in kwargs}
+            settings = {}
+            for (key, tp), text in given.items():
+                if text is not None:  # read here, not by click: a bad value is one `error:` line like the rest
+                    try:
+                        settings[key] = parse_as(tp, text)
+                    except ValueError as e:
+                        raise ValueError(f"bad value for --{key}: {e}") from e
+            return fn(*args, settings=settings, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorator
 
 
 app = A3Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -187,24 +236,39 @@ def nll_command(
     typer.echo(f"results written to {output}")
 
 
+def _train_config_class() -> type:
+    from .config import TrainConfig
+
+    return TrainConfig
+
+
+_SET_HELP = "Config override key=value, repeatable, applied last: -s optim.lr=3e-4 -s curriculum.stages=3"
+
+
 @app.command("train")
+@config_options(_train_config_class(), skip=("output", "model.path", "data.source"), panel="Training config")
 def train_command(
     model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
     data: str | None = typer.Option(None, help="Hub dataset name, or local .txt/.jsonl/.parquet files, a glob or a folder; none: the synthetic HMM corpus."),
     output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
     preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only (default: tiny without --model, base with)."),
     scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 30 CPU minutes)."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="Config override key=value, repeatable: -s optim.lr=3e-4 -s curriculum.stages=3"),
+    overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """Train an A3 model through the curriculum (stage 1 -> 2 -> 3); DDP under torchrun / accelerate launch."""
+    """Train an A3 model through the curriculum (stage 1 -> 2 -> 3); DDP under torchrun / accelerate launch.
+
+    Every setting of the config is an option below (`--optim.lr 3e-4`), applied after the preset;
+    `-s key=value` sets the same ones.
+    """
     import json
     import os
     from dataclasses import asdict
 
     from .train import make_config, train
 
-    cfg = make_config(model, data, output, preset, overrides, scale)
+    cfg = make_config(model, data, output, preset, overrides, scale, settings=settings)
     if show_config:
         typer.echo(json.dumps(asdict(cfg), indent=2))
         return
@@ -213,7 +277,14 @@ def train_command(
         typer.echo(f"model saved to {final}")
 
 
+# the demo sets these per run (its seeds, folders, the AR model each run starts from, its own corpus)
+_DEMO_FIXED = ("output", "seed", "stop_after", "model.path", "model.tokenizer", "model.init_seed", "data.source",
+               "data.name", "data.split", "data.text_field", "data.synthetic_seed", "curriculum.stages", "curriculum.seed",
+               "log.progress")
+
+
 @app.command("demo")
+@config_options(_train_config_class(), skip=_DEMO_FIXED, panel="Training config of every run")
 def demo_command(
     output: str = typer.Option("runs/demo", help="Run folder (checkpoints, evaluations, results); rerun to resume."),
     scale: float = typer.Option(1.0, "--scale", help="Multiply every training step count (the budget; 1.0 = about 10 CPU minutes)."),
@@ -224,13 +295,17 @@ def demo_command(
     quick: bool = typer.Option(False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP.replace("curriculum.stages=3", "model.hidden_size=64")),
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Ground truth: train AR -> curriculum (and the stage-3-only ablation) on a known HMM; compare every order with the exact NLL."""
     from .demo import DemoConfig, quick_config, run_demo, with_overrides
 
+    shortcuts = {"curriculum.stage3_steps": steps, "optim.stage_schedule": stage_schedule}
+    settings = {k: v for k, v in shortcuts.items() if v is not None} | (settings or {})
     base = quick_config(output) if quick else DemoConfig(output=output)
-    cfg = with_overrides(base, scale=scale, stage3_steps=steps, seed=seed, seeds=seeds, stage_schedule=stage_schedule,
-                         progress=progress, threads=threads)
+    cfg = with_overrides(base, overrides, settings, scale=scale, seed=seed, seeds=seeds, progress=progress,
+                         threads=threads)
     try:
         result = run_demo(cfg)
     except KeyboardInterrupt as err:

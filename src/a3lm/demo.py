@@ -23,11 +23,11 @@ after an interruption resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import exact, sampling, synthetic
+from .callbacks import Callback
+from .config import CheckpointConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig, scaled, stage3_only
 from .curriculum import CurriculumConfig, describe, policy_at
 from .data import DataConfig
 from .groups import Order, fill_groups
@@ -45,53 +47,48 @@ from .likelihood import sequence_logprobs
 from .model import A3ForCausalLM
 from .nll import Factorization, infill_middle_known
 from .nll import factorizations as row_factorizations
+from .overrides import apply_overrides, assign
+from .quiet import quiet_transformers
+from .run_folder import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
 from .tokenizer import word_tokenizer
-from .train import (
-    AR_DIR,
-    FINAL_DIR,
-    CheckpointConfig,
-    LogConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    Trainer,
-)
+from .trainer import Trainer
 
 EVALS_FILE = "demo_evals.jsonl"
 MIN_A3_STEPS, MIN_EVAL_DOCS = 500, 128  # below either, no target or verdict is assessed
 RUNS = ("ar", "curriculum", "ablation")
 
 
+def demo_training(length: int = 16) -> TrainConfig:
+    """Every training run of the demo as one config: stage 0 (AR) on documents of `length` words, then
+    stages 1-3 (the curriculum); `run_config` splits it into the runs and the stage-3-only ablation."""
+    return TrainConfig(
+        model=ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=max(64, length + 2)),
+        data=DataConfig(seq_len=length + 2, micro_batch_size=64, synthetic_length=length),
+        # stage 0: the AR model is within 0.002 nats/word of the truth after 800 steps
+        curriculum=CurriculumConfig(stages=[0, 1, 2, 3], stage0_steps=800, stage1_steps=150, stage2_steps=450,
+                                    stage3_steps=1400, infill_share=0.1),
+        # The tiny model learns fastest at the stage-0 rate in stages 1-3 too. stage_schedule=False: one
+        # schedule over stages 1-3 (stage 3 starts at 0.83 of the peak), the measured default; the
+        # README's demo section says why the LR is not what holds stage 3 back.
+        optim=OptimConfig(lr=3e-3, stage0_lr=3e-3, warmup_steps=50),
+        checkpoint=CheckpointConfig(every=200, keep=2),
+        log=LogConfig(every=10, progress=False),
+        device="cpu",
+        precision="fp32",
+    )
+
+
 @dataclass
 class DemoConfig:
-    """Everything the demo does; `scale` multiplies every step count (the budget knob)."""
+    """Everything the demo does: its training (`train`, split into runs by `run_config`), evaluation and
+    reporting. `scale` multiplies every step count (the budget knob); `seed` (and the `seeds` after
+    it) replaces every seed of `train`."""
 
     output: str = "runs/demo"
     seed: int = 0
-    hmm_seed: int = 0
-    length: int = 16  # words per document (rows are [BOS w_1..w_L EOS])
-    # model: a tiny Llama
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    # budget
     scale: float = 1.0
-    stage0_steps: int = 800  # the AR model is within 0.002 nats/word of the truth by then
-    stage1_steps: int = 150
-    stage2_steps: int = 450
-    stage3_steps: int = 1400
-    micro_batch_size: int = 64
-    stage0_lr: float = 3e-3
-    lr: float = 3e-3  # stages 1-3 (the tiny model learns fastest at the stage-0 rate)
-    warmup_steps: int = 50
-    # True: warmup + decay restart at every curriculum stage, so stage 3 starts at the peak LR as the
-    # ablation does; False: one schedule over stages 1-3 (stage 3 starts at 0.83 of the peak). The
-    # measured default; the README's demo section says why the LR is not what holds stage 3 back.
-    stage_schedule: bool = False
-    infill_share: float = 0.1  # share of stage-3 samples with infilling-shaped orders
-    block_share: float = 0.0  # share of stage-3 samples with contiguous spans in a random order
-    checkpoint_every: int = 200
+    train: TrainConfig = field(default_factory=demo_training)
     # evaluation and generation
     eval_docs: int = 512
     eval_points: int = 8  # evaluations per run (plus step 0)
@@ -104,15 +101,28 @@ class DemoConfig:
     progress: bool = True
     threads: int | None = None  # torch CPU threads; None leaves torch's default (one per core)
 
-    def steps(self, n: int) -> int:
-        return max(1, round(n * self.scale))
+    @property
+    def length(self) -> int:
+        """Words per document: rows are [BOS w_1..w_L EOS]."""
+        return self.train.data.synthetic_length
+
+    @property
+    def hmm_seed(self) -> int:
+        return self.train.data.hmm_seed
 
     def validate(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ValueError(f"--scale must be a positive number (it multiplies every step count), got {self.scale}")
-        for name in ("seeds", "eval_docs", "eval_points", "gen_samples", "micro_batch_size", "length", "bootstrap"):
+        for name in ("seeds", "eval_docs", "eval_points", "gen_samples", "bootstrap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.train.curriculum.stages != [0, 1, 2, 3]:
+            raise ValueError("the demo trains stage 0, then stages 1-3 and the stage-3-only ablation: "
+                             f"curriculum.stages must be [0, 1, 2, 3], got {self.train.curriculum.stages}")
+        if self.train.data.seq_len != self.length + 2:
+            raise ValueError(f"the demo's rows are whole documents: data.seq_len must be data.synthetic_length + 2 "
+                             f"= {self.length + 2}, got {self.train.data.seq_len}")
+        self.train.validate()
 
     @property
     def seed_list(self) -> list[int]:
@@ -126,14 +136,48 @@ class DemoConfig:
     @property
     def a3_steps(self) -> int:
         """Steps of the curriculum (stages 1-3), and so of the ablation (stage 3 only)."""
-        return self.steps(self.stage1_steps) + self.steps(self.stage2_steps) + self.steps(self.stage3_steps)
+        return run_config(self, "curriculum", self.seed).curriculum.total_steps
+
+
+def run_dir(cfg: DemoConfig, seed: int, run: str) -> Path:
+    """<output>/seed<k>/<run>: one folder per training run."""
+    return Path(cfg.output) / f"seed{seed}" / run
+
+
+def run_config(cfg: DemoConfig, run: str, seed: int) -> TrainConfig:
+    """The TrainConfig of one run ("ar": stage 0; "curriculum": stages 1-3 from the AR model;
+    "ablation": stage 3 alone for as many steps) of one seed, step counts scaled."""
+    t = cfg.train
+    steps = {f"stage{k}_steps": scaled(t.curriculum.steps(k), cfg.scale) for k in range(4)}
+    cur = replace(t.curriculum, stages=[0] if run == "ar" else [1, 2, 3], seed=seed, **steps)
+    run_cfg = replace(
+        t, output=str(run_dir(cfg, seed, run)), seed=seed, curriculum=cur,
+        model=replace(t.model, path=None if run == "ar" else str(run_dir(cfg, seed, "ar") / AR_DIR), init_seed=seed),
+        # stages 1-3 read a different stretch of the (endless) corpus than stage 0 did, and every
+        # seed its own stretches
+        data=replace(t.data, synthetic_seed=2 * seed + (0 if run == "ar" else 1)),
+        optim=copy.copy(t.optim), checkpoint=copy.copy(t.checkpoint), log=copy.copy(t.log),
+    )
+    return stage3_only(run_cfg) if run == "ablation" else run_cfg
 
 
 def quick_config(output: str) -> DemoConfig:
     """A few steps of everything (tests, a smoke check): minutes become seconds, numbers mean nothing."""
-    return DemoConfig(output=output, hidden_size=32, stage0_steps=6, stage1_steps=2, stage2_steps=4, stage3_steps=6,
-                      micro_batch_size=8, warmup_steps=1, checkpoint_every=4, eval_docs=16, eval_points=2,
-                      gen_samples=4, gen_show=2, bootstrap=100)
+    train = apply_overrides(demo_training(), [
+        "model.hidden_size=32", "curriculum.stage0_steps=6", "curriculum.stage1_steps=2", "curriculum.stage2_steps=4",
+        "curriculum.stage3_steps=6", "data.micro_batch_size=8", "optim.warmup_steps=1", "checkpoint.every=4"])
+    return DemoConfig(output=output, train=train, eval_docs=16, eval_points=2, gen_samples=4, gen_show=2, bootstrap=100)
+
+
+def with_overrides(cfg: DemoConfig, overrides: list[str] | None = None, settings: dict[str, Any] | None = None,
+                   **kw: Any) -> DemoConfig:
+    """A copy of cfg with the given non-None demo fields (`kw`) replaced, then its `train` config's
+    typed `settings` ({dotted key: value}) and `key=value` overrides (`-s`) applied."""
+    out = replace(cfg, train=copy.deepcopy(cfg.train), **{k: v for k, v in kw.items() if v is not None})
+    for key, value in (settings or {}).items():
+        assign(out.train, key, value)
+    apply_overrides(out.train, overrides or [])
+    return out
 
 
 # -- factorizations --------------------------------------------------------------------------------
@@ -231,19 +275,6 @@ def ar_nll(model: nn.Module, ids: torch.Tensor, length: int) -> float:
     nll = F.cross_entropy(logits[:, :length].flatten(0, 1), ids[:, 1 : length + 1].flatten())
     model.train(was_training)
     return float(nll)
-
-
-class _EvalTrainer(Trainer):
-    """The training loop with a per-step hook (evaluations, the demo's progress bar), nothing else changed."""
-
-    def __init__(self, cfg: TrainConfig, on_step: Callable[[Trainer, dict], None]):
-        super().__init__(cfg)
-        self.on_step = on_step
-
-    def train_step(self) -> dict:
-        metrics = super().train_step()
-        self.on_step(self, metrics)
-        return metrics
 
 
 def _load_evals(path: Path) -> dict[int, dict[str, float]]:
@@ -415,67 +446,13 @@ class DemoResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def run_dir(cfg: DemoConfig, seed: int, run: str) -> Path:
-    """<output>/seed<k>/<run>: one folder per training run."""
-    return Path(cfg.output) / f"seed{seed}" / run
-
-
-def _train_config(cfg: DemoConfig, run: str, seed: int) -> TrainConfig:
-    s = cfg.steps
-    if run == "ar":
-        cur = CurriculumConfig(stages=[0], stage0_steps=s(cfg.stage0_steps), seed=seed)
-    elif run == "curriculum":
-        cur = CurriculumConfig(stages=[1, 2, 3], stage1_steps=s(cfg.stage1_steps), stage2_steps=s(cfg.stage2_steps),
-                               stage3_steps=s(cfg.stage3_steps), infill_share=cfg.infill_share,
-                               block_share=cfg.block_share, seed=seed)
-    else:  # the ablation: the same budget, all of it in stage 3
-        cur = CurriculumConfig(stages=[3], stage3_steps=cfg.a3_steps, infill_share=cfg.infill_share,
-                               block_share=cfg.block_share, seed=seed)
-    model_path = None if run == "ar" else str(run_dir(cfg, seed, "ar") / AR_DIR)
-    return TrainConfig(
-        output=str(run_dir(cfg, seed, run)),
-        model=ModelConfig(path=model_path, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-                          num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                          max_position_embeddings=max(64, cfg.length + 2), init_seed=seed),
-        # stages 1-3 read a different stretch of the (endless) corpus than stage 0 did, and every
-        # seed its own stretches
-        data=DataConfig(seq_len=cfg.length + 2, micro_batch_size=cfg.micro_batch_size, synthetic_length=cfg.length,
-                        synthetic_seed=2 * seed + (0 if run == "ar" else 1), hmm_seed=cfg.hmm_seed),
-        curriculum=cur,
-        optim=OptimConfig(lr=cfg.lr, stage0_lr=cfg.stage0_lr, warmup_steps=cfg.warmup_steps,
-                          stage_schedule=cfg.stage_schedule),
-        checkpoint=CheckpointConfig(every=cfg.checkpoint_every, keep=2),
-        log=LogConfig(every=10, progress=False),
-        device="cpu",
-        precision="fp32",
-        seed=seed,
-    )
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' load reports and weight-loading bars off: every AR -> A3 load reports the new
-    query vector as "MISSING" (expected), and their bars would break the demo's own."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _free(cfg: DemoConfig) -> dict[str, Any]:
     """Fields that may change when resuming: they do not change what is computed."""
     return {"output": cfg.output, "progress": cfg.progress, "threads": cfg.threads}
 
 
 def _done_steps(run_dir: Path) -> int:
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    latest = ckpt.latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     return 0 if latest is None else ckpt.step_of(latest)
 
 
@@ -504,6 +481,59 @@ def held_out_set(cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any) -> HeldOut
     return HeldOut(words, ids, facts, true_token_logprobs(hmm, words, facts))
 
 
+def _open_output(cfg: DemoConfig) -> Path:
+    """cfg.output, refused if it holds a demo of another configuration; the configuration recorded."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    demo_json = out / "demo_config.json"
+    if demo_json.exists() and json.loads(demo_json.read_text()) | _free(cfg) != asdict(cfg):
+        raise ValueError(f"{out} holds a demo with a different configuration ({demo_json}); choose another --output")
+    demo_json.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return out
+
+
+def _train_all(cfg: DemoConfig, configs: dict[tuple[int, str], TrainConfig], held: HeldOut,
+               bar: Any) -> tuple[dict, dict]:
+    """Every run in order (each seed: AR, then the curriculum and the ablation from it);
+    returns ({seed: {run: curve}}, {seed: {run: wall seconds}})."""
+    curves: dict[int, dict[str, dict[int, dict[str, float]]]] = {s: {} for s in cfg.seed_list}
+    train_wall: dict[int, dict[str, float]] = {s: {} for s in cfg.seed_list}
+    for (s, run), tcfg in configs.items():
+        t0 = time.perf_counter()
+        curves[s][run] = _train_run(run, tcfg, cfg, held, bar, seed_note=f"seed {s}: " if cfg.seeds > 1 else "")
+        train_wall[s][run] = time.perf_counter() - t0
+    return curves, train_wall
+
+
+def _final_model(cfg: DemoConfig, seed: int, run: str) -> A3ForCausalLM:
+    return A3ForCausalLM.from_pretrained(run_dir(cfg, seed, run) / FINAL_DIR)
+
+
+def _generations(cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any, held: HeldOut,
+                 bar: Any) -> tuple[dict[str, Any], list[Generation]]:
+    """Every decoding mode's statistics from the first seed's models and the oracle; the curriculum's examples."""
+    gens: dict[str, Any] = {}
+    shown: list[Generation] = []
+    for run in ("curriculum", "ablation"):
+        model = _final_model(cfg, cfg.seed, run).eval()
+        stats, examples = generate_all(model, hmm, tokenizer, held.ids, cfg,
+                                       on_mode=lambda m, r=run: bar.set_description(f"{r}: {m}"))
+        gens[run] = stats
+        if run == "curriculum":
+            shown = examples
+    bar.set_description("oracle decoding")
+    gens["oracle"] = oracle_stats(hmm, held.words, cfg)
+    return gens, shown
+
+
+def run_steps(cfg: DemoConfig) -> dict[str, Any]:
+    """The step counts the runs train (scaled): stage 0, each curriculum stage, the ablation."""
+    cur = run_config(cfg, "curriculum", cfg.seed).curriculum
+    return {"ar": run_config(cfg, "ar", cfg.seed).curriculum.total_steps,
+            "curriculum": [e - b for _, b, e in cur.spans()],
+            "ablation": run_config(cfg, "ablation", cfg.seed).curriculum.total_steps}
+
+
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run (or resume) the whole demo; writes results.md, results.json and nll_vs_step.png in cfg.output."""
     from tqdm.auto import tqdm
@@ -512,74 +542,53 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     t_start = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    demo_json = out / "demo_config.json"
-    if demo_json.exists() and json.loads(demo_json.read_text()) | _free(cfg) != asdict(cfg):
-        raise ValueError(f"{out} holds a demo with a different configuration ({demo_json}); choose another --output")
-    demo_json.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
+    out = _open_output(cfg)
     # 1. the source, its tokenizer and the held-out set
     hmm = synthetic.default_hmm(cfg.hmm_seed)
-    tokenizer = word_tokenizer(hmm.words, model_max_length=max(64, cfg.length + 2))
+    tokenizer = word_tokenizer(hmm.words, model_max_length=cfg.train.model.max_position_embeddings)
     held = held_out_set(cfg, hmm, tokenizer)
-    entropy = float(-exact.joint_logprob(hmm, held.words).mean()) / cfg.length
-
-    # 2. training runs (every seed: AR, then the curriculum and the ablation from it), one progress bar
-    configs = {(s, r): _train_config(cfg, r, s) for s in cfg.seed_list for r in RUNS}
+    # 2. training runs, one progress bar over all of them
+    configs = {(s, r): run_config(cfg, r, s) for s in cfg.seed_list for r in RUNS}
     totals = {k: c.curriculum.total_steps for k, c in configs.items()}
     done = sum(min(_done_steps(Path(c.output)), totals[k]) for k, c in configs.items())
     bar = tqdm(total=sum(totals.values()), initial=done, unit="step", dynamic_ncols=True, disable=not cfg.progress)
-    curves: dict[int, dict[str, dict[int, dict[str, float]]]] = {s: {} for s in cfg.seed_list}
-    train_wall: dict[int, dict[str, float]] = {s: {} for s in cfg.seed_list}
-    with _quiet_transformers(), bar:
-        for (s, run), tcfg in configs.items():
-            t0 = time.perf_counter()
-            curves[s][run] = _train_run(run, tcfg, cfg, held, bar, seed_note=f"seed {s}: " if cfg.seeds > 1 else "")
-            train_wall[s][run] = time.perf_counter() - t0
+    with quiet_transformers(reports=False), bar:
+        curves, train_wall = _train_all(cfg, configs, held, bar)
         # 3. the table: every seed's final models on every factorization, per document
         bar.set_description("final evaluation")
-        lps = {(s, r): model_token_logprobs(A3ForCausalLM.from_pretrained(run_dir(cfg, s, r) / FINAL_DIR), held.ids,
-                                            held.facts) for s in cfg.seed_list for r in ("curriculum", "ablation")}
-        ar_final = [curves[s]["ar"][totals[(s, "ar")]]["left-to-right"] for s in cfg.seed_list]
-        table = build_table(cfg, held, lps, ar_final)
+        lps = {(s, r): model_token_logprobs(_final_model(cfg, s, r), held.ids, held.facts)
+               for s in cfg.seed_list for r in ("curriculum", "ablation")}
+        table = build_table(cfg, held, lps, [curves[s]["ar"][totals[(s, "ar")]]["left-to-right"] for s in cfg.seed_list])
         # 4. generations of every decoding mode from the first seed's models, and with the oracle
-        gens: dict[str, Any] = {}
-        shown: list[Generation] = []
-        for run in ("curriculum", "ablation"):
-            model = A3ForCausalLM.from_pretrained(run_dir(cfg, cfg.seed, run) / FINAL_DIR).eval()
-            stats, examples = generate_all(model, hmm, tokenizer, held.ids, cfg,
-                                           on_mode=lambda m, r=run: bar.set_description(f"{r}: {m}"))
-            gens[run] = stats
-            if run == "curriculum":
-                shown = examples
-        bar.set_description("oracle decoding")
-        gens["oracle"] = oracle_stats(hmm, held.words, cfg)
-    wall = time.perf_counter() - t_start
-
-    stage_ends = [e for _, _, e in configs[(cfg.seed, "curriculum")].curriculum.spans()][:-1]
+        gens, shown = _generations(cfg, hmm, tokenizer, held, bar)
     result_json = {
         "config": asdict(cfg),
+        "steps": run_steps(cfg),
         "source": {"states": len(hmm.states), "words": len(hmm.words), "length": cfg.length,
-                   "heldout_docs": cfg.eval_docs, "entropy_per_word": entropy},
+                   "heldout_docs": cfg.eval_docs, "entropy_per_word": float(-exact.joint_logprob(hmm, held.words).mean()) / cfg.length},
         "table": table,
         "verdict": verdict(cfg, held, lps),
         "curves": {str(s): {r: {str(k): v for k, v in sorted(c.items())} for r, c in runs.items()}
                    for s, runs in curves.items()},
-        "stage_boundaries": {"curriculum": stage_ends},
+        "stage_boundaries": {"curriculum": [e for _, _, e in configs[(cfg.seed, "curriculum")].curriculum.spans()][:-1]},
         "generation_stats": gens,
         "generations": [asdict(g) for g in shown],
-        "wall_time_s": wall,
+        "wall_time_s": time.perf_counter() - t_start,
         "train_wall_s": {str(s): w for s, w in train_wall.items()},
         "resumed_from_steps": done,  # > 0: wall_time_s covers only this invocation
+        "summary": summarize(table, cfg.too_short),
     }
-    result_json["summary"] = summarize(table, cfg.too_short)
+    return _write_results(out, result_json)
+
+
+def _write_results(out: Path, result_json: dict[str, Any]) -> DemoResult:
     md = render_markdown(result_json)
     files = {"markdown": str(out / "results.md"), "json": str(out / "results.json"), "plot": str(out / "nll_vs_step.png")}
     Path(files["json"]).write_text(json.dumps(result_json, indent=2) + "\n")
     Path(files["markdown"]).write_text(md)
     plot_curves(result_json, Path(files["plot"]))
-    return DemoResult(output=out, table=table, markdown=md, wall_time_s=wall, files=files)
+    return DemoResult(output=out, table=result_json["table"], markdown=md, wall_time_s=result_json["wall_time_s"],
+                      files=files)
 
 
 def build_table(cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str, torch.Tensor]],
@@ -628,42 +637,64 @@ def verdict(cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str,
     return {"difference": st, "text": text}
 
 
+class Evaluations(Callback):
+    """The held-out NLL per word of one run at a few steps, appended to <run>/demo_evals.jsonl: a
+    resumed run keeps the evaluations it has and makes only those still due."""
+
+    def __init__(self, run: str, tcfg: TrainConfig, cfg: DemoConfig, held: HeldOut, on_start: Callable[[], None]):
+        self.run, self.held, self.length, self.on_start = run, held, cfg.length, on_start
+        self.want = _eval_steps(tcfg.curriculum.total_steps, cfg.eval_points)
+        self.path = Path(tcfg.output) / EVALS_FILE
+        self.evals = _load_evals(self.path)
+
+    def evaluate(self, model: nn.Module, step: int) -> None:
+        if step not in self.want or step in self.evals:
+            return
+        self.on_start()
+        if self.run == "ar":
+            nll = {"left-to-right": ar_nll(model, self.held.ids, self.length)}
+        else:
+            nll = a3_nlls(model, self.held.ids, self.held.facts)
+        self.evals[step] = nll
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, "nll": nll}) + "\n")
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.evaluate(trainer.model, trainer.step)
+
+    def curve(self) -> dict[int, dict[str, float]]:
+        """{step: {order: NLL per word}} at the wanted steps."""
+        return {k: v for k, v in sorted(self.evals.items()) if k in self.want}
+
+
+class SharedBar(Callback):
+    """One progress bar over every run of the demo: the run's label, its stage and loss."""
+
+    def __init__(self, bar: Any, label: str):
+        self.bar, self.label = bar, label
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_description(f"{self.label}: {describe(policy_at(trainer.cfg.curriculum, trainer.step - 1))}")
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+
+
+RUN_LABELS = {"ar": "pretraining", "curriculum": "curriculum", "ablation": "ablation (stage 3 only)"}
+
+
 def _train_run(
     run: str, tcfg: TrainConfig, cfg: DemoConfig, held: HeldOut, bar: Any, seed_note: str = ""
 ) -> dict[int, dict[str, float]]:
     """Train (or resume) one run, evaluating at a few steps; returns {step: {order: NLL per word}}."""
-    run_dir = Path(tcfg.output)
-    total = tcfg.curriculum.total_steps
-    want = _eval_steps(total, cfg.eval_points)
-    evals_path = run_dir / EVALS_FILE
-    evals = _load_evals(evals_path)
-    label = seed_note + {"ar": "pretraining", "curriculum": "curriculum", "ablation": "ablation (stage 3 only)"}[run]
-
-    def evaluate(model: nn.Module, step: int) -> None:
-        if step not in want or step in evals:
-            return
-        bar.set_description(f"{label}: evaluating")
-        if run == "ar":
-            nll = {"left-to-right": ar_nll(model, held.ids, cfg.length)}
-        else:
-            nll = a3_nlls(model, held.ids, held.facts)
-        evals[step] = nll
-        with open(evals_path, "a") as fh:
-            fh.write(json.dumps({"step": step, "nll": nll}) + "\n")
-
-    def on_step(trainer: Trainer, metrics: dict) -> None:
-        bar.update(1)
-        bar.set_description(f"{label}: {describe(policy_at(tcfg.curriculum, trainer.step - 1))}")
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        evaluate(trainer.model, trainer.step)
-
+    label = seed_note + RUN_LABELS[run]
+    evals = Evaluations(run, tcfg, cfg, held, on_start=lambda: bar.set_description(f"{label}: evaluating"))
     bar.set_description(f"{label}: starting")
-    trainer = _EvalTrainer(tcfg, on_step)
-    evaluate(trainer.model, trainer.step)  # step 0 (or a resumed step that is due)
+    trainer = Trainer(tcfg, callbacks=[SharedBar(bar, label), evals])
+    evals.evaluate(trainer.model, trainer.step)  # step 0 (or a resumed step that is due)
     trainer.fit()
-    if total not in evals:  # finished before this process (e.g. killed between the last step and its evaluation)
-        evaluate(trainer.model, total)
-    return {k: v for k, v in sorted(evals.items()) if k in want}
+    # finished before this process (e.g. killed between the last step and its evaluation)
+    evals.evaluate(trainer.model, tcfg.curriculum.total_steps)
+    return evals.curve()
 
 
 # -- reporting ---------------------------------------------------------------------------------------
@@ -704,19 +735,20 @@ def summarize(table: list[dict], too_short: bool = False) -> dict[str, Any]:
 
 
 def _header(res: dict) -> list[str]:
-    src, c = res["source"], res["config"]
-    steps = lambda k: max(1, round(c[k] * c["scale"]))  # noqa: E731
+    src, c, steps = res["source"], res["config"], res["steps"]
+    model, optim = c["train"]["model"], c["train"]["optim"]
     seeds = c["seeds"]
-    sched = "warmup + cosine decay per stage" if c["stage_schedule"] else "one warmup + cosine decay over stages 1-3"
+    decay = f"warmup + {optim['decay']} decay"
+    sched = f"{decay} per stage" if optim["stage_schedule"] else f"one {decay} over stages 1-3"
     return [
         "# a3lm ground-truth demo",
         "",
         f"Source: seeded HMM ({src['states']} states, {src['words']} words), documents of {src['length']} words; "
         f"{src['heldout_docs']} held-out documents; source entropy {src['entropy_per_word']:.3f} nats/word.",
-        f"Model: Llama, hidden {c['hidden_size']}, {c['num_hidden_layers']} layers. Stage 0 (AR): "
-        f"{steps('stage0_steps')} steps; curriculum (stages 1-2-3: {steps('stage1_steps')} + {steps('stage2_steps')} + "
-        f"{steps('stage3_steps')} steps, {sched}) and ablation (stage 3 only) at the same budget, "
-        f"{c['micro_batch_size']} documents per step. "
+        f"Model: {model['family'].capitalize()}, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers. "
+        f"Stage 0 (AR): {steps['ar']} steps; curriculum (stages 1-2-3: {' + '.join(map(str, steps['curriculum']))} "
+        f"steps, {sched}) and ablation (stage 3 only) at the same budget, "
+        f"{c['train']['data']['micro_batch_size']} documents per step. "
         + (f"Every training run repeated with {seeds} seeds ({c['seed']}..{c['seed'] + seeds - 1}). " if seeds > 1 else
            f"One seed ({c['seed']}). ")
         + f"Wall time {res['wall_time_s']:.0f} s"
@@ -862,12 +894,7 @@ def plot_curves(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def with_overrides(cfg: DemoConfig, **kw: Any) -> DemoConfig:
-    """A copy of cfg with the given non-None fields replaced (the CLI's options)."""
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
-
-
-__all__ = ["DemoConfig", "DemoResult", "Factorization", "HeldOut", "a3_nlls", "ar_nll", "build_table", "doc_gaps",
-           "factorizations", "generate_all", "held_out_set", "model_token_logprobs", "oracle_decode", "oracle_stats",
-           "quick_config", "run_demo", "spread", "summarize", "true_nlls", "true_token_logprobs", "verdict",
-           "with_overrides"]
+__all__ = ["DemoConfig", "DemoResult", "Evaluations", "Factorization", "HeldOut", "SharedBar", "a3_nlls", "ar_nll",
+           "build_table", "demo_training", "doc_gaps", "factorizations", "generate_all", "held_out_set",
+           "model_token_logprobs", "oracle_decode", "oracle_stats", "quick_config", "run_config", "run_demo",
+           "run_steps", "spread", "summarize", "true_nlls", "true_token_logprobs", "verdict", "with_overrides"]
