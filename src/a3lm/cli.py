@@ -315,22 +315,49 @@ def demo_command(
     typer.echo("\n".join(f"{k}: {v}" for k, v in result.files.items()))
 
 
-def _decoding_config(group_size, order, dynamic, criterion, per_step, threshold, speculative, temperature, top_k, top_p,
-                     seed, no_cache):  # fmt: skip
-    """The one DecodingConfig of `sample` / `infill` (it rejects options that do not apply to the mode)."""
+_MODEL = typer.Option(..., "--model", help="A3 checkpoint dir with its tokenizer (a plain decoder: `a3lm convert` it first).")
+_SHOW_ORDER = typer.Option(False, "--show-order", help="Print which step filled which token.")
+# The decoding options of `sample` and `infill`, declared once: (name, type, typer option)
+_DECODING_OPTIONS = (
+    ("group_size", int, typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR).")),
+    ("order", str, typer.Option("left-to-right", help="Fill order: left-to-right, right-to-left, random, random-blocks.")),
+    ("dynamic", bool, typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step.")),
+    ("criterion", str, typer.Option("confidence", help="Dynamic only: confidence, margin, entropy or random.")),
+    ("per_step", int, typer.Option(1, "--per-step", help="Dynamic only: positions committed per step (k).")),
+    ("threshold", float | None, typer.Option(None, help="Dynamic only: commit every position with score >= p (at least one).")),
+    ("speculative", int, typer.Option(0, "--speculative", help="Lossless speculative decoding: draft k positions of the (singleton) order per forward, verify them exactly.")),
+    ("temperature", float, typer.Option(1.0, help="Sampling temperature; 0 = greedy.")),
+    ("top_k", int | None, typer.Option(None, "--top-k")),
+    ("top_p", float | None, typer.Option(None, "--top-p")),
+    ("seed", int, typer.Option(0)),
+    ("no_cache", bool, typer.Option(False, "--no-cache", help="Recompute the full two-stream forward every step (reference).")),
+)  # fmt: skip
+
+
+def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with the decoding options appended to its signature; it is called with `config`, the one
+    DecodingConfig they make, built before `fn` runs (a bad option is reported before anything loads;
+    the config rejects options that do not apply to the mode)."""
     from .decoding import DecodingConfig
 
-    return DecodingConfig(
-        group_size=group_size, order=order, dynamic=dynamic, criterion=criterion, per_step=per_step,
-        threshold=threshold, speculative=speculative, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        use_cache=not no_cache,
-    )  # fmt: skip
+    signature = inspect.signature(fn, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "config"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp)
+               for name, tp, option in _DECODING_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        options = {name: kwargs.pop(name) for name, _, _ in _DECODING_OPTIONS}
+        options["use_cache"] = not options.pop("no_cache")
+        return fn(*args, config=DecodingConfig(**options), **kwargs)
+
+    command.__signature__ = signature.replace(parameters=params)
+    return command
 
 
-def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config_args: tuple, **kwargs) -> None:
+def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config, **kwargs) -> None:
     from .sampling import load_pretrained
 
-    config = _decoding_config(*config_args)  # options first: a bad option is reported before anything loads
     model, tokenizer = load_pretrained(model_dir)
     out, picture = fn(model, tokenizer, text, config=config, **kwargs)
     if show_order:
@@ -338,55 +365,33 @@ def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config_args: 
     typer.echo(out)
 
 
-_MODEL = typer.Option(..., "--model", help="A3 checkpoint dir with its tokenizer (a plain decoder: `a3lm convert` it first).")
-_GROUP = typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR).")
-_ORDER = typer.Option("left-to-right", help="Fill order: left-to-right, right-to-left, random, random-blocks.")
-_DYNAMIC = typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step.")
-_CRITERION = typer.Option("confidence", help="Dynamic only: confidence, margin, entropy or random.")
-_PER_STEP = typer.Option(1, "--per-step", help="Dynamic only: positions committed per step (k).")
-_THRESHOLD = typer.Option(None, help="Dynamic only: commit every position with score >= p (at least one).")
-_SPECULATIVE = typer.Option(0, "--speculative", help="Lossless speculative decoding: draft k positions of the (singleton) order per forward, verify them exactly.")
-_TEMPERATURE = typer.Option(1.0, help="Sampling temperature; 0 = greedy.")
-_TOP_K = typer.Option(None, "--top-k")
-_TOP_P = typer.Option(None, "--top-p")
-_SEED = typer.Option(0)
-_NO_CACHE = typer.Option(False, "--no-cache", help="Recompute the full two-stream forward every step (reference).")
-_SHOW_ORDER = typer.Option(False, "--show-order", help="Print which step filled which token.")
-
-
 @app.command("sample")
+@decoding_options
 def sample_command(
     model: str = _MODEL,
     prompt: str = typer.Option("", help="Text to continue, after the row start (BOS); empty: unconditional."),
     length: int | None = typer.Option(None, help="Tokens to generate (default: 64, or fewer to fit the model's positions)."),
-    group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
-    per_step: int = _PER_STEP, threshold: float | None = _THRESHOLD, speculative: int = _SPECULATIVE,
-    temperature: float = _TEMPERATURE, top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED,
-    no_cache: bool = _NO_CACHE, show_order: bool = _SHOW_ORDER,
-) -> None:  # fmt: skip
+    show_order: bool = _SHOW_ORDER,
+    config: Any = None,
+) -> None:
     """Continue a prompt group-wise (any order), by dynamic resampling or speculatively, with the exact KV cache."""
     from .sampling import sample_text
 
-    config_args = (group_size, order, dynamic, criterion, per_step, threshold, speculative, temperature, top_k, top_p,
-                   seed, no_cache)  # fmt: skip
-    _run_decoding(sample_text, model, prompt, show_order, config_args, length=length)
+    _run_decoding(sample_text, model, prompt, show_order, config, length=length)
 
 
 @app.command("infill")
+@decoding_options
 def infill_command(
     model: str = _MODEL,
     text: str = typer.Option(..., help='Text with blanks to fill: "The cat [BLANK:8] on the mat."'),
-    group_size: int = _GROUP, order: str = _ORDER, dynamic: bool = _DYNAMIC, criterion: str = _CRITERION,
-    per_step: int = _PER_STEP, threshold: float | None = _THRESHOLD, speculative: int = _SPECULATIVE,
-    temperature: float = _TEMPERATURE, top_k: int | None = _TOP_K, top_p: float | None = _TOP_P, seed: int = _SEED,
-    no_cache: bool = _NO_CACHE, show_order: bool = _SHOW_ORDER,
-) -> None:  # fmt: skip
+    show_order: bool = _SHOW_ORDER,
+    config: Any = None,
+) -> None:
     """Fill [BLANK:n] spans given the text on both sides (every known token comes first)."""
     from .sampling import infill_text
 
-    config_args = (group_size, order, dynamic, criterion, per_step, threshold, speculative, temperature, top_k, top_p,
-                   seed, no_cache)  # fmt: skip
-    _run_decoding(infill_text, model, text, show_order, config_args)
+    _run_decoding(infill_text, model, text, show_order, config)
 
 
 if __name__ == "__main__":
