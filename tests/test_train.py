@@ -26,6 +26,7 @@ from a3lm.train import (
     TrainConfig,
     Trainer,
     apply_overrides,
+    final_model_dir,
     lr_factor,
     make_config,
     train,
@@ -439,11 +440,20 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
 
 def test_a_run_folder_from_before_a_new_option_still_resumes(tmp_path):
-    Trainer(tiny_cfg(tmp_path))
-    saved = json.loads((tmp_path / "config.json").read_text())
+    cfg = tiny_cfg(tmp_path / "old", stages=[0], stage0_steps=6)
+    cfg.stop_after = 4  # a checkpoint at step 4
+    Trainer(cfg).fit()
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
     del saved["parallel"]  # written by a version that did not have this option
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    Trainer(tiny_cfg(tmp_path))  # the missing field takes its default: same run
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    cfg.stop_after = None
+    resumed = Trainer(cfg)  # the missing field takes its default: the same run, resumed
+    assert resumed.step == 4 and resumed.cfg.parallel == TrainConfig().parallel
+    resumed.fit()
+    whole = tiny_cfg(tmp_path / "whole", stages=[0], stage0_steps=6)
+    train(whole)
+    for name, value in weights(final_model_dir(tmp_path / "whole")).items():
+        assert torch.equal(weights(final_model_dir(tmp_path / "old"))[name], value), name
 
 
 # -- sharded checkpoints: resharding resume, interrupted sharded save -----------------------------------
