@@ -4,9 +4,11 @@
     python bench/bench_model.py --quick      # a small config, seconds
     python bench/bench_model.py --profile    # also the top ops of one A3 step (self CPU time, memory)
 
-For the A3 model with the own-slot rule (query_self_attention, the default) and without it (XLNet's
-rule), prints the step time ratio (A3 fwd+bwd) / (AR fwd+bwd), medians over repeats with the three
-steps run in turns, and the peak tensor memory growth of one step (A3 / AR), and writes JSON.
+For the A3 model with the own-slot rule (query_self_attention, the default), without it (XLNet's
+rule), and without its MLP recomputation (`A3Config.recompute_mlp`), prints the step time ratio
+(A3 fwd+bwd) / (AR fwd+bwd), medians over repeats with the steps run in turns, and the peak tensor
+memory growth of one step (A3 / AR), and writes JSON. Two baselines: the plain Hugging Face AR step,
+and the AR step with the same MLP recomputation (like for like: the two streams' cost alone).
 
 Peak memory: the profiler's allocation events (bytes allocated and freed, in order) summed over the
 step, whose running maximum is the step's peak growth above what was allocated before it. Unlike
@@ -27,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from a3lm import A3Config, A3ForCausalLM, groups
 from a3lm.debug import tiny_base_model
+from a3lm.model import _recompute_gated_mlps
 
 CPU_CONFIG = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
@@ -72,9 +75,11 @@ def profile_top(fn: Callable[[], object], rows: int = 12) -> str:
     )
 
 
-def a3_variant(base, query_self_attention: bool) -> A3ForCausalLM:
-    """An A3 model over `base`'s weights with the own-slot rule on or off."""
-    model = A3ForCausalLM(A3Config(text_config=base.config.to_dict(), query_self_attention=query_self_attention))
+def a3_variant(base, query_self_attention: bool, recompute_mlp: bool = True) -> A3ForCausalLM:
+    """An A3 model over `base`'s weights with the own-slot rule on or off, MLP recomputation on or off."""
+    config = A3Config(text_config=base.config.to_dict(), query_self_attention=query_self_attention,
+                      recompute_mlp=recompute_mlp)
+    model = A3ForCausalLM(config)
     model.load_state_dict(A3ForCausalLM.from_base(base).state_dict())
     return model.train()
 
@@ -90,6 +95,10 @@ def step_fns(base, models: dict, batch: int, seq_len: int, group_size: int) -> d
         base(input_ids=ids, labels=ids).loss.backward()
         base.zero_grad(set_to_none=True)  # inside the step: the peak counts the gradients it allocates
 
+    def ar_recompute_step():  # the AR step with the A3 model's MLP recomputation: the like-for-like baseline
+        with _recompute_gated_mlps(base.model):
+            ar_step()
+
     def a3_step(model):
         def step():
             model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids).loss.backward()
@@ -97,7 +106,7 @@ def step_fns(base, models: dict, batch: int, seq_len: int, group_size: int) -> d
 
         return step
 
-    return {"ar": ar_step} | {name: a3_step(model) for name, model in models.items()}
+    return {"ar": ar_step, "ar (mlp recompute)": ar_recompute_step} | {n: a3_step(m) for n, m in models.items()}
 
 
 def measure(base, models: dict, batch: int, seq_len: int, group_size: int, repeats: int) -> dict:
@@ -106,8 +115,12 @@ def measure(base, models: dict, batch: int, seq_len: int, group_size: int, repea
     times = dict(zip(names, interleaved_times([steps[n] for n in names], repeats), strict=True))
     memory = {n: statistics.median(peak_memory_growth(steps[n]) for _ in range(3)) for n in names}
     row = {"batch": batch, "seq_len": seq_len, "time_s": times, "peak_bytes": memory}
-    row["time_ratio"] = {n: times[n] / times["ar"] for n in models}
-    row["memory_ratio"] = {n: memory[n] / memory["ar"] for n in models}
+    rc = "ar (mlp recompute)"
+    row["time_ratio"] = {n: times[n] / times["ar"] for n in [rc, *models]}
+    row["memory_ratio"] = {n: memory[n] / memory["ar"] for n in [rc, *models]}
+    # like for like: both steps recompute the MLP (the A3 default), so the ratio is the two streams' cost alone
+    row["time_ratio_vs_ar_recompute"] = {n: times[n] / times[rc] for n in models}
+    row["memory_ratio_vs_ar_recompute"] = {n: memory[n] / memory[rc] for n in models}
     return row
 
 
@@ -123,16 +136,20 @@ def main() -> None:
     size = QUICK_CONFIG if args.quick else CPU_CONFIG
     base = tiny_base_model(args.family, **size).train()
     base.set_attn_implementation("sdpa")
-    models = {"a3 (own slot)": a3_variant(base, True), "a3 (xlnet)": a3_variant(base, False)}
+    models = {"a3 (own slot)": a3_variant(base, True), "a3 (xlnet)": a3_variant(base, False),
+              "a3 (no mlp recompute)": a3_variant(base, True, recompute_mlp=False)}
     shapes = [(2, 64)] if args.quick else [(2, 256), (2, 512)]
     rows = [measure(base, models, b, n, group_size=4, repeats=args.repeats) for b, n in shapes]
-    print(f"{'model':<14} {'B':>3} {'N':>5} {'AR (s)':>8} {'A3 (s)':>8} {'time/AR':>8} "
-          f"{'AR MiB':>8} {'A3 MiB':>8} {'mem/AR':>7}")
+    print(f"{'model':<22} {'B':>3} {'N':>5} {'time (s)':>9} {'time/AR':>8} {'/AR rc':>7} {'MiB':>8} {'mem/AR':>7} {'/AR rc':>7}")
     for r in rows:
-        for name in models:
-            print(f"{name:<14} {r['batch']:>3} {r['seq_len']:>5} {r['time_s']['ar']:>8.4f} {r['time_s'][name]:>8.4f} "
-                  f"{r['time_ratio'][name]:>7.2f}x {r['peak_bytes']['ar'] / 2**20:>8.1f} "
-                  f"{r['peak_bytes'][name] / 2**20:>8.1f} {r['memory_ratio'][name]:>6.2f}x")
+        print(f"{'ar':<22} {r['batch']:>3} {r['seq_len']:>5} {r['time_s']['ar']:>9.4f} {'':>8} {'':>7} "
+              f"{r['peak_bytes']['ar'] / 2**20:>8.1f}")
+        for name in ["ar (mlp recompute)", *models]:
+            like = (f"{r['time_ratio_vs_ar_recompute'][name]:>6.2f}x", f"{r['memory_ratio_vs_ar_recompute'][name]:>6.2f}x") \
+                if name in models else ("", "")
+            print(f"{name:<22} {r['batch']:>3} {r['seq_len']:>5} {r['time_s'][name]:>9.4f} {r['time_ratio'][name]:>7.2f}x "
+                  f"{like[0]:>7} {r['peak_bytes'][name] / 2**20:>8.1f} {r['memory_ratio'][name]:>6.2f}x {like[1]:>7}")
+    print("time/AR, mem/AR: against the plain HF AR step; /AR rc: against the AR step with the same MLP recomputation")
     if args.profile:
         b, n = shapes[-1]
         steps = step_fns(base, models, b, n, group_size=4)

@@ -229,6 +229,42 @@ def test_gradient_checkpointing_gives_the_same_gradients(a3_model):
         torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _saved_bytes_and_grads(model: A3ForCausalLM, ids: torch.Tensor, group_ids: torch.Tensor):
+    """(bytes autograd saves for backward in one training forward, the loss, every parameter's gradient)."""
+    saved, weights = [], {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:  # a saved weight is the parameter itself: no memory
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    model.train().zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, group_ids=group_ids, labels=ids).loss
+    loss.backward()
+    return sum(saved), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_recomputed_mlp_gives_the_same_step_and_saves_two_activations_per_layer(a3_model):
+    """recompute_mlp: identical loss and gradients; autograd keeps two [2N rows, intermediate]
+    activations fewer per layer (act(gate) and act(gate) * up), less the last layer's content rows."""
+    ids = random_ids(2, 9)
+    group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
+    a3_model.config.recompute_mlp = False
+    bytes_off, loss_off, ref = _saved_bytes_and_grads(a3_model, ids, group_ids)
+    a3_model.config.recompute_mlp = True
+    bytes_on, loss_on, got = _saved_bytes_and_grads(a3_model, ids, group_ids)
+    assert torch.equal(loss_on, loss_off)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-7, rtol=1e-6, msg=name)
+    text = a3_model.config.text_config
+    B, N, L, inter = ids.shape[0], ids.shape[1], text.num_hidden_layers, text.intermediate_size
+    rows = B * 2 * N * L - B * N  # the last layer's MLP runs on the query half only
+    assert bytes_off - bytes_on == 2 * rows * inter * 4  # fp32
+    assert not any("forward" in vars(m) for m in a3_model.modules())  # the class's forward is back
+
+
 @pytest.mark.parametrize("query_self", [True, False])
 def test_query_behind_bos_alone_knows_its_position(family, query_self):
     """One content key (BOS) visible: only the query's own slot lets RoPE tell positions apart."""

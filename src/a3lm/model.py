@@ -27,6 +27,7 @@ from huggingface_hub.dataclasses import strict
 from safetensors import SafetensorError
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AttentionInterface,
     AutoConfig,
@@ -247,7 +248,11 @@ class A3Config(PretrainedConfig):
     distribution. Its own slot depends only on earlier groups, so nothing leaks. False = XLNet's rule.
     attention_backend: "sdpa" (dense mask), "flex" (FlexAttention BlockMask over group-sorted
     positions), or "auto" = flex on CUDA, sdpa elsewhere.
-    Both are read at every forward, so changing them on a built model's config takes effect at once.
+    recompute_mlp: in training, gated MLPs (Llama, Qwen2, Mistral) keep only gate_proj(x) and
+    up_proj(x) for backward and recompute act(gate) * up and down_proj there: the same values and
+    gradients, two [rows, intermediate] activations fewer per layer (the two streams double the rows,
+    and these are the largest activations), for one extra down_proj matmul in backward.
+    All are read at every forward, so changing them on a built model's config takes effect at once.
     """
 
     model_type = "a3"
@@ -257,6 +262,7 @@ class A3Config(PretrainedConfig):
     query_init_std: float | None = None
     query_self_attention: bool = True
     attention_backend: str = "auto"
+    recompute_mlp: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -318,6 +324,33 @@ def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
     finally:
         for handle in handles:
             handle.remove()
+
+
+GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")  # forward = down_proj(act_fn(gate_proj(x)) * up_proj(x))
+
+
+def _act_mul_down(mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _recomputing_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's own ops in its order; what follows the two input projections reruns in backward."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return checkpoint(_act_mul_down, mlp, gate, up, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _recompute_gated_mlps(decoder: nn.Module):
+    """Gated MLPs keep gate and up only for backward while the context is open (hooks on a module,
+    such as the last-layer skip, still run around it). Other MLP classes are left as they are."""
+    mlps = [m for m in decoder.modules() if type(m).__name__ in GATED_MLPS]
+    for mlp in mlps:
+        mlp.forward = functools.partial(_recomputing_forward, mlp)
+    try:
+        yield
+    finally:
+        for mlp in mlps:
+            del mlp.forward  # back to the class's forward
 
 
 class A3PreTrainedModel(PreTrainedModel):
@@ -445,7 +478,9 @@ class A3ForCausalLM(A3PreTrainedModel):
         skip_content_mlp: the content rows' states are not read, so the last layer's MLP skips them.
         """
         skip = _skip_last_content_mlp(self.model, content_ids_BC.shape[1]) if skip_content_mlp else contextlib.nullcontext()
-        with skip:
+        # Checkpointed layers already rerun everything in backward: recomputing inside them would run twice.
+        recompute = self.config.recompute_mlp and torch.is_grad_enabled() and not self.model.is_activation_checkpointing
+        with skip, _recompute_gated_mlps(self.model) if recompute else contextlib.nullcontext():
             return self.model(
                 inputs_embeds=self.stream_embeds(content_ids_BC, num_queries),
                 attention_mask=mask,
