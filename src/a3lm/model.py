@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +327,13 @@ def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
             handle.remove()
 
 
+@functools.cache
+def _cache_argument(decoder_class: type) -> str:
+    """The decoder's name for its KV cache argument: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
 GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")  # forward = down_proj(act_fn(gate_proj(x)) * up_proj(x))
 
 
@@ -525,7 +533,8 @@ class A3ForCausalLM(A3PreTrainedModel):
         if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
             mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
-        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, True, past_key_values=cache.kv, use_cache=True)
+        cache_kwarg = {_cache_argument(type(self.model)): cache.kv}
+        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, True, use_cache=True, **cache_kwarg)
         if Q:
             cache.kv.crop(-Q)
         return self.lm_head(hidden[:, C:])
