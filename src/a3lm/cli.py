@@ -252,7 +252,7 @@ def train_command(
     data: str | None = typer.Option(None, help="Hub dataset name, or local .txt/.jsonl/.parquet files, a glob or a folder; none: the synthetic HMM corpus."),
     output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
     preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only (default: tiny without --model, base with)."),
-    scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 30 CPU minutes)."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 16 minutes on 2 quiet cores)."),
     overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),
     settings: dict[str, Any] | None = None,
