@@ -75,46 +75,61 @@ def score_continuations(
         max_length = max_positions(model)
     if not isinstance(model, A3ForCausalLM) and (order, group_size) != ("left-to-right", 1):
         raise ValueError(f"a plain AR model scores left to right one token at a time, not {order} with groups of {group_size}")
-    prepared = []
-    for context, continuation in requests:
-        context, continuation = list(context), list(continuation)
-        if not context:
-            raise ValueError("empty context: the context needs at least BOS (the first group is context only)")
-        if not continuation:
-            raise ValueError("empty continuation: nothing to score")
-        prepared.append((_truncate(context, continuation, max_length), continuation))
-
-    device = model.device
+    prepared = [_prepare(context, continuation, max_length) for context, continuation in requests]
     by_length = sorted(range(len(prepared)), key=lambda i: -sum(map(len, prepared[i])))
     results: list[ContinuationScore | None] = [None] * len(prepared)
     batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
     for batch in tqdm(batches, desc=f"loglikelihood ({order}, s={group_size})", disable=not progress):
-        B, N = len(batch), max(sum(map(len, prepared[i])) for i in batch)
-        input_ids = torch.full((B, N), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, N), dtype=torch.long)
-        group_ids = torch.full((B, N), PAD_GROUP, dtype=torch.long)
-        targets = torch.zeros((B, N), dtype=torch.bool)
-        for b, i in enumerate(batch):
-            context, continuation = prepared[i]
-            C, L = len(context), len(continuation)
-            input_ids[b, : C + L] = torch.tensor(context + continuation)
-            attention_mask[b, : C + L] = 1
-            # the context known first (left-to-right singletons, BOS the earliest), then the continuation;
-            # row by row over the request's own length, so that a random order depends on the request only
-            known = torch.arange(C + L)[None] < C
-            gen = request_generator(seed, requests[i][0], continuation) if order.startswith("random") else None
-            group_ids[b, : C + L] = infill_groups(known, size=group_size, order=order, generator=gen)[0]
-            targets[b, C : C + L] = True
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        logits_BNV = token_logits(model, input_ids, group_ids.to(device), attention_mask)
-        targets = targets.to(device)
-        logp_T, greedy_T = target_logprobs(logits_BNV, input_ids, targets)
-        row_T = targets.nonzero()[:, 0]
-        logp_B = torch.zeros(B, device=device).index_add_(0, row_T, logp_T)
-        misses_B = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, row_T, (~greedy_T).long())
-        for b, i in enumerate(batch):
-            results[i] = ContinuationScore(float(logp_B[b]), bool(misses_B[b] == 0), len(prepared[i][1]))
+        # a random order is drawn per request from its own tokens: it depends on the request, not its batch
+        generators = [request_generator(seed, requests[i][0], prepared[i][1]) if order.startswith("random") else None
+                      for i in batch]  # fmt: skip
+        rows = _batch([prepared[i] for i in batch], order, group_size, generators, pad_token_id)
+        for i, score in zip(batch, _score_batch(model, *rows), strict=True):
+            results[i] = score
     return results  # type: ignore[return-value]
+
+
+def _prepare(context: Sequence[int], continuation: Sequence[int], max_length: int | None) -> tuple[list[int], list[int]]:
+    context, continuation = list(context), list(continuation)
+    if not context:
+        raise ValueError("empty context: the context needs at least BOS (the first group is context only)")
+    if not continuation:
+        raise ValueError("empty continuation: nothing to score")
+    return _truncate(context, continuation, max_length), continuation
+
+
+def _batch(pairs: list[tuple[list[int], list[int]]], order: str, group_size: int,
+           generators: list[torch.Generator | None], pad_token_id: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """(input_ids, attention_mask, group_ids, targets) [B, N], right-padded: each row's context known
+    first (left-to-right singletons, BOS the earliest), then its continuation in `order`."""
+    B, N = len(pairs), max(len(c) + len(x) for c, x in pairs)
+    input_ids = torch.full((B, N), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, N), dtype=torch.long)
+    group_ids = torch.full((B, N), PAD_GROUP, dtype=torch.long)
+    targets = torch.zeros((B, N), dtype=torch.bool)
+    for b, ((context, continuation), gen) in enumerate(zip(pairs, generators, strict=True)):
+        C, L = len(context), len(continuation)
+        input_ids[b, : C + L] = torch.tensor(context + continuation)
+        attention_mask[b, : C + L] = 1
+        # grouped over the request's own length, so that padding never changes its order
+        known = torch.arange(C + L)[None] < C
+        group_ids[b, : C + L] = infill_groups(known, size=group_size, order=order, generator=gen)[0]
+        targets[b, C : C + L] = True
+    return input_ids, attention_mask, group_ids, targets
+
+
+def _score_batch(model: A3ForCausalLM | PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 group_ids: torch.Tensor, targets: torch.Tensor) -> list[ContinuationScore]:  # fmt: skip
+    """One padded forward: each row's summed log p of its targets, and whether greedy decoding gives them."""
+    device = model.device
+    input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
+    logits_BNV = token_logits(model, input_ids, group_ids.to(device), attention_mask)
+    logp_T, greedy_T = target_logprobs(logits_BNV, input_ids, targets)
+    B, row_T = input_ids.shape[0], targets.nonzero()[:, 0]
+    logp_B = torch.zeros(B, device=device).index_add_(0, row_T, logp_T)
+    misses_B = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, row_T, (~greedy_T).long())
+    n_B = targets.sum(1)
+    return [ContinuationScore(float(logp_B[b]), bool(misses_B[b] == 0), int(n_B[b])) for b in range(B)]
 
 
 @torch.no_grad()
