@@ -153,70 +153,88 @@ def build_lm(row: Row, cfg: EvalConfig, loaded: dict[str, tuple[Any, Any]] | Non
     return lm
 
 
+@dataclass
+class RowResults:
+    """What one row's tasks produce: a record per (task, metric) with the settings that produced it,
+    and every generation with its prompt and score, by task."""
+
+    row: Row
+    records: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, task: str, metrics: dict[str, float], settings: dict[str, Any], outputs: Any = None) -> None:
+        r = self.row
+        for metric, value in metrics.items():
+            self.records.append({"row": r.label, "name": r.name, "model": r.path, "kind": r.kind, "order": r.order,
+                                 "task": task, "metric": metric, "value": value, "settings": settings})  # fmt: skip
+        if outputs is not None:
+            self.outputs[task] = outputs
+
+
 def evaluate_row(row: Row, cfg: EvalConfig, loaded: dict | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run cfg.tasks for one row. Returns (records, outputs): one record per (task, metric) with the
-    settings that produced it, and every generation with its prompt and score, by task. `loaded`
-    keeps models (and the judge) loaded across rows."""
+    """Run cfg.tasks for one row: (records, outputs) of `RowResults`. `loaded` keeps models (and the
+    judge) loaded across rows."""
     cfg.validate()
     loaded = {} if loaded is None else loaded
     lm = build_lm(row, cfg, loaded)
-    records: list[dict[str, Any]] = []
-    outputs: dict[str, Any] = {}
-
-    def add(task: str, metrics: dict[str, float], settings: dict[str, Any]) -> None:
-        for metric, value in metrics.items():
-            records.append({"row": row.label, "name": row.name, "model": row.path, "kind": row.kind,
-                            "order": row.order, "task": task, "metric": metric, "value": value, "settings": settings})  # fmt: skip
-
-    harness = [t for t in cfg.tasks if t in HARNESS_TASKS]
-    if harness:
-        results, samples = run_harness(lm, harness, cfg.limit, cfg.data_dir, cfg.num_fewshot, cfg.seed)
-        for task in harness:
-            settings = lm.settings() | {"num_fewshot": cfg.num_fewshot or 0, "limit": cfg.limit}
-            if task != "triviaqa":  # scoring tasks: the generation settings play no part
-                settings = {k: v for k, v in settings.items() if k not in ("decoding", "max_gen_toks")}
-                add(task, results[task], settings)
-                continue
-            answers = triviaqa_answers(samples.get(task, []))
-            empty = sum(a["answer"] == "" for a in answers)
-            add(task, results[task] | {"empty": empty, "count": len(answers)}, settings)
-            outputs[task] = answers
-
+    res = RowResults(row)
+    _harness_tasks(lm, cfg, res)
     group = lm.decoding if row.kind == "base" else cfg.row_decoding(row.order)
     if "rocstories" in cfg.tasks:
-        path = find_stories_file(cfg.data_dir)  # type: ignore[arg-type]
-        stories = read_stories(path)[: cfg.limit]
-        modes = ["ar"] if row.kind == "base" else cfg.infill_modes
-        for mode in modes:
-            config = cfg.dynamic if mode == "dynamic" else group
-            scores, items = evaluate_rocstories(
-                lm.model, lm.tokenizer, stories, config, blank_length=cfg.blank_length, batch_size=cfg.batch_size,
-                seed=cfg.seed,
-            )  # fmt: skip
-            how = {"context": "prefix only (AR)", "decoding": lm.settings()["decoding"]} if row.kind == "base" else {}
-            settings = {"model": row.path, "data": str(path), "num_stories": len(stories), "decoding": describe_decoding(config),
-                        **how, "blank_length": cfg.blank_length or "reference", "seed": cfg.seed,
-                        "rouge": "F1 x100, rouge-score, use_stemmer"}  # fmt: skip
-            add(f"rocstories_{mode}", scores, settings)
-            outputs[f"rocstories_{mode}"] = items
-
+        _rocstories(lm, cfg, group, res)
     if "genppl" in cfg.tasks:
-        if ("judge", cfg.judge) not in loaded:
-            loaded[("judge", cfg.judge)] = load_judge(cfg.judge, lm.device)  # type: ignore[arg-type]
-        judge, judge_tokenizer = loaded[("judge", cfg.judge)]
-        modes = ["group"] if row.kind == "base" else cfg.genppl_modes
-        configs = {mode: mode_config(mode, group, cfg.dynamic, cfg.genppl_temperature) for mode in modes}
-        results, samples = evaluate_genppl(
-            lm.model, lm.tokenizer, judge, judge_tokenizer, configs, cfg.genppl_samples, cfg.genppl_length,
-            cfg.batch_size, cfg.seed,
+        _genppl(lm, cfg, group, loaded, res)
+    return res.records, res.outputs
+
+
+def _harness_tasks(lm: A3LM, cfg: EvalConfig, res: RowResults) -> None:
+    harness = [t for t in cfg.tasks if t in HARNESS_TASKS]
+    if not harness:
+        return
+    results, samples = run_harness(lm, harness, cfg.limit, cfg.data_dir, cfg.num_fewshot, cfg.seed)
+    for task in harness:
+        settings = lm.settings() | {"num_fewshot": cfg.num_fewshot or 0, "limit": cfg.limit}
+        if task != "triviaqa":  # scoring tasks: the generation settings play no part
+            res.add(task, results[task], {k: v for k, v in settings.items() if k not in ("decoding", "max_gen_toks")})
+            continue
+        answers = triviaqa_answers(samples.get(task, []))
+        empty = sum(a["answer"] == "" for a in answers)
+        res.add(task, results[task] | {"empty": empty, "count": len(answers)}, settings, answers)
+
+
+def _rocstories(lm: A3LM, cfg: EvalConfig, group: DecodingConfig, res: RowResults) -> None:
+    base = res.row.kind == "base"
+    path = find_stories_file(cfg.data_dir)  # type: ignore[arg-type]
+    stories = read_stories(path)[: cfg.limit]
+    for mode in ["ar"] if base else cfg.infill_modes:
+        config = cfg.dynamic if mode == "dynamic" else group
+        scores, items = evaluate_rocstories(
+            lm.model, lm.tokenizer, stories, config, blank_length=cfg.blank_length, batch_size=cfg.batch_size,
+            seed=cfg.seed,
         )  # fmt: skip
-        for mode, metrics in results.items():
-            how = {"decoding": describe_decoding(configs[mode]) | {"mode": "left-to-right (generate)"}} if row.kind == "base" else {}
-            settings = {"model": row.path, "judge": cfg.judge, "decoding": describe_decoding(configs[mode]), **how,
-                        "num_samples": cfg.genppl_samples, "length": cfg.genppl_length, "seed": cfg.seed}  # fmt: skip
-            add(f"genppl_{mode}", metrics, settings)
-            outputs[f"genppl_{mode}"] = samples[mode]
-    return records, outputs
+        how = {"context": "prefix only (AR)", "decoding": lm.settings()["decoding"]} if base else {}
+        settings = {"model": res.row.path, "data": str(path), "num_stories": len(stories),
+                    "decoding": describe_decoding(config), **how, "blank_length": cfg.blank_length or "reference",
+                    "seed": cfg.seed, "rouge": "F1 x100, rouge-score, use_stemmer"}  # fmt: skip
+        res.add(f"rocstories_{mode}", scores, settings, items)
+
+
+def _genppl(lm: A3LM, cfg: EvalConfig, group: DecodingConfig, loaded: dict, res: RowResults) -> None:
+    base = res.row.kind == "base"
+    if ("judge", cfg.judge) not in loaded:
+        loaded[("judge", cfg.judge)] = load_judge(cfg.judge, lm.device)  # type: ignore[arg-type]
+    judge, judge_tokenizer = loaded[("judge", cfg.judge)]
+    modes = ["group"] if base else cfg.genppl_modes
+    configs = {mode: mode_config(mode, group, cfg.dynamic, cfg.genppl_temperature) for mode in modes}
+    results, samples = evaluate_genppl(
+        lm.model, lm.tokenizer, judge, judge_tokenizer, configs, cfg.genppl_samples, cfg.genppl_length,
+        cfg.batch_size, cfg.seed,
+    )  # fmt: skip
+    for mode, metrics in results.items():
+        how = {"decoding": describe_decoding(configs[mode]) | {"mode": "left-to-right (generate)"}} if base else {}
+        settings = {"model": res.row.path, "judge": cfg.judge, "decoding": describe_decoding(configs[mode]), **how,
+                    "num_samples": cfg.genppl_samples, "length": cfg.genppl_length, "seed": cfg.seed}  # fmt: skip
+        res.add(f"genppl_{mode}", metrics, settings, samples[mode])
 
 
 def triviaqa_answers(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
