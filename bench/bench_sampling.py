@@ -4,6 +4,7 @@
     python bench/bench_sampling.py --quick         # a small config, seconds
     python bench/bench_sampling.py --model DIR     # a saved A3 checkpoint (e.g. SmolLM2), its own weights
     python bench/bench_sampling.py --profile       # torch.profiler's top ops of an s = 1 run, then exit
+    python bench/bench_sampling.py --model DIR --only-speculative --k 4   # speculative rows on held-out text
 
 Rows (time per generated token, batch 1, 16-token prompt):
   group-wise s = 1, 2, 4     128 new tokens, left to right, greedy  / AR generate() of 128 tokens
@@ -123,10 +124,11 @@ def base_from_a3(a3: A3ForCausalLM) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def speculative_rows(a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 8)) -> list[dict]:
-    """Speculative decoding (temperature 1) per order: tokens per forward, acceptance, time ratios."""
+def speculative_rows(a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 8), suffix=None) -> list[dict]:
+    """Speculative decoding (temperature 1) per order: tokens per forward, acceptance, time ratios.
+    suffix [1, S]: the text after the infilling blank (default: any 15 tokens)."""
     n = sizes["new"]
-    suffix = prompt[:, 1:].flip(1)  # any 15 tokens after the blank
+    suffix = prompt[:, 1:].flip(1) if suffix is None else suffix
     ids = torch.cat([prompt, torch.zeros(1, n, dtype=torch.long, device=device), suffix], dim=1)
     known = torch.ones_like(ids, dtype=torch.bool)
     known[:, prompt.shape[1] : prompt.shape[1] + n] = False
@@ -155,6 +157,18 @@ def speculative_rows(a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 
     return rows
 
 
+def text_prompt(model_dir: str, sizes: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt [1, P], suffix [1, P]) from one held-out row of real text: its first P tokens (row start
+    included) and the P tokens that follow a blank of `sizes["new"]`."""
+    from transformers import AutoTokenizer
+
+    from a3lm.nll import heldout_rows
+
+    P, n = sizes["prompt"], sizes["new"]
+    row = heldout_rows(AutoTokenizer.from_pretrained(model_dir), "fortunes:heldout", 2 * P + n, 1)
+    return row[:, :P].to(device), row[:, P + n :].to(device)
+
+
 def profile_s1(a3: A3ForCausalLM, device: str, n: int = 64, top: int = 15) -> None:
     """torch.profiler's top ops (self CPU time) of one s = 1 run of n tokens, after a warm-up run."""
     from torch.profiler import ProfilerActivity, profile
@@ -179,6 +193,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="A saved A3 checkpoint to time (its own weights; generate() on the same).")
     parser.add_argument("--new", type=int, default=None, help="Tokens per row (default 128; 16 with --quick).")
     parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top ops of an s = 1 run and exit.")
+    parser.add_argument("--only-speculative", action="store_true",
+                        help="Only the speculative rows; with --model, on held-out text (fortunes:heldout): its first "
+                             "16 tokens as the prompt and, for infilling, the 16 after the blank as the suffix.")
+    parser.add_argument("--k", default="4,8", help="Speculative drafts per forward, comma-separated.")
     parser.add_argument("--output", default="bench/results/sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,7 +213,16 @@ def main() -> None:
         profile_s1(a3, device)
         return
     sizes = None if args.new is None else dict(prompt=16, new=args.new, dynamic=2 * args.new, recompute=4 * args.new, recompute_k=16)
-    rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes)
+    ks = tuple(int(k) for k in args.k.split(","))
+    if args.only_speculative:
+        sizes = sizes or (QUICK_SIZES if args.quick else SIZES)
+        prompt, suffix = text_prompt(args.model, sizes, device) if args.model else (None, None)
+        if prompt is None:
+            prompt = torch.randint(4, base.config.vocab_size, (1, sizes["prompt"]), generator=torch.Generator().manual_seed(0))
+            prompt[:, 0] = 1
+        rows = speculative_rows(a3, base, prompt.to(device), sizes, device, args.repeats, ks, suffix)
+    else:
+        rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes)
 
     what = args.model or f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, vocab {config['vocab_size']}"
     print(f"device {device} ({args.threads} threads)  {what}  (ratios: medians of pairs timed back to back, same run)")
