@@ -72,10 +72,11 @@ def demo_training(length: int = 16) -> TrainConfig:
         # stage 0: the AR model is within 0.002 nats/word of the truth after 800 steps
         curriculum=CurriculumConfig(stages=[0, 1, 2, 3], stage0_steps=800, stage1_steps=150, stage2_steps=450,
                                     stage3_steps=1400, infill_share=0.1),
-        # The tiny model learns fastest at the stage-0 rate in stages 1-3 too. stage_schedule=False: one
-        # schedule over stages 1-3 (stage 3 starts at 0.83 of the peak), the measured default; the
-        # README's demo section says why the LR is not what holds stage 3 back.
-        optim=OptimConfig(lr=3e-3, stage0_lr=3e-3, warmup_steps=50),
+        # The tiny model learns fastest at the stage-0 rate in stages 1-3 too. stage_schedule: warmup and
+        # decay restart at every stage, so stage 3 starts at the peak LR as the ablation does. Measured
+        # (seed 0, 8 heads): the curriculum's worst gap +0.051 with one schedule over stages 1-3, +0.037
+        # with a schedule per stage.
+        optim=OptimConfig(lr=3e-3, stage0_lr=3e-3, warmup_steps=50, stage_schedule=True),
         checkpoint=CheckpointConfig(every=200, keep=2),
         log=LogConfig(every=10, progress=False),
         device="cpu",
