@@ -750,7 +750,8 @@ def _header(res: dict) -> list[str]:
         "",
         f"Source: seeded HMM ({src['states']} states, {src['words']} words), documents of {src['length']} words; "
         f"{src['heldout_docs']} held-out documents; source entropy {src['entropy_per_word']:.3f} nats/word.",
-        f"Model: {model['family'].capitalize()}, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers. "
+        f"Model: {model['family'].capitalize()}, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+        f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} KV). "
         f"Stage 0 (AR): {steps['ar']} steps; curriculum (stages 1-2-3: {' + '.join(map(str, steps['curriculum']))} "
         f"steps, {sched}) and ablation (stage 3 only) at the same budget, "
         f"{c['train']['data']['micro_batch_size']} documents per step. "
