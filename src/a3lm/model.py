@@ -350,8 +350,9 @@ def _recomputing_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _recompute_gated_mlps(decoder: nn.Module):
     """Gated MLPs keep gate and up only for backward while the context is open (hooks on a module,
-    such as the last-layer skip, still run around it). Other MLP classes are left as they are."""
-    mlps = [m for m in decoder.modules() if type(m).__name__ in GATED_MLPS]
+    such as the last-layer skip, still run around it). Other MLP classes are left as they are, and so
+    is an MLP whose forward is already replaced on the instance (accelerate's offloading hooks)."""
+    mlps = [m for m in decoder.modules() if type(m).__name__ in GATED_MLPS and "forward" not in vars(m)]
     for mlp in mlps:
         mlp.forward = functools.partial(_recomputing_forward, mlp)
     try:
