@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -45,7 +44,7 @@ from .data import DataConfig
 from .groups import Order, fill_groups
 from .likelihood import sequence_logprobs
 from .model import A3ForCausalLM
-from .nll import Factorization, infill_middle_known
+from .nll import Factorization, a3_nlls, ar_nll, infill_middle_known
 from .nll import factorizations as row_factorizations
 from .overrides import apply_overrides, assign
 from .quiet import quiet_transformers
@@ -204,12 +203,6 @@ def true_nlls(hmm: synthetic.HMM, words: torch.Tensor, facts: list[Factorization
 # -- evaluation of models --------------------------------------------------------------------------
 
 
-def a3_nlls(model: A3ForCausalLM, ids: torch.Tensor, facts: list[Factorization]) -> dict[str, float]:
-    """The model's NLL per target token for every factorization. ids [B, N] token rows."""
-    lps = model_token_logprobs(model, ids, facts)
-    return {f.name: float(-lps[f.name].sum() / f.target_mask.sum()) for f in facts}
-
-
 def bos_only(f: Factorization) -> torch.Tensor:
     """[B, N] bool: targets whose only visible token is BOS (the first group after it).
 
@@ -269,17 +262,6 @@ def spread(gaps_KB: torch.Tensor, n_boot: int, seed: int = 0) -> dict[str, Any]:
 def doc_gaps(model_lp: torch.Tensor, true_lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Each document's gap per target word, model NLL - true NLL: [B] from [B, N] log-probs and targets."""
     return ((true_lp - model_lp) * targets).sum(1) / targets.sum(1)
-
-
-@torch.no_grad()
-def ar_nll(model: nn.Module, ids: torch.Tensor, length: int) -> float:
-    """A plain causal LM's NLL per word (w_1..w_L from BOS and the words before them)."""
-    was_training = model.training
-    model.eval()
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    nll = F.cross_entropy(logits[:, :length].flatten(0, 1), ids[:, 1 : length + 1].flatten())
-    model.train(was_training)
-    return float(nll)
 
 
 def _load_evals(path: Path) -> dict[int, dict[str, float]]:
