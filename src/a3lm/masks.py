@@ -34,6 +34,14 @@ def group_attention_mask(
     return allowed[:, None]
 
 
+def own_slot_mask(n_content: int, n_query: int, device: torch.device | None = None) -> torch.Tensor:
+    """[1, 1, C + Q, Q] bool: the keys of Q query-stream slots, each seen by its own row alone (the
+    diagonal of the query rows; content rows see none). Appended to a content mask, it lets one
+    attention call cover the own-slot rule (decoding steps, where Q is small)."""
+    rows = torch.arange(n_content + n_query, device=device)[:, None]
+    return (rows - n_content == torch.arange(n_query, device=device))[None, None]
+
+
 def two_stream_mask(group_ids_BN: torch.Tensor, attention_mask_BN: torch.Tensor) -> torch.Tensor:
     """Mask [B, 1, 2N, N] for the concatenated [content ; query] streams over content keys."""
     strict = torch.zeros_like(group_ids_BN, dtype=torch.bool)

@@ -48,6 +48,7 @@ from .masks import (
     additive_mask,
     flex_two_stream_block_mask,
     group_attention_mask,
+    own_slot_mask,
     sort_by_group,
     two_stream_mask,
 )
@@ -103,6 +104,24 @@ def _broadcast_kv(x_BGSD: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x_BGSD[:, :, None].expand(B, G, n_heads // G, S, D).flatten(1, 2)
 
 
+def _two_stream_flash(query, key, value, bias, n_self: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TwoStreamAttention`'s forward (out [B, H, R, D], lse [B, H, R]); called alone where no gradient flows."""
+    K = bias.shape[-1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key[:, :, :K], value[:, :, :K], attn_mask=bias, scale=scale
+    )
+    if n_self:
+        rows = slice(query.shape[2] - n_self, None)
+        own = _own_slot_score(query[:, :, rows], key[:, :, K:]).to(lse.dtype) * scale
+        lse_c = lse[:, :, rows]
+        merged = torch.logaddexp(lse_c, own)
+        p_own = (own - merged).exp().to(out.dtype)[..., None]
+        out_c = out[:, :, rows]
+        out_c.add_(p_own * (_broadcast_kv(value[:, :, K:], query.shape[1]) - out_c))
+        lse_c.copy_(merged)
+    return out, lse
+
+
 class TwoStreamAttention(torch.autograd.Function):
     """Fused two-stream attention: every row over the masked content keys, the last S rows also over
     their own slot, without materialising a score matrix.
@@ -120,19 +139,7 @@ class TwoStreamAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, bias, n_self: int, scale: float):
-        K = bias.shape[-1]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key[:, :, :K], value[:, :, :K], attn_mask=bias, scale=scale
-        )
-        if n_self:
-            rows = slice(query.shape[2] - n_self, None)
-            own = _own_slot_score(query[:, :, rows], key[:, :, K:]).to(lse.dtype) * scale
-            lse_c = lse[:, :, rows]
-            merged = torch.logaddexp(lse_c, own)
-            p_own = (own - merged).exp().to(out.dtype)[..., None]
-            out_c = out[:, :, rows]
-            out_c.add_(p_own * (_broadcast_kv(value[:, :, K:], query.shape[1]) - out_c))
-            lse_c.copy_(merged)
+        out, lse = _two_stream_flash(query, key, value, bias, n_self, scale)
         ctx.save_for_backward(query, key, value, bias, out, lse)
         ctx.n_self, ctx.scale = n_self, scale
         return out
@@ -173,8 +180,10 @@ def a3_attention(
     """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
     [B, Hkv, K + S, D] (content keys, then the S query-stream slots' own keys).
 
-    A dense mask [B, 1, R, K] (bool, or additive 0 / -inf) covers the content keys only: query-stream
-    keys are cut before the matmul rather than masked, which halves a dense [2N, 2N] mask's work. With
+    A dense mask [B, 1, R, K] (bool, or additive 0 / -inf) covers the first K keys. In training it
+    covers the content keys only: query-stream keys are cut before the matmul rather than masked, which
+    halves a dense [2N, 2N] mask's work, and the own slots are merged analytically. A decoding step's
+    mask also covers its few query slots' own keys (`masks.own_slot_mask`): one kernel call. With
     `a3_query_self_attention` (`A3Config.query_self_attention`, passed down the decoder's forward
     kwargs by `A3ForCausalLM`), each query-stream row also attends to its own slot (the diagonal), so
     a query that sees a single content key (BOS) still learns where it is: RoPE needs two keys at
@@ -205,7 +214,10 @@ def a3_attention(
         if torch.is_autocast_enabled("cpu"):  # as autocast does for SDPA: RoPE leaves q, k in fp32, v in bf16
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         bias = additive_mask(attention_mask, query.dtype)
-        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale) if needs_grad else (
+            _two_stream_flash(query, key, value, bias, n_self, scale)[0]
+        )
     else:
         out = _dense_two_stream(query, key, value, attention_mask, n_self, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
@@ -515,8 +527,8 @@ class A3ForCausalLM(A3PreTrainedModel):
         cached content keys; returns logits [B, Q, V]. A query slot of group g sees cached content of
         groups < g (give it a group above every committed one to see them all); a content slot of group
         g sees groups <= g. Padded slots: content_valid False (kept as a never-attended key); a padded
-        query slot's logits are meaningless. The query slots' K/V are cropped again: nothing attends to
-        them (the attention function cuts keys to the mask's width, cached + C).
+        query slot's logits are meaningless. Each query slot sees its own K/V (the own-slot rule) through
+        the mask's last Q columns; they are cropped from the cache after the step (no later row sees them).
         """
         B, C = content_ids_BC.shape
         Q = query_positions_BQ.shape[1]
@@ -531,6 +543,8 @@ class A3ForCausalLM(A3PreTrainedModel):
         mask = group_attention_mask(
             torch.cat([content_groups_BC, query_groups_BQ], dim=1), strict.expand(B, -1), cache.key_groups_BK, cache.key_valid_BK
         )
+        if self.config.query_self_attention and Q:
+            mask = torch.cat([mask, own_slot_mask(C, Q, device=mask.device).expand(B, 1, -1, -1)], dim=-1)
         if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
             mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
