@@ -9,7 +9,9 @@
 Rows (time per generated token, batch 1, 16-token prompt):
   group-wise s = 1, 2, 4     128 new tokens, left to right, greedy  / AR generate() of 128 tokens
   dynamic k = 1, 4           256 blanks, confidence, greedy         / AR generate() of 256 tokens
-  recompute / cached         512 blanks, k per step: full two-stream forward every step / cached
+  recompute / cached         512 blanks, k per step: full two-stream forward every step / cached, and
+                             the bound on that speed-up from counting multiply-adds (both paths score
+                             every unfilled position every step; only the content work differs)
   speculative k              128 new tokens (left to right, random order) or a 128-token middle
                              blank between prompt and a 16-token suffix (infilling), temperature 1:
                              tokens per forward, draft acceptance, time per token / s = 1 of the
@@ -43,6 +45,33 @@ SIZES = dict(prompt=16, new=128, dynamic=256, recompute=512, recompute_k=16)
 QUICK_SIZES = dict(prompt=8, new=16, dynamic=32, recompute=48, recompute_k=8)
 
 
+def step_macs(config: dict, content: int, queries: int, keys: int) -> int:
+    """Multiply-adds of one two-stream forward of `content` + `queries` rows over `keys` keys: the
+    projections, attention scores and values, MLPs (the last layer's on the query rows only) and the
+    lm_head on the query rows. Elementwise work is left out."""
+    H, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim, inner = H // n_heads, config.get("intermediate_size", 4 * H)
+    rows = content + queries
+    per_layer = rows * (2 * H * n_heads * head_dim + 2 * H * n_kv * head_dim + 2 * keys * n_heads * head_dim)
+    mlps = (L - 1) * rows * 3 * H * inner + queries * 3 * H * inner
+    return L * per_layer + mlps + queries * H * V
+
+
+def dynamic_recompute_bound(config: dict, prompt: int, blanks: int, k: int) -> float:
+    """MACs of full recompute / MACs of cached steps, for dynamic decoding of `blanks` positions k per
+    step: the speed-up the cache can give where both are compute-bound. Every cached step still scores
+    every unfilled position, which bounds it well below blanks / k."""
+    N, cached, full = prompt + blanks, 0, 0
+    committed, new_content, left = 0, prompt, blanks
+    while left > 0:
+        cached += step_macs(config, new_content, left, committed + new_content + left)  # + own query slots
+        full += step_macs(config, N, N, N)
+        committed, new_content = committed + new_content, min(k, left)
+        left -= new_content
+    return full / cached
+
+
 def _timer(fn: Callable[[], object], device: str) -> Callable[[], float]:
     def run() -> float:
         if device == "cuda":
@@ -73,7 +102,7 @@ def paired(baseline: Callable[[], float], candidate: Callable[[], float], repeat
 @torch.no_grad()
 def suite_rows(
     a3: A3ForCausalLM, base: torch.nn.Module, device: str = "cpu", quick: bool = False, repeats: int = 3,
-    sizes: dict | None = None,
+    sizes: dict | None = None, speculative_ks: tuple[int, ...] = (4, 8),
 ) -> list[dict]:
     """Every row: {row, N (tokens generated), baseline_s, a3_s (per token), ratio, target}."""
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
@@ -102,10 +131,12 @@ def suite_rows(
     n, k = sizes["recompute"], sizes["recompute_k"]
     r = paired(a3_run(n, dynamic=True, per_step=k), a3_run(n, dynamic=True, per_step=k, use_cache=False),
                max(1, repeats // 2), warmup=False)  # fmt: skip
-    # reported as a speed-up: full recompute time / cached time (higher is better)
+    # reported as a speed-up: full recompute time / cached time (higher is better), with the MAC bound
+    bound = dynamic_recompute_bound(base.config.to_dict(), sizes["prompt"], n, k)
     rows.append({"row": f"dynamic k={k}: recompute / cached", "N": n, "baseline_s": r["a3_s"], "a3_s": r["baseline_s"],
-                 "ratio": r["ratio"], "ratio_min": r["ratio_min"], "target": 4.0, "higher_is_better": True})  # fmt: skip
-    return rows + speculative_rows(a3, base, prompt, sizes, device, repeats)
+                 "ratio": r["ratio"], "ratio_min": r["ratio_min"], "target": 4.0, "higher_is_better": True,
+                 "mac_bound": bound})  # fmt: skip
+    return rows + (speculative_rows(a3, base, prompt, sizes, device, repeats, speculative_ks) if speculative_ks else [])
 
 
 def base_from_a3(a3: A3ForCausalLM) -> torch.nn.Module:
@@ -196,6 +227,7 @@ def main() -> None:
     parser.add_argument("--only-speculative", action="store_true",
                         help="Only the speculative rows; with --model, on held-out text (fortunes:heldout): its first "
                              "16 tokens as the prompt and, for infilling, the 16 after the blank as the suffix.")
+    parser.add_argument("--no-speculative", action="store_true", help="Leave the speculative rows out (timing rows only).")
     parser.add_argument("--k", default="4,8", help="Speculative drafts per forward, comma-separated.")
     parser.add_argument("--output", default="bench/results/sampling.json")
     args = parser.parse_args()
@@ -222,7 +254,8 @@ def main() -> None:
             prompt[:, 0] = 1
         rows = speculative_rows(a3, base, prompt.to(device), sizes, device, args.repeats, ks, suffix)
     else:
-        rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes)
+        rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes,
+                          speculative_ks=() if args.no_speculative else ks)  # fmt: skip
 
     what = args.model or f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, vocab {config['vocab_size']}"
     print(f"device {device} ({args.threads} threads)  {what}  (ratios: medians of pairs timed back to back, same run)")
@@ -231,6 +264,7 @@ def main() -> None:
     for r in rows:
         target = "" if r["target"] is None else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
         spec = f" {r['tokens_per_forward']:>7.2f} {r['acceptance']:>6.2f} {r['vs_generate']:>8.2f}x" if "acceptance" in r else ""
+        spec += f"  (MAC bound {r['mac_bound']:.2f}x)" if "mac_bound" in r else ""
         print(f"{r['row']:<40} {r['N']:>5} {r['baseline_s'] * 1e3:>12.2f} {r['a3_s'] * 1e3:>10.2f} "
               f"{r['ratio']:>6.2f}x {r['ratio_min']:>8.2f}x {target:>7}{spec}")  # fmt: skip
     out = Path(args.output)

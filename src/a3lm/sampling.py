@@ -241,7 +241,8 @@ def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator
             step_logits.append(StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV.float()))
         tokens_BQ, probs_BQV = choose_tokens(logits_BQV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         if fill_group_BN is None:
-            scores_BQ = criterion_scores(cfg.criterion, probs_BQV, generator)
+            top_BQ = probs_BQV.gather(-1, tokens_BQ[..., None])[..., 0] if cfg.temperature == 0 else None
+            scores_BQ = criterion_scores(cfg.criterion, probs_BQV, generator, top_BQ)
             chosen_BQ = _commit_dynamic(scores_BQ, query_valid, cfg.per_step, cfg.threshold)
             width = None if cfg.threshold is not None else min(cfg.per_step, chosen_BQ.shape[1])
             content_cols, content_valid = compact(query_cols, chosen_BQ, width)
