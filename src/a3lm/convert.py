@@ -84,8 +84,8 @@ def resolve_source(src: str, gguf_file: str | None = None) -> Source:
 
 
 def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
-    """(the plain *ForCausalLM in fp32 with no quantizer attached, its tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(the plain *ForCausalLM of a convertible family in fp32 with no quantizer attached, its tokenizer)."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source.path, **source.kwargs())
@@ -97,13 +97,21 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
         raise ConversionError(
             f"model type {config.model_type!r} cannot be converted: a3lm runs {', '.join(SUPPORTED_TYPES)} decoders"
         )
-    base = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.kwargs())
+    return load_causal_lm(source)
+
+
+def load_causal_lm(source: Source, dtype: torch.dtype | str = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """(any causal LM in eval mode, its tokenizer) from a folder, GGUF file or Hub id; a GGUF checkpoint
+    loads dequantized, and its quantizer is dropped (plain floats from here on)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as err:
         raise ConversionError(f"no usable tokenizer in {source.path}: {str(err).splitlines()[0]}") from err
-    drop_quantizer(base)
-    return base.eval(), tokenizer
+    drop_quantizer(model)
+    return model.eval(), tokenizer
 
 
 def drop_quantizer(model: torch.nn.Module) -> None:

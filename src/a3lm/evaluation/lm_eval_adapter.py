@@ -30,7 +30,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .. import sampling
 from ..decoding import DecodingConfig
@@ -359,15 +359,12 @@ class BaseLM(A3LM):
 
 def load_base_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
     """A plain causal LM (eval mode) and its tokenizer: a folder, a .gguf file, 'smollm2' or a Hub id."""
-    from ..convert import drop_quantizer, resolve_source
+    from ..convert import load_causal_lm, resolve_source
 
-    source = resolve_source(pretrained)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **source.kwargs())
+    model, tokenizer = load_causal_lm(resolve_source(pretrained), dtype if dtype == "auto" else getattr(torch, dtype))
     if isinstance(model, A3ForCausalLM):
         raise ValueError(f"{pretrained} is an A3 checkpoint: pass it as --model, and its AR base model as --base")
-    drop_quantizer(model)  # a GGUF checkpoint loads dequantized: plain floats from here on
-    return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    return model.to(resolve_device(device)), tokenizer
 
 
 @torch.no_grad()
