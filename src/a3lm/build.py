@@ -90,11 +90,6 @@ def base_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return copy
 
 
-def max_positions(model: nn.Module) -> int | None:
-    config = getattr(model.config, "text_config", None) or model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute the decoder layers in the backward (non-reentrant: reentrant breaks DDP's hooks)."""
     kwargs = {"use_reentrant": False}

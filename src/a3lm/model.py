@@ -307,6 +307,12 @@ class A3Output(ModelOutput):
     num_targets: torch.Tensor | None = None
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The model's max_position_embeddings (an A3 model's is its decoder's); None when it has none."""
+    config = getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens (0 at each row's first real token), as HF does for left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -678,4 +684,6 @@ def require_a3(path: str) -> None:
 AutoConfig.register("a3", A3Config)
 AutoModelForCausalLM.register(A3Config, A3ForCausalLM)
 
-__all__ = ["A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "check_model_path", "default_position_ids", "require_a3"]
+__all__ = [
+    "A3Config", "A3ForCausalLM", "A3Output", "PAD_GROUP", "check_model_path", "default_position_ids", "max_positions", "require_a3",
+]  # fmt: skip

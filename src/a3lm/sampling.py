@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .cache import ContentCache
 from .decoding import CRITERIA, DecodingConfig, choose_tokens, criterion_scores, filter_logits
 from .groups import PAD_GROUP, fill_groups
-from .model import A3ForCausalLM, require_a3
+from .model import A3ForCausalLM, max_positions, require_a3
 from .tokenizer import encode_row
 
 
@@ -256,10 +256,6 @@ def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator
 # -- public API ------------------------------------------------------------------------------------
 
 
-def _max_positions(model: A3ForCausalLM) -> int | None:
-    return getattr(model.config.text_config, "max_position_embeddings", None)
-
-
 def _config_eos(model: A3ForCausalLM) -> int | None:
     eos = getattr(model.config.text_config, "eos_token_id", None)
     return eos[0] if isinstance(eos, list | tuple) else eos
@@ -319,7 +315,7 @@ def sample(
     if bool((lengths_B == 0).any()):
         raise ValueError(f"empty prompt in row {int((lengths_B == 0).nonzero()[0])}: sampling needs at least one token (BOS)")
     B, N = input_ids.shape[0], int(lengths_B.max()) + length
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     if max_pos is not None and N > max_pos:
         raise ValueError(f"prompt ({int(lengths_B.max())} tokens) + length ({length}) = {N} exceeds the model's maximum of {max_pos} positions")
     eos_token_id = (cfg.eos_token_id if cfg.eos_token_id is not None else _config_eos(model)) if cfg.stop_at_eos else None
@@ -358,7 +354,7 @@ def infill(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     if max_pos is not None and int(real.sum(1).max()) > max_pos:
         raise ValueError(f"{int(real.sum(1).max())} tokens exceed the model's maximum of {max_pos} positions")
     device = model.device
@@ -491,7 +487,7 @@ def sample_text(
     warn_unknown_words(tokenizer, prompt)
     input_ids = torch.tensor([encode_row(tokenizer, prompt)])
     if length is None:
-        max_pos = _max_positions(model)
+        max_pos = max_positions(model)
         length = DEFAULT_LENGTH if max_pos is None else max(min(DEFAULT_LENGTH, max_pos - input_ids.shape[1]), 1)
     eos_given = kwargs.get("eos_token_id") is not None or (config is not None and config.eos_token_id is not None)
     if not eos_given and tokenizer.eos_token_id is not None:

@@ -37,7 +37,7 @@ from .curriculum import CurriculumConfig, GroupPolicy, describe, draw_group_ids,
 from .data import PackedLoader, build_loader
 from .distributed import autocast_dtype, device_kind, full_state_dict, init_distributed, pick_device, wrap
 from .metrics import MetricsLog, ProgressBar
-from .model import A3ForCausalLM
+from .model import A3ForCausalLM, max_positions
 from .parts import DataPosition, ModelState, RNGState, seed_everything
 from .quiet import quiet_transformers
 from .run_folder import (
@@ -157,7 +157,7 @@ class Trainer:
 
     def _build_loader(self) -> PackedLoader:
         loader = build_loader(self.cfg.data, self.tokenizer, self.dist.rank, self.dist.world_size,
-                              max_positions=build.max_positions(self.model))
+                              max_positions=max_positions(self.model))
         loader.check_readable()
         return loader
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ..groups import PAD_GROUP, check_order, infill_groups
 from ..likelihood import target_logprobs
-from ..model import A3ForCausalLM
+from ..model import A3ForCausalLM, max_positions
 from ..tokenizer import row_start_id
 
 
@@ -144,12 +144,6 @@ def token_logits(model, input_ids: torch.Tensor, group_ids: torch.Tensor, attent
         return model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask).logits
     logits_BNV = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return torch.cat([torch.zeros_like(logits_BNV[:, :1]), logits_BNV[:, :-1]], dim=1)
-
-
-def max_positions(model) -> int | None:
-    """The model's max_position_embeddings (an A3 model's is its decoder's)."""
-    config = getattr(model.config, "text_config", model.config)
-    return getattr(config, "max_position_embeddings", None)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -35,8 +35,8 @@ from transformers import AutoTokenizer
 from .. import sampling
 from ..decoding import DecodingConfig
 from ..groups import check_order
-from ..model import A3ForCausalLM, require_a3
-from .continuations import max_positions, prefix_token_id, score_continuations
+from ..model import A3ForCausalLM, max_positions, require_a3
+from .continuations import prefix_token_id, score_continuations
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
