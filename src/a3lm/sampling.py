@@ -220,6 +220,47 @@ def _eos_finished(ids_BN, real_BN, known_BN, filled_BN, eos_token_id: int) -> to
 # -- group-wise and dynamic decoding ---------------------------------------------------------------
 
 
+def group_schedule(fill_group_BN: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step t, the columns of every row's group t, left to right: (cols [B, W_t], valid [B, W_t]).
+
+    Built once from the relative groups (-1: not filled), with two host syncs in all, so that a
+    group-wise step needs none to find its queries.
+    """
+    B, N = fill_group_BN.shape
+    cols = torch.arange(N, device=fill_group_BN.device).expand(B, N)
+    n_steps = int(fill_group_BN.max()) + 1
+    if n_steps == 0:
+        return []
+    fills = fill_group_BN >= 0
+    order_BN = torch.where(fills, fill_group_BN * N + cols, n_steps * N + cols).argsort(dim=1)  # group-major
+    counts_BT = torch.zeros(B, n_steps, dtype=torch.long, device=cols.device).scatter_add_(
+        1, fill_group_BN.clamp(min=0), fills.long()
+    )
+    starts_BT = counts_BT.cumsum(1) - counts_BT
+    schedule = []
+    for t, width in enumerate(counts_BT.max(0).values.tolist()):
+        slot = torch.arange(width, device=cols.device)
+        valid = slot < counts_BT[:, t : t + 1]
+        index = torch.where(valid, starts_BT[:, t : t + 1] + slot, 0)
+        schedule.append((order_BN.gather(1, index), valid))
+    return schedule
+
+
+def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The query slots of the next step (cols [B, Q], valid [B, Q]), or None when decoding is done:
+    the schedule's next group (group-wise), or every unfilled position (dynamic). Finished rows get none."""
+    if schedule is None:
+        query_BN = canvas.unfilled()
+        return mask_to_cols(query_BN) if bool(query_BN.any()) else None
+    if step == len(schedule):
+        return None
+    cols, valid = schedule[step]
+    if not stops_at_eos:  # no row stops early, and every step of the schedule has a group to fill
+        return cols, valid
+    valid = valid & ~canvas.finished[:, None]
+    return (cols, valid) if bool(valid.any()) else None
+
+
 @torch.no_grad()
 def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator, eos_token_id, pad_token_id,
             output_logits: bool) -> GenerationOutput:  # fmt: skip
@@ -227,14 +268,11 @@ def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator
     forward = StepForward(model, canvas.ids.shape[0], cfg.use_cache)
     step_logits: list[StepLogits] | None = [] if output_logits else None
     content_cols, content_valid = mask_to_cols(canvas.known)
+    schedule = None if fill_group_BN is None else group_schedule(fill_group_BN)
     n_known_B, step = canvas.n_known, 0
-    while True:
-        unfilled = canvas.unfilled()
-        query_BN = unfilled if fill_group_BN is None else unfilled & (fill_group_BN == step)
-        if not bool(query_BN.any()):
-            break
+    while (queries := _next_queries(canvas, schedule, step, eos_token_id is not None)) is not None:
+        query_cols, query_valid = queries
         step += 1
-        query_cols, query_valid = mask_to_cols(query_BN)
         g_next = (n_known_B + step - 1)[:, None].expand_as(query_cols)  # above every committed group
         logits_BQV = forward(canvas, content_cols, content_valid, query_cols, query_valid, g_next)
         if step_logits is not None:
