@@ -5,6 +5,7 @@
     python bench/bench_sampling.py --model DIR     # a saved A3 checkpoint (e.g. SmolLM2), its own weights
     python bench/bench_sampling.py --profile       # torch.profiler's top ops of an s = 1 run, then exit
     python bench/bench_sampling.py --model DIR --only-speculative --k 4   # speculative rows on held-out text
+    python bench/bench_sampling.py --only-speculative --schedule heuristic  # the adaptive window (from k)
 
 Rows (time per generated token, batch 1, 16-token prompt):
   group-wise s = 1, 2, 4     128 new tokens, left to right, greedy  / AR generate() of 128 tokens
@@ -155,9 +156,12 @@ def base_from_a3(a3: A3ForCausalLM) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def speculative_rows(a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 8), suffix=None) -> list[dict]:
+def speculative_rows(
+    a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 8), suffix=None, schedule: str = "constant"
+) -> list[dict]:
     """Speculative decoding (temperature 1) per order: tokens per forward, acceptance, time ratios.
-    suffix [1, S]: the text after the infilling blank (default: any 15 tokens)."""
+    suffix [1, S]: the text after the infilling blank (default: any 15 tokens). schedule: the window's
+    (constant k, or heuristic from k)."""
     n = sizes["new"]
     suffix = prompt[:, 1:].flip(1) if suffix is None else suffix
     ids = torch.cat([prompt, torch.zeros(1, n, dtype=torch.long, device=device), suffix], dim=1)
@@ -175,12 +179,12 @@ def speculative_rows(a3, base, prompt, sizes, device: str, repeats: int, ks=(4, 
     for order in ("left-to-right", "random", "infilling"):
         s1 = _timer(lambda order=order: run(order), device)
         for k in ks:
-            out = run(order, speculative=k)
-            spec = _timer(lambda order=order, k=k: run(order, speculative=k), device)
+            out = run(order, speculative=k, speculative_schedule=schedule)
+            spec = _timer(lambda order=order, k=k: run(order, speculative=k, speculative_schedule=schedule), device)
             vs_s1 = paired(s1, spec, repeats)
             vs_ar = paired(ar, spec, repeats, warmup=False)
             rows.append({
-                "row": f"speculative k={k} {order} / s=1", "N": n, "baseline_s": vs_s1["baseline_s"] / n,
+                "row": f"speculative k={k}{'+' if schedule == 'heuristic' else ''} {order} / s=1", "N": n, "baseline_s": vs_s1["baseline_s"] / n,
                 "a3_s": vs_s1["a3_s"] / n, "ratio": vs_s1["ratio"], "ratio_min": vs_s1["ratio_min"], "target": None,
                 "tokens_per_forward": n / out.num_steps, "acceptance": out.accepted / max(out.drafted, 1),
                 "vs_generate": vs_ar["ratio"], "vs_generate_min": vs_ar["ratio_min"],
@@ -229,6 +233,7 @@ def main() -> None:
                              "16 tokens as the prompt and, for infilling, the 16 after the blank as the suffix.")
     parser.add_argument("--no-speculative", action="store_true", help="Leave the speculative rows out (timing rows only).")
     parser.add_argument("--k", default="4,8", help="Speculative drafts per forward, comma-separated.")
+    parser.add_argument("--schedule", default="constant", help="Speculative window schedule: constant or heuristic (k+).")
     parser.add_argument("--output", default="bench/results/sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -252,7 +257,7 @@ def main() -> None:
         if prompt is None:
             prompt = torch.randint(4, base.config.vocab_size, (1, sizes["prompt"]), generator=torch.Generator().manual_seed(0))
             prompt[:, 0] = 1
-        rows = speculative_rows(a3, base, prompt.to(device), sizes, device, args.repeats, ks, suffix)
+        rows = speculative_rows(a3, base, prompt.to(device), sizes, device, args.repeats, ks, suffix, args.schedule)
     else:
         rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes,
                           speculative_ks=() if args.no_speculative else ks)  # fmt: skip

@@ -324,6 +324,8 @@ def test_eos_stops_and_pads(mode):
         (dict(length=4, speculative=2, dynamic=True), "exclude each other"),
         (dict(length=4, speculative=2, group_size=2), "singleton groups"),
         (dict(length=4, speculative=-1), "speculative"),
+        (dict(length=4, speculative=2, speculative_schedule="eager"), "unknown speculative_schedule"),
+        (dict(length=4, speculative_schedule="heuristic"), "speculative decoding only"),
     ],
 )
 def test_sample_errors(kwargs, message):

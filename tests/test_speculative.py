@@ -87,11 +87,12 @@ def test_greedy_infill_equals_one_token_steps():
     assert torch.equal(spec.sequences[known], ids[known])
 
 
-@pytest.mark.parametrize("order", ["left-to-right", "random"])
-def test_cached_verification_equals_recompute(order):
+@pytest.mark.parametrize("order, schedule", [("left-to-right", "constant"), ("random", "constant"), ("random", "heuristic")])
+def test_cached_verification_equals_recompute(order, schedule):
     """Same seed, same draws: drafts, acceptances and residual draws agree with the full forward."""
     model = _sharp_model("qwen2", scale=4)  # broad enough for rejections
-    kw = dict(length=12, order=order, speculative=3, temperature=0.8, top_p=0.95, seed=0, output_logits=True)
+    kw = dict(length=12, order=order, speculative=3, speculative_schedule=schedule, temperature=0.8, top_p=0.95, seed=0,
+              output_logits=True)  # fmt: skip
     runs = [sample(model, PROMPTS, PROMPT_MASK, use_cache=c, stop_at_eos=False, **kw) for c in (True, False)]
     a, b = runs
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.fill_step, b.fill_step)
@@ -101,3 +102,17 @@ def test_cached_verification_equals_recompute(order):
         assert torch.equal(x.positions_BQ, y.positions_BQ)
         valid = x.positions_BQ >= 0
         torch.testing.assert_close(x.logits_BQV[valid], y.logits_BQV[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["left-to-right", "random"])
+def test_heuristic_window_follows_acceptance(order):
+    """Greedy drafts of a sharp model are mostly right: the heuristic window grows past k = 2, so it needs
+    fewer forwards than a constant k = 2, for the same tokens (greedy s = 1's)."""
+    model = _sharp_model("llama")
+    kw = dict(length=16, order=order, temperature=0, seed=2, stop_at_eos=False)
+    plain = sample(model, PROMPTS[1:], **kw)
+    constant = sample(model, PROMPTS[1:], speculative=2, **kw)
+    heuristic = sample(model, PROMPTS[1:], speculative=2, speculative_schedule="heuristic", **kw)
+    assert torch.equal(heuristic.sequences, plain.sequences) and torch.equal(heuristic.group_ids, plain.group_ids)
+    assert heuristic.num_steps < constant.num_steps
+    assert heuristic.drafted > constant.drafted  # wider windows

@@ -326,6 +326,7 @@ _DECODING_OPTIONS = (
     ("per_step", int, typer.Option(1, "--per-step", help="Dynamic only: positions committed per step (k).")),
     ("threshold", float | None, typer.Option(None, help="Dynamic only: commit every position with score >= p (at least one).")),
     ("speculative", int, typer.Option(0, "--speculative", help="Lossless speculative decoding: draft k positions of the (singleton) order per forward, verify them exactly.")),
+    ("speculative_schedule", str, typer.Option("constant", "--speculative-schedule", help="Speculative only: constant k, or heuristic (+2 after a window whose drafts were all accepted, else -1, keeping one draft).")),
     ("temperature", float, typer.Option(1.0, help="Sampling temperature; 0 = greedy.")),
     ("top_k", int | None, typer.Option(None, "--top-k")),
     ("top_p", float | None, typer.Option(None, "--top-p")),

@@ -20,6 +20,7 @@ import torch
 from .groups import Order, check_order
 
 CRITERIA = ("confidence", "margin", "entropy", "random")
+SPECULATIVE_SCHEDULES = ("constant", "heuristic")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class DecodingConfig:
     dynamic, criterion, per_step, threshold: dynamic resampling (criterion confidence, margin, entropy
         or random; commit `per_step` per step, or every position with score >= `threshold`).
     speculative: k >= 1 drafts per forward (0 = off), for singleton orders (group_size 1).
+    speculative_schedule: "constant" keeps k; "heuristic" (transformers' assisted-generation rule)
+        starts at k and after each verified window adds 2 when every draft of every row was accepted,
+        else subtracts 1, keeping at least one draft (window 2, as transformers keeps one assistant
+        token): the window follows the acceptance, and samples stay exact (the width is chosen from
+        earlier windows only).
     temperature (0 = greedy), top_k, top_p: applied to every distribution a token is drawn from.
     seed: seeds a fresh generator (None: nondeterministic); a generator passed to `sample` wins.
     stop_at_eos, eos_token_id: `sample` stops a row at a generated EOS (default id: the model's).
@@ -46,6 +52,7 @@ class DecodingConfig:
     per_step: int = 1
     threshold: float | None = None
     speculative: int = 0
+    speculative_schedule: str = "constant"
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -73,6 +80,10 @@ class DecodingConfig:
                 raise ValueError(f"threshold compares a probability: use criterion confidence or margin, not {self.criterion!r}")
         if self.speculative < 0:
             raise ValueError(f"speculative (drafts per forward) must be >= 1, or 0 for off; got {self.speculative}")
+        if self.speculative_schedule not in SPECULATIVE_SCHEDULES:
+            raise ValueError(
+                f"unknown speculative_schedule {self.speculative_schedule!r}; choose one of {', '.join(SPECULATIVE_SCHEDULES)}"
+            )
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -89,6 +100,8 @@ class DecodingConfig:
             raise ValueError("group_size and order do not apply to dynamic decoding (it picks positions by criterion)")
         if not self.dynamic and (self.criterion != "confidence" or self.per_step != 1 or self.threshold is not None):
             raise ValueError("criterion, per_step and threshold apply to dynamic decoding only: set dynamic=True (--dynamic)")
+        if not self.speculative and self.speculative_schedule != "constant":
+            raise ValueError("speculative_schedule applies to speculative decoding only: set speculative=k (--speculative)")
         if self.speculative and self.group_size != 1:
             raise ValueError(f"speculative decoding verifies singleton groups: group_size must be 1, got {self.group_size}")
 
@@ -191,4 +204,4 @@ def criterion_scores(
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
-__all__ = ["CRITERIA", "DecodingConfig", "choose_tokens", "criterion_scores", "draw", "filter_logits", "token_probs"]
+__all__ = ["CRITERIA", "SPECULATIVE_SCHEDULES", "DecodingConfig", "choose_tokens", "criterion_scores", "draw", "filter_logits", "token_probs"]

@@ -17,7 +17,10 @@ One forward per round, [content ; queries] against the exact cache:
              when every draft is accepted these are exactly the next window's q (the first of which is
              then p, so the next window's first draft is always accepted).
 After a rejection the next window's q are unknown (the residual token is new): that row's next forward
-carries no drafts, only the residual's content and the window's queries. Rejected drafts' cached keys
+carries no drafts, only the residual's content and the window's queries. The window is k positions,
+or (heuristic schedule) starts at k and grows by 2 after a forward whose drafts were all accepted and
+shrinks by 1 otherwise, to no less than one draft: chosen from earlier forwards only, so each
+window's verification, and the samples, stay exact. Rejected drafts' cached keys
 are dropped (rows of a batch accept different counts: padded slots are invalid keys). Temperature,
 top-k and top-p shape q and p alike; greedy makes both one-hot, so greedy speculative decoding gives
 greedy s = 1 decoding's tokens.
@@ -107,15 +110,15 @@ def decode_speculative(
     model: A3ForCausalLM, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator, eos_token_id: int | None,
     pad_token_id: int, output_logits: bool,
 ) -> GenerationOutput:  # fmt: skip
-    """Speculative decoding of the canvas's blanks in the singleton order cfg.order, k = cfg.speculative."""
+    """Speculative decoding of the canvas's blanks in the singleton order cfg.order, windows of
+    k = cfg.speculative positions (adapted after each forward under the heuristic schedule)."""
     B, N = canvas.ids.shape
-    k, D = cfg.speculative, cfg.speculative - 1  # window, drafts to verify per forward
+    k = cfg.speculative  # the window: positions drafted per forward (its first one exact)
     window, forward = _Window(canvas, cfg, generator), StepForward(model, B, cfg.use_cache)
     step_logits: list[StepLogits] | None = [] if output_logits else None
     n_known_B, top = canvas.n_known, 2 * N + 1  # `top`: a query group that sees every committed token
-    arange_D = torch.arange(D, device=canvas.ids.device)
     done_B = torch.zeros(B, dtype=torch.long, device=canvas.ids.device)  # blanks committed (by rank)
-    cols, _ = window.at(done_B, D)
+    cols, _ = window.at(done_B, 0)  # no drafts before the first forward
     d = _Drafts(*mask_to_cols(canvas.known), cols, torch.zeros_like(cols), torch.zeros_like(cols, dtype=torch.bool))
     steps = drafted = accepted = 0
     while True:
@@ -125,7 +128,8 @@ def decode_speculative(
         if not bool(next_valid.any() | d.valid.any()):
             break
         steps += 1
-        groups_BD = n_known_B[:, None] + done_B[:, None] + arange_D  # singleton groups: the rank in the order
+        D = d.cols.shape[1]  # drafts to verify: the previous window's, less its first position
+        groups_BD = n_known_B[:, None] + done_B[:, None] + torch.arange(D, device=done_B.device)  # the rank in the order
         query_cols = torch.cat([d.cols, next_cols], dim=1)
         query_valid = torch.cat([d.valid, next_valid], dim=1)
         logits_BQV = forward(
@@ -139,6 +143,8 @@ def decode_speculative(
         probs_BQV = token_probs(logits_BQV, cfg)
         committed_B, rejected_B, residual_col = _verify(canvas, forward, d, probs_BQV[:, :D], groups_BD, done_B, steps, generator)
         drafted, accepted = drafted + int(d.valid.sum()), accepted + int((committed_B - rejected_B.long()).sum())
+        if cfg.speculative_schedule == "heuristic" and bool(d.valid.any()):
+            k = max(min(cfg.speculative, 2), k - 1) if bool(rejected_B.any()) else k + 2  # >= 1 draft: keep measuring
         done_B = done_B + committed_B
         canvas.stop_at_eos(eos_token_id)
         d, done_B = _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, steps,
