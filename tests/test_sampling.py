@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from a3lm.debug import tiny_a3_model
-from a3lm.groups import PAD_GROUP, infill_groups, left_to_right
+from a3lm.groups import PAD_GROUP, fill_groups, infill_groups, left_to_right
 from a3lm.likelihood import sequence_logprobs
 from a3lm.sampling import (
     criterion_scores,
     encode_with_blanks,
     filter_logits,
+    group_schedule,
     infill,
     parse_blanks,
     render_fill_order,
@@ -267,6 +268,21 @@ def test_decoding_groups_are_the_builders_groups(order):
         given = out.fill_step == 0
         gen = torch.Generator().manual_seed(5)
         assert torch.equal(out.group_ids, infill_groups(given, out.attention_mask, 2, order, gen))
+
+
+@pytest.mark.parametrize("order, size", [("random", 3), ("random-blocks", 2), ("right-to-left", 1)])
+def test_group_schedule_lists_each_group(order, size):
+    """Step t of the schedule holds exactly the columns of every row's group t, left to right."""
+    fill = torch.rand(3, 17, generator=torch.Generator().manual_seed(0)) < 0.6
+    fill[2] = False
+    fill[2, 4] = True  # a row with one blank: no group after the first
+    fill_group = fill_groups(fill, order, size, torch.Generator().manual_seed(1))
+    schedule = group_schedule(fill_group)
+    assert len(schedule) == int(fill_group.max()) + 1
+    for t, (cols, valid) in enumerate(schedule):
+        for b in range(3):
+            expected = (fill_group[b] == t).nonzero().flatten()
+            assert torch.equal(cols[b][valid[b]], expected)
 
 
 def test_custom_order_per_row():
