@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from a3lm import groups
-from a3lm.masks import additive_mask, group_attention_mask, two_stream_mask
-from a3lm.model import TwoStreamAttention, _dense_two_stream
+from a3lm.masks import additive_mask, group_attention_mask, own_slot_mask, two_stream_mask
+from a3lm.model import TwoStreamAttention, _dense_two_stream, _two_stream_flash
 
 
 def padded_groups(B: int, N: int, gen: torch.Generator):
@@ -70,6 +70,27 @@ def test_fused_cached_step_attention_equals_dense():
     fused, dense = fused_and_dense(query, key, value, mask, S, 0.3)
     for got, ref, name in zip(fused, dense, ("out", "query", "key", "value"), strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@torch.no_grad()
+def test_own_slots_as_masked_keys_equal_the_merged_own_slot():
+    """A decoding step's form: the query slots' own keys covered by the mask (`own_slot_mask`, one
+    kernel call, no own-slot merge) gives the merged form's output, on the fused CPU kernel and on the
+    dense path (the one CUDA decoding takes)."""
+    gen = torch.Generator().manual_seed(3)
+    B, K, C, S, D = 2, 9, 2, 3, 8
+    key_groups = torch.randint(0, 4, (B, K), generator=gen)
+    key_valid = torch.ones(B, K, dtype=torch.bool)
+    key_valid[1, :3] = False
+    row_groups = torch.cat([key_groups[:, -C:], torch.full((B, S), 4)], dim=1)
+    strict = torch.tensor([False] * C + [True] * S).expand(B, -1)
+    mask = group_attention_mask(row_groups, strict, key_groups, key_valid)
+    wide = torch.cat([mask, own_slot_mask(C, S).expand(B, 1, -1, -1)], dim=-1)
+    query, key, value = attention_inputs(B, 4, 2, C + S, K, S, D, gen)
+    merged = _dense_two_stream(query, key, value, mask, S, 0.3, 0.0)
+    for got in (_two_stream_flash(query, key, value, additive_mask(wide, query.dtype), 0, 0.3)[0],
+                _dense_two_stream(query, key, value, wide, 0, 0.3, 0.0)):  # fmt: skip
+        torch.testing.assert_close(got, merged, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_attention_under_cpu_autocast(a3_model):
