@@ -19,7 +19,7 @@ One forward per round, [content ; queries] against the exact cache:
 After a rejection the next window's q are unknown (the residual token is new): that row's next forward
 carries no drafts, only the residual's content and the window's queries. The window is k positions,
 or (heuristic schedule) starts at k and grows by 2 after a forward whose drafts were all accepted and
-shrinks by 1 otherwise, to no less than one draft: chosen from earlier forwards only, so each
+shrinks by 1 otherwise, between one draft and a row's blanks: chosen from earlier forwards only, so each
 window's verification, and the samples, stay exact. Rejected drafts' cached keys
 are dropped (rows of a batch accept different counts: padded slots are invalid keys). Temperature,
 top-k and top-p shape q and p alike; greedy makes both one-hot, so greedy speculative decoding gives
@@ -144,7 +144,8 @@ def decode_speculative(
         committed_B, rejected_B, residual_col = _verify(canvas, forward, d, probs_BQV[:, :D], groups_BD, done_B, steps, generator)
         drafted, accepted = drafted + int(d.valid.sum()), accepted + int((committed_B - rejected_B.long()).sum())
         if cfg.speculative_schedule == "heuristic" and bool(d.valid.any()):
-            k = max(min(cfg.speculative, 2), k - 1) if bool(rejected_B.any()) else k + 2  # >= 1 draft: keep measuring
+            # at least one draft (to keep measuring), at most a window as long as the longest row's blanks
+            k = max(min(cfg.speculative, 2), k - 1) if bool(rejected_B.any()) else min(k + 2, window.cols_BM.shape[1])
         done_B = done_B + committed_B
         canvas.stop_at_eos(eos_token_id)
         d, done_B = _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, steps,
