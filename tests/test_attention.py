@@ -25,6 +25,17 @@ def attention_inputs(B, H, G, R, K, S, D, gen):
     return make(H, R), make(G, K + S), make(G, K + S)
 
 
+def cached_step_mask(B: int, K: int, C: int, S: int, gen: torch.Generator) -> torch.Tensor:
+    """[B, 1, C + S, K]: C content rows (the last C keys, new this step) and S query slots above every
+    group, over K keys of random groups, the first two keys of row 0 invalid (padding)."""
+    key_groups = torch.randint(0, 4, (B, K), generator=gen)
+    key_valid = torch.ones(B, K, dtype=torch.bool)
+    key_valid[0, :2] = False
+    row_groups = torch.cat([key_groups[:, -C:], torch.full((B, S), 4)], dim=1)
+    strict = torch.tensor([False] * C + [True] * S).expand(B, -1)
+    return group_attention_mask(row_groups, strict, key_groups, key_valid)
+
+
 def fused_and_dense(query, key, value, mask, n_self, scale):
     outs = {}
     for name, run in (
@@ -60,12 +71,7 @@ def test_fused_cached_step_attention_equals_dense():
     """Cached-step shape: more content keys than content rows (cached + new), then the query slots."""
     gen = torch.Generator().manual_seed(2)
     B, K, C, S, D = 2, 9, 2, 3, 8
-    key_groups = torch.randint(0, 4, (B, K), generator=gen)
-    key_valid = torch.ones(B, K, dtype=torch.bool)
-    key_valid[0, :2] = False
-    row_groups = torch.cat([key_groups[:, -C:], torch.full((B, S), 4)], dim=1)
-    strict = torch.tensor([False] * C + [True] * S).expand(B, -1)
-    mask = group_attention_mask(row_groups, strict, key_groups, key_valid)
+    mask = cached_step_mask(B, K, C, S, gen)
     query, key, value = attention_inputs(B, 4, 2, C + S, K, S, D, gen)
     fused, dense = fused_and_dense(query, key, value, mask, S, 0.3)
     for got, ref, name in zip(fused, dense, ("out", "query", "key", "value"), strict=True):
@@ -79,12 +85,7 @@ def test_own_slots_as_masked_keys_equal_the_merged_own_slot():
     dense path (the one CUDA decoding takes)."""
     gen = torch.Generator().manual_seed(3)
     B, K, C, S, D = 2, 9, 2, 3, 8
-    key_groups = torch.randint(0, 4, (B, K), generator=gen)
-    key_valid = torch.ones(B, K, dtype=torch.bool)
-    key_valid[1, :3] = False
-    row_groups = torch.cat([key_groups[:, -C:], torch.full((B, S), 4)], dim=1)
-    strict = torch.tensor([False] * C + [True] * S).expand(B, -1)
-    mask = group_attention_mask(row_groups, strict, key_groups, key_valid)
+    mask = cached_step_mask(B, K, C, S, gen)
     wide = torch.cat([mask, own_slot_mask(C, S).expand(B, 1, -1, -1)], dim=-1)
     query, key, value = attention_inputs(B, 4, 2, C + S, K, S, D, gen)
     merged = _dense_two_stream(query, key, value, mask, S, 0.3, 0.0)

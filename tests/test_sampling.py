@@ -70,14 +70,17 @@ def _infill_batch():
 # -- 1. cached == uncached -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_cached_equals_uncached(family, mode):
-    model = _sharp_model(family)
-    runs = [
+def _cached_and_uncached(model, mode: str):
+    return [
         sample(model, PROMPTS, PROMPT_MASK, length=9, temperature=0, seed=3, stop_at_eos=False,
                output_logits=True, use_cache=use_cache, **MODES[mode])
         for use_cache in (True, False)
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cached_equals_uncached(family, mode):
+    runs = _cached_and_uncached(_sharp_model(family), mode)
     _assert_same_run(*runs)
     assert bool((runs[0].fill_step[runs[0].attention_mask.bool()] >= 0).all())
 
@@ -87,12 +90,7 @@ def test_cached_equals_uncached_without_own_slot(mode):
     """XLNet's rule (no own slot): the cached step's mask then leaves the query slots' keys out."""
     model = _sharp_model("llama")
     model.config.query_self_attention = False
-    runs = [
-        sample(model, PROMPTS, PROMPT_MASK, length=9, temperature=0, seed=3, stop_at_eos=False,
-               output_logits=True, use_cache=use_cache, **MODES[mode])
-        for use_cache in (True, False)
-    ]  # fmt: skip
-    _assert_same_run(*runs)
+    _assert_same_run(*_cached_and_uncached(model, mode))
 
 
 @pytest.mark.parametrize("mode", ["s1-ltr", "s2-random", "dyn-margin"])
