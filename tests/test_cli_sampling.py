@@ -79,12 +79,14 @@ def test_infill_keeps_text_around_the_blank(model_dir):
     assert words[:2] == ["the", "cat"] and words[-4:] == ["on", "the", "mat", "."]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
 @pytest.mark.parametrize("command, text", [("sample", "a big dog"), ("infill", "the cat [BLANK:4] on the mat .")])
-def test_speculative_greedy_equals_one_token_steps(model_dir, command, text):
+def test_speculative_greedy_equals_one_token_steps(model_dir, command, text, schedule):
     flag = "--prompt" if command == "sample" else "--text"
     args = (command, "--model", model_dir, flag, text, "--temperature", "0", "--order", "random", "--show-order")
     extra = ("--length", "8") if command == "sample" else ()
-    plain, spec = _run(*args, *extra), _run(*args, *extra, "--speculative", "3")
+    plain = _run(*args, *extra)
+    spec = _run(*args, *extra, "--speculative", "3", "--speculative-schedule", schedule)
     assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
     # same text; the picture differs (several tokens per step)
     assert plain.stdout.splitlines()[-1] == spec.stdout.splitlines()[-1]
@@ -104,6 +106,7 @@ def test_speculative_greedy_equals_one_token_steps(model_dir, command, text):
         (("sample", "--prompt", "the", "--dynamic", "--group-size", "2"), "do not apply to dynamic"),
         (("infill", "--text", "the [BLANK:2]", "--dynamic", "--order", "random"), "do not apply to dynamic"),
         (("sample", "--prompt", "the", "--speculative", "2", "--group-size", "2"), "singleton groups"),
+        (("sample", "--prompt", "the", "--speculative-schedule", "heuristic"), "speculative decoding only"),
     ],
 )
 def test_errors(model_dir, args, message):

@@ -376,6 +376,7 @@ def test_eval_decoding_configs(tmp_path):
     missing_model = str(tmp_path / "no-model")
     for flags, message in ((["--criterion", "entropy", "--threshold", "0.9"], "threshold compares a probability"),
                            (["--speculative", "2", "--gen-group-size", "2"], "speculative"),
+                           (["--speculative", "2", "--speculative-schedule", "eager"], "unknown speculative_schedule"),
                            (["--genppl-modes", "group,sideways"], "unknown genppl mode")):  # fmt: skip
         result = CliRunner().invoke(app, ["eval", "--model", missing_model, "--tasks", "piqa", *flags])
         assert result.exit_code == 2 and message in result.output, result.output
@@ -383,6 +384,7 @@ def test_eval_decoding_configs(tmp_path):
     assert describe_decoding(config) == {"mode": "dynamic", "criterion": "margin", "per_step": 1, "threshold": 0.8,
                                          "temperature": 0.5, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
     assert describe_decoding(DecodingConfig(order="random", speculative=3))["speculative"] == 3
+    assert describe_decoding(DecodingConfig(speculative=3, speculative_schedule="heuristic"))["speculative_schedule"] == "heuristic"
 
 
 def test_row_names(tmp_path):

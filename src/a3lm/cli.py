@@ -164,6 +164,7 @@ def eval_command(
     gen_order: str | None = typer.Option(None, help="Generation fill order (TriviaQA, ROCStories group, genppl group): left-to-right, right-to-left, random, random-blocks (default: each row's scoring order)."),
     gen_group_size: int = typer.Option(1, help="Generation: tokens per group."),
     speculative: int = typer.Option(0, "--speculative", help="Generation: lossless speculative decoding, k drafts per forward (singleton orders)."),
+    speculative_schedule: str = typer.Option("constant", "--speculative-schedule", help="Generation, speculative: constant k, or heuristic (follows the acceptance)."),
     gen_mode: str = typer.Option("group", help="TriviaQA decoding: group (gen order, gen group size, speculative) or dynamic (criterion, per step / threshold)."),
     criterion: str = typer.Option("confidence", help="Dynamic decoding: confidence, margin, entropy, random."),
     per_step: int = typer.Option(1, "--per-step", help="Dynamic decoding: positions committed per step."),
@@ -185,7 +186,8 @@ def eval_command(
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "use_cache": not no_cache}
-    decoding = DecodingConfig(order=gen_order or "left-to-right", group_size=gen_group_size, speculative=speculative, **sampling)
+    decoding = DecodingConfig(order=gen_order or "left-to-right", group_size=gen_group_size, speculative=speculative,
+                              speculative_schedule=speculative_schedule, **sampling)  # fmt: skip
     dynamic = DecodingConfig(dynamic=True, criterion=criterion, per_step=per_step, threshold=threshold, **sampling)
     cfg = EvalConfig(
         tasks=split(tasks), orders=split(order), group_size=group_size, batch_size=batch_size, limit=limit,

@@ -404,7 +404,7 @@ def ar_generate(
 
 def describe_decoding(config: DecodingConfig) -> dict[str, Any]:
     """What the results JSON records of a DecodingConfig: its mode and the options that act in it."""
-    acting = {"group": ("order", "group_size"), "speculative": ("order", "speculative"),
+    acting = {"group": ("order", "group_size"), "speculative": ("order", "speculative", "speculative_schedule"),
               "dynamic": ("criterion", "per_step", "threshold")}[config.mode]  # fmt: skip
     options = {k: getattr(config, k) for k in acting}
     if not isinstance(options.get("order", ""), str):
