@@ -1,5 +1,6 @@
 """Exactness of the two-stream model: base equivalence, no leakage, normalisation, padding, save/load."""
 
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -211,6 +212,31 @@ def test_skipping_the_last_content_mlp_leaves_queries_exact(a3_model):
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
 
 
+def test_last_layer_runs_its_content_rows_only_through_k_and_v(a3_model):
+    """Unless content states are asked for, the last layer's q_proj, o_proj and MLP see only the
+    query half (its content rows feed nothing but their keys and values); every other layer sees all."""
+    ids = random_ids(2, 9)
+    group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
+    rows: dict[str, int] = {}
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp")
+    layers = a3_model.model.layers
+    # forward hooks, not pre-hooks: they see the arguments the module ran on
+    handles = [
+        layers[i].get_submodule(n).register_forward_hook(lambda m, a, o, key=f"{i}.{n}": rows.__setitem__(key, a[0].shape[1]))
+        for i in (0, len(layers) - 1) for n in names
+    ]  # fmt: skip
+    try:
+        for read_content in (False, True):
+            a3_model(input_ids=ids, group_ids=group_ids, output_content_hidden_states=read_content)
+            last = len(layers) - 1
+            assert all(rows[f"0.{n}"] == 18 for n in names)
+            assert rows[f"{last}.self_attn.k_proj"] == 18
+            assert [rows[f"{last}.{n}"] for n in names if "k_proj" not in n] == [18 if read_content else 9] * 3
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(a3_model):
     ids = random_ids(2, 9)
     group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
@@ -263,6 +289,28 @@ def test_recomputed_mlp_gives_the_same_step_and_saves_two_activations_per_layer(
     rows = B * 2 * N * L - B * N  # the last layer's MLP runs on the query half only
     assert bytes_off - bytes_on == 2 * rows * inter * 4  # fp32
     assert not any("forward" in vars(m) for m in a3_model.modules())  # the class's forward is back
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_mlp_matches_with_a_bias_and_under_autocast(autocast):
+    """`GatedDown` rebuilds down_proj's input in backward, in the dtype autocast ran it in, bias included."""
+    from a3lm.model import _recompute_gated_mlps
+
+    mlp = tiny_base_model("llama", mlp_bias=True).model.layers[0].mlp
+    x = torch.randn(2, 5, mlp.gate_proj.in_features, requires_grad=True)
+    results = []
+    for recompute in (False, True):
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        recomputing = _recompute_gated_mlps(mlp) if recompute else contextlib.nullcontext()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), recomputing:
+            out = mlp(x)
+        out.float().square().sum().backward()
+        results.append([out, x.grad, *(p.grad for p in mlp.parameters())])
+    assert results[0][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    for got, ref in zip(results[1], results[0], strict=True):
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("query_self", [True, False])

@@ -28,7 +28,6 @@ from huggingface_hub.dataclasses import strict
 from safetensors import SafetensorError
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torch.utils.checkpoint import checkpoint
 from transformers import (
     AttentionInterface,
     AutoConfig,
@@ -175,6 +174,7 @@ def a3_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     a3_query_self_attention: bool | None = None,
+    a3_last_layer_content_rows: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
@@ -189,6 +189,9 @@ def a3_attention(
     a query that sees a single content key (BOS) still learns where it is: RoPE needs two keys at
     different distances to tell positions apart. A FlexAttention BlockMask (CUDA) carries the whole
     pattern itself and skips empty tiles.
+
+    `a3_last_layer_content_rows` (set when the caller reads no content state): the decoder's last
+    layer computes only the rows after these, and returns zeros for them.
     """
     if isinstance(attention_mask, BlockMask):
         n_keys = attention_mask.seq_lengths[1]
@@ -208,6 +211,8 @@ def a3_attention(
     n_content = attention_mask.shape[-1]
     n_self = key.shape[2] - n_content if a3_query_self_attention else 0
     key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
+    skipped = (a3_last_layer_content_rows or 0) if _is_last_layer(module) else 0
+    query, attention_mask = query[:, :, skipped:], attention_mask[:, :, skipped:]
     dropout = dropout if module.training else 0.0
     if query.device.type == "cpu" and not dropout:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -220,7 +225,15 @@ def a3_attention(
         )
     else:
         out = _dense_two_stream(query, key, value, attention_mask, n_self, scaling, dropout)
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2)
+    if skipped:
+        out = torch.cat([out.new_zeros(out.shape[0], skipped, *out.shape[2:]), out], dim=1)
+    return out.contiguous(), None
+
+
+def _is_last_layer(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return config is not None and getattr(module, "layer_idx", None) == config.num_hidden_layers - 1
 
 
 def _dense_two_stream(query, key, value, mask, n_self: int, scaling, dropout: float) -> torch.Tensor:
@@ -262,9 +275,9 @@ class A3Config(PretrainedConfig):
     attention_backend: "sdpa" (dense mask), "flex" (FlexAttention BlockMask over group-sorted
     positions), or "auto" = flex on CUDA, sdpa elsewhere.
     recompute_mlp: in training, gated MLPs (Llama, Qwen2, Mistral) keep only gate_proj(x) and
-    up_proj(x) for backward and recompute act(gate) * up and down_proj there: the same values and
+    up_proj(x) for backward and rebuild act(gate) * up there (`GatedDown`): the same values and
     gradients, two [rows, intermediate] activations fewer per layer (the two streams double the rows,
-    and these are the largest activations), for one extra down_proj matmul in backward.
+    and these are the largest activations), for two elementwise ops in backward.
     All are read at every forward, so changing them on a built model's config takes effect at once.
     """
 
@@ -319,17 +332,18 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
-    """Run the last layer's MLP on the query half only (hooks on the unmodified module).
+def _last_layer_query_rows_only(decoder: nn.Module, n_content: int):
+    """Run the last layer's q_proj, o_proj and MLP on the query half only (hooks on the unmodified modules).
 
     The content stream's last-layer output feeds nothing: later queries read only its keys and
-    values, which come before the MLP. Its MLP is an eighth of a 4-layer model's two-stream work.
-    The content rows then carry residual + attention only; callers must not read them.
+    values, which k_proj and v_proj still compute for every row. With the content rows of the
+    attention also skipped (`a3_attention`'s `a3_last_layer_content_rows`), the content half of the
+    last layer is an eighth of a 4-layer model's two-stream work. The content rows then carry
+    residual states with zeros added: callers must not read them.
     """
-    mlp = getattr(decoder.layers[-1], "mlp", None) if hasattr(decoder, "layers") else None
-    if mlp is None:
-        yield
-        return
+    layer = decoder.layers[-1] if hasattr(decoder, "layers") else None
+    attn = getattr(layer, "self_attn", None)
+    modules = [getattr(attn, "q_proj", None), getattr(attn, "o_proj", None), getattr(layer, "mlp", None)]
 
     def query_half(module, args):
         return (args[0][:, n_content:], *args[1:])
@@ -337,7 +351,9 @@ def _skip_last_content_mlp(decoder: nn.Module, n_content: int):
     def pad_content(module, args, out):
         return torch.cat([out.new_zeros(out.shape[0], n_content, out.shape[-1]), out], dim=1)
 
-    handles = [mlp.register_forward_pre_hook(query_half), mlp.register_forward_hook(pad_content)]
+    handles = [
+        h for m in modules if m is not None for h in (m.register_forward_pre_hook(query_half), m.register_forward_hook(pad_content))
+    ]
     try:
         yield
     finally:
@@ -355,14 +371,41 @@ def _cache_argument(decoder_class: type) -> str:
 GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")  # forward = down_proj(act_fn(gate_proj(x)) * up_proj(x))
 
 
-def _act_mul_down(mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+class GatedDown(torch.autograd.Function):
+    """down_proj(act(gate) * up) that keeps only gate and up for backward.
+
+    Backward rebuilds h = act(gate) * up (elementwise) for down_proj's weight gradient and act's own
+    backward; down_proj's product is not rerun, as a checkpointed MLP would. Under autocast the
+    products run in the forward output's dtype, as autocast's linear does.
+    gate, up [..., I]; weight [H, I]; bias [H] or None; returns [..., H].
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, act_fn):
+        out = F.linear(act_fn(gate) * up, weight, bias)
+        ctx.save_for_backward(gate, up, weight)
+        ctx.act_fn, ctx.has_bias, ctx.compute_dtype = act_fn, bias is not None, out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            h = ctx.act_fn(gate_) * up_
+        dt = ctx.compute_dtype
+        grad_out = grad_out.to(dt)
+        grad_h = (grad_out @ weight.to(dt)).to(h.dtype)
+        grad_weight = (grad_out.flatten(0, -2).T @ h.detach().to(dt).flatten(0, -2)).to(weight.dtype)
+        grad_bias = grad_out.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_gate, grad_up = torch.autograd.grad(h, (gate_, up_), grad_h)
+        return grad_gate, grad_up, grad_weight, grad_bias, None
 
 
 def _recomputing_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The gated MLP's own ops in its order; what follows the two input projections reruns in backward."""
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return checkpoint(_act_mul_down, mlp, gate, up, use_reentrant=False)
+    """The gated MLP's own ops in its order; act(gate) * up is rebuilt in backward, not kept."""
+    down = mlp.down_proj
+    return GatedDown.apply(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, mlp.act_fn)
 
 
 @contextlib.contextmanager
@@ -370,7 +413,10 @@ def _recompute_gated_mlps(decoder: nn.Module):
     """Gated MLPs keep gate and up only for backward while the context is open (hooks on a module,
     such as the last-layer skip, still run around it). Other MLP classes are left as they are, and so
     is an MLP whose forward is already replaced on the instance (accelerate's offloading hooks)."""
-    mlps = [m for m in decoder.modules() if type(m).__name__ in GATED_MLPS and "forward" not in vars(m)]
+    mlps = [
+        m for m in decoder.modules()
+        if type(m).__name__ in GATED_MLPS and "forward" not in vars(m) and type(m.down_proj) is nn.Linear
+    ]
     for mlp in mlps:
         mlp.forward = functools.partial(_recomputing_forward, mlp)
     try:
@@ -496,15 +542,17 @@ class A3ForCausalLM(A3PreTrainedModel):
         num_queries: int,
         mask: torch.Tensor | BlockMask,
         position_ids: torch.Tensor,
-        skip_content_mlp: bool,
+        read_content: bool,
         **kwargs: Any,
     ) -> torch.Tensor:
         """The decoder on [content embeds ; w repeated num_queries times]: final states [B, C + Q, H].
 
         The one place the streams enter the decoder (training forward and cached decoding step alike).
-        skip_content_mlp: the content rows' states are not read, so the last layer's MLP skips them.
+        read_content=False: the content rows' states are not read, so the last layer computes only its
+        content rows' keys and values (the returned content rows are then meaningless).
         """
-        skip = _skip_last_content_mlp(self.model, content_ids_BC.shape[1]) if skip_content_mlp else contextlib.nullcontext()
+        n_content = content_ids_BC.shape[1]
+        skip = contextlib.nullcontext() if read_content else _last_layer_query_rows_only(self.model, n_content)
         # Checkpointed layers already rerun everything in backward: recomputing inside them would run twice.
         recompute = self.config.recompute_mlp and torch.is_grad_enabled() and not self.model.is_activation_checkpointing
         with skip, _recompute_gated_mlps(self.model) if recompute else contextlib.nullcontext():
@@ -513,6 +561,7 @@ class A3ForCausalLM(A3PreTrainedModel):
                 attention_mask=mask,
                 position_ids=position_ids,
                 a3_query_self_attention=self.config.query_self_attention,  # forwarded to `a3_attention`
+                a3_last_layer_content_rows=None if read_content else n_content,
                 **kwargs,
             ).last_hidden_state
 
@@ -555,7 +604,7 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
         cache_kwarg = {_cache_argument(type(self.model)): cache.kv}
-        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, True, use_cache=True, **cache_kwarg)
+        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, False, use_cache=True, **cache_kwarg)
         if Q:
             cache.kv.crop(-Q)
         return self.lm_head(hidden[:, C:])
@@ -572,7 +621,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         """Final (normed) states [B, 2N, H] of [content ; query] in the input's position order.
 
         keep_content=False: the content half of the result is not needed (only the query half feeds
-        the lm_head), so the last layer's MLP runs on the query half alone.
+        the lm_head), so the last layer computes little more than the content rows' keys and values.
         """
         N = input_ids_BN.shape[1]
         perm = None
@@ -588,10 +637,10 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
             if input_ids_BN.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
                 mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
-        # Checkpointed layers rerun in backward, after the hooks are gone: keep the MLP whole then.
-        skip_mlp = not keep_content and not self.model.is_activation_checkpointing
+        # Checkpointed layers rerun in backward, after the hooks are gone: keep the last layer whole then.
+        read_content = keep_content or self.model.is_activation_checkpointing
         position_ids = torch.cat([position_ids_BN, position_ids_BN], dim=1)
-        hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, skip_mlp, use_cache=False, **kwargs)
+        hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, read_content, use_cache=False, **kwargs)
         if perm is not None:  # back to position order
             inverse = perm.argsort(dim=1)
             index = torch.cat([inverse, inverse + N], dim=1)[..., None].expand(-1, -1, hidden.shape[-1])
