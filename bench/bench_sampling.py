@@ -48,15 +48,15 @@ QUICK_SIZES = dict(prompt=8, new=16, dynamic=32, recompute=48, recompute_k=8)
 
 def step_macs(config: dict, content: int, queries: int, keys: int) -> int:
     """Multiply-adds of one two-stream forward of `content` + `queries` rows over `keys` keys: the
-    projections, attention scores and values, MLPs (the last layer's on the query rows only) and the
-    lm_head on the query rows. Elementwise work is left out."""
+    projections, attention scores and values, MLPs and the lm_head on the query rows (the last layer
+    runs only k_proj and v_proj on the content rows). Elementwise work is left out."""
     H, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim, inner = H // n_heads, config.get("intermediate_size", 4 * H)
+    kv_proj = 2 * H * n_kv * head_dim
+    rest = 2 * H * n_heads * head_dim + 2 * keys * n_heads * head_dim + 3 * H * inner  # q, o, attention, MLP
     rows = content + queries
-    per_layer = rows * (2 * H * n_heads * head_dim + 2 * H * n_kv * head_dim + 2 * keys * n_heads * head_dim)
-    mlps = (L - 1) * rows * 3 * H * inner + queries * 3 * H * inner
-    return L * per_layer + mlps + queries * H * V
+    return (L - 1) * rows * (kv_proj + rest) + rows * kv_proj + queries * rest + queries * H * V
 
 
 def dynamic_recompute_bound(config: dict, prompt: int, blanks: int, k: int) -> float:
