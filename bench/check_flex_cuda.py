@@ -3,7 +3,9 @@
     python bench/check_flex_cuda.py [--dtype bf16|fp32] [--seq-len 512]
 
 Compares logits at every predictable position and the gradients of a training step (FlexAttention
-has a backward on CUDA) for random groupings with padding; exits non-zero on a mismatch.
+has a backward on CUDA) for random groupings with padding. Then, under bf16 autocast as training runs
+on GPUs, the step with the gated MLPs' recomputation (`model.GatedDown`) against the step without it.
+Exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def main() -> int:
                      for n in ref_grads)
     print(f"max |logit diff| {worst:.2e} (tol {atol}); max relative grad diff {worst_grad:.2e}")
     ok = worst <= atol and worst_grad <= (5e-2 if dtype == torch.bfloat16 else 1e-3)
+
+    def autocast_step(recompute: bool):
+        model.config.recompute_mlp = recompute
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return run("auto")
+
+    (ref_logits, ref_grads), (logits, grads) = autocast_step(False), autocast_step(True)
+    logit_diff = (logits - ref_logits).abs().max().item()
+    grad_diff = max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
+                    for n in ref_grads)
+    print(f"bf16 autocast, MLP recomputation on vs off: max |logit diff| {logit_diff:.2e} (the same forward: tol 0); "
+          f"max relative grad diff {grad_diff:.2e} (tol 1e-2; 0 on CPU)")
+    ok = ok and logit_diff == 0 and grad_diff <= 1e-2
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 
