@@ -203,8 +203,9 @@ def test_missing_and_corrupt_checkpoints(a3_model, tmp_path):
         A3ForCausalLM.from_pretrained(tmp_path)
 
 
-def test_skipping_the_last_content_mlp_leaves_queries_exact(a3_model):
-    """The content stream's last MLP is skipped unless its states are asked for: queries are unchanged."""
+def test_skipping_the_last_layers_content_rows_leaves_queries_exact(a3_model):
+    """The content rows of the last layer run only k_proj and v_proj unless their states are asked
+    for: queries are unchanged (the cached-vs-recompute tests then cover the decoding step's skip)."""
     ids = random_ids(2, 9)
     group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))
     fast = a3_model(input_ids=ids, group_ids=group_ids).logits
