@@ -393,12 +393,15 @@ class GatedDown(torch.autograd.Function):
         with torch.enable_grad():
             gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
             h = ctx.act_fn(gate_) * up_
-        dt = ctx.compute_dtype
+        dt, needs = ctx.compute_dtype, ctx.needs_input_grad
         grad_out = grad_out.to(dt)
-        grad_h = (grad_out @ weight.to(dt)).to(h.dtype)
-        grad_weight = (grad_out.flatten(0, -2).T @ h.detach().to(dt).flatten(0, -2)).to(weight.dtype)
-        grad_bias = grad_out.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_gate, grad_up = torch.autograd.grad(h, (gate_, up_), grad_h)
+        rows_out = grad_out.flatten(0, -2)
+        grad_weight = (rows_out.T @ h.detach().to(dt).flatten(0, -2)).to(weight.dtype) if needs[2] else None
+        grad_bias = rows_out.sum(0).to(weight.dtype) if ctx.has_bias and needs[3] else None
+        grad_gate = grad_up = None
+        if needs[0] or needs[1]:
+            grad_h = (grad_out @ weight.to(dt)).to(h.dtype)
+            grad_gate, grad_up = torch.autograd.grad(h, (gate_, up_), grad_h)
         return grad_gate, grad_up, grad_weight, grad_bias, None
 
 
