@@ -34,6 +34,23 @@ def test_flex_equals_sdpa(a3_model, order, query_self):
     torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=0)
 
 
+def test_reordering_back_to_positions_has_the_gather_gradient():
+    """`_Reorder` (the flex path's way back from group-sorted rows): Tensor.gather's values and gradient."""
+    from a3lm.model import _Reorder
+
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.stack([torch.randperm(7, generator=gen) for _ in range(3)])
+    inverse = perm.argsort(dim=1)
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    ref = x.gather(1, inverse[..., None].expand(-1, -1, 5))
+    got = _Reorder.apply(x, inverse, perm)
+    assert torch.equal(got, ref)
+    weights = torch.randn(3, 7, 5, dtype=torch.float64)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.equal(got_grad, ref_grad)
+
+
 def test_sort_by_group_puts_padding_last_and_groups_in_order():
     g = torch.tensor([[groups.PAD_GROUP, 0, 2, 1, 2]])
     mask = torch.tensor([[0, 1, 1, 1, 1]])

@@ -320,6 +320,22 @@ class A3Output(ModelOutput):
     num_targets: torch.Tensor | None = None
 
 
+class _Reorder(torch.autograd.Function):
+    """Rows reordered by a permutation: out[b, i] = x[b, index[b, i]]. x [B, R, H]; index and its
+    inverse [B, R]. Backward reorders the gradient by the inverse: a gather, where `Tensor.gather`'s
+    backward scatters into a zero-filled copy of x."""
+
+    @staticmethod
+    def forward(ctx, x_BRH, index_BR, inverse_BR):
+        ctx.save_for_backward(inverse_BR)
+        return x_BRH.gather(1, index_BR[..., None].expand(-1, -1, x_BRH.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_BRH):
+        (inverse_BR,) = ctx.saved_tensors
+        return grad_BRH.gather(1, inverse_BR[..., None].expand(-1, -1, grad_BRH.shape[-1])), None, None
+
+
 def max_positions(model: nn.Module) -> int | None:
     """The model's max_position_embeddings (an A3 model's is its decoder's); None when it has none."""
     config = getattr(model.config, "text_config", None) or model.config
@@ -646,8 +662,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, read_content, use_cache=False, **kwargs)
         if perm is not None:  # back to position order
             inverse = perm.argsort(dim=1)
-            index = torch.cat([inverse, inverse + N], dim=1)[..., None].expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.gather(1, index)
+            hidden = _Reorder.apply(hidden, torch.cat([inverse, inverse + N], dim=1), torch.cat([perm, perm + N], dim=1))
         return hidden
 
     def forward(
