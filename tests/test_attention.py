@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from a3lm import groups
-from a3lm.masks import additive_mask, group_attention_mask, own_slot_mask, two_stream_mask
+from a3lm.masks import (
+    additive_mask,
+    group_attention_mask,
+    own_slot_mask,
+    row_chunks,
+    sort_by_group,
+    two_stream_mask,
+)
 from a3lm.model import TwoStreamAttention, _dense_two_stream, _two_stream_flash
 
 
@@ -36,10 +43,11 @@ def cached_step_mask(B: int, K: int, C: int, S: int, gen: torch.Generator) -> to
     return group_attention_mask(row_groups, strict, key_groups, key_valid)
 
 
-def fused_and_dense(query, key, value, mask, n_self, scale):
+def fused_and_dense(query, key, value, mask, n_self, scale, chunks=None):
     outs = {}
+    bias = additive_mask(mask, query.dtype)
     for name, run in (
-        ("fused", lambda: TwoStreamAttention.apply(query, key, value, additive_mask(mask, query.dtype), n_self, scale)),
+        ("fused", lambda: TwoStreamAttention.apply(query, key, value, bias, n_self, scale, chunks)),
         ("dense", lambda: _dense_two_stream(query, key, value, mask, n_self, scale, 0.0)),
     ):
         out = run()
@@ -104,3 +112,49 @@ def test_fused_attention_under_cpu_autocast(a3_model):
     loss.backward()
     assert abs(loss.item() - ref.item()) < 0.05
     assert torch.isfinite(a3_model.query_embed.grad).all()
+
+
+def sorted_two_stream_mask(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
+    """The training mask [B, 1, 2N, N] over group-sorted positions (padding last), as the CPU path builds it."""
+    group_ids, pad = padded_groups(B, N, gen)
+    perm = sort_by_group(group_ids, pad)
+    return two_stream_mask(group_ids.gather(1, perm), pad.gather(1, perm))
+
+
+def test_row_chunks_cover_every_visible_key_and_no_more():
+    mask = sorted_two_stream_mask(3, 23, torch.Generator().manual_seed(0))
+    chunks = row_chunks(mask, 8)
+    assert [(r0, r1) for r0, r1, _ in chunks] == [(r0, min(r0 + 8, 46)) for r0 in range(0, 46, 8)]
+    for r0, r1, n in chunks:
+        rows = mask[:, 0, r0:r1]
+        assert not rows[..., n:].any()  # nothing visible is cut off
+        assert rows[..., n - 1].any()  # and the prefix is no longer than it must be
+    assert max(n for *_, n in chunks[:2]) < 23  # sorted: the earliest groups' rows see a short prefix
+
+
+def test_rows_with_nothing_to_see_are_opened_to_the_first_key_alone():
+    mask = sorted_two_stream_mask(3, 11, torch.Generator().manual_seed(0))[:, 0]
+    groups_only = two_stream_mask(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))[0, 0]
+    assert groups_only[4:].tolist() == [[True, False, False, False]] * 4  # one group: no query sees a key
+    assert mask.any(-1).all()
+
+
+@pytest.mark.parametrize("query_self", [True, False])
+def test_fused_attention_by_row_chunks_equals_one_call(query_self):
+    """Chunks of rows, each over its key prefix: the same outputs and gradients as one kernel call."""
+    gen = torch.Generator().manual_seed(3)
+    B, N, D = 3, 37, 8
+    mask = sorted_two_stream_mask(B, N, gen)
+    S = N if query_self else 0
+    query, key, value = attention_inputs(B, 4, 2, 2 * N, N, S, D, gen)
+    chunks = row_chunks(mask, 10)
+    assert sum(n for *_, n in chunks) < len(chunks) * N  # some keys are skipped
+    whole, _ = fused_and_dense(query, key, value, mask, S, D**-0.5)
+    chunked, _ = fused_and_dense(query, key, value, mask, S, D**-0.5, chunks)
+    for got, ref, name in zip(chunked, whole, ("out", "query", "key", "value"), strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        bias = additive_mask(mask, query.dtype)
+        torch.testing.assert_close(
+            _two_stream_flash(query, key, value, bias, S, D**-0.5, chunks)[0], whole[0], atol=1e-6, rtol=1e-5
+        )

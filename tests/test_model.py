@@ -238,6 +238,39 @@ def test_last_layer_runs_its_content_rows_only_through_k_and_v(a3_model):
             h.remove()
 
 
+@pytest.mark.parametrize("query_self", [True, False])
+def test_cpu_attention_by_row_chunks_over_sorted_positions_changes_nothing(a3_model, query_self, monkeypatch):
+    """From 64 positions on, the CPU forward sorts positions by group and runs attention by chunks of
+    rows over their key prefixes: the loss, logits and gradients of the plain path, padding included."""
+    import a3lm.model as model_module
+
+    ids = random_ids(2, 70)
+    mask = torch.ones_like(ids)
+    mask[1, -9:] = 0
+    group_ids = groups.random_order(mask, 3, torch.Generator().manual_seed(0))
+    a3_model.config.query_self_attention = query_self
+
+    def step():
+        a3_model.zero_grad(set_to_none=True)
+        out = a3_model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in a3_model.named_parameters() if p.grad is not None}
+
+    chunks = []
+    spy = model_module.row_chunks
+    monkeypatch.setattr(model_module, "row_chunks", lambda *a: chunks.append(spy(*a)) or chunks[-1])
+    got, got_grads = step()
+    assert chunks and len(chunks[0]) > 1  # the chunked path ran
+    monkeypatch.setattr(model_module, "MIN_ROW_CHUNK", 10**9)  # the plain path: one call, position order
+    ref, ref_grads = step()
+    assert len(chunks) == 1
+    targets = groups.predictable(group_ids, mask)
+    torch.testing.assert_close(got.logits[targets], ref.logits[targets], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(a3_model):
     ids = random_ids(2, 9)
     group_ids = groups.random_order(torch.ones_like(ids), 2, torch.Generator().manual_seed(0))

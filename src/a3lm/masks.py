@@ -23,15 +23,28 @@ def group_attention_mask(
     """Boolean mask [B, 1, Q, K] (True = attend).
 
     query_strict_BQ: True for query-stream slots (strictly earlier groups), False for content slots.
-    Rows with no visible key (padding, the earliest group's query slots) are opened to every key:
-    SDPA would return NaN there, and those rows feed nothing (they are never keys and never targets).
+    Rows with no visible key (padding, the earliest group's query slots) are opened to the first key
+    alone: SDPA would return NaN there, and those rows feed nothing (they are never keys and never
+    targets). One key rather than all keeps such a row's key prefix short (`row_chunks`).
     """
     kg = key_groups_BK[:, None, :]
     qg = query_groups_BQ[:, :, None]
     allowed = (kg < qg) | (~query_strict_BQ[:, :, None] & (kg == qg))
     allowed = allowed & key_valid_BK[:, None, :].bool()
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    allowed[..., :1] |= ~allowed.any(dim=-1, keepdim=True)
     return allowed[:, None]
+
+
+def row_chunks(mask_B1RK: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
+    """(start row, end row, n_keys) for each chunk of `rows` rows: no row of the chunk sees a key at or
+    after n_keys, in any sample. Over group-sorted positions (`sort_by_group`) every row sees a key
+    prefix, so attention by chunks, each over its own prefix, skips about half the [R, K] products,
+    as a causal kernel does. One host sync."""
+    R, K = mask_B1RK.shape[-2:]
+    seen_RK = mask_B1RK[:, 0].any(dim=0)
+    ends_R = K - seen_RK.flip(-1).to(torch.uint8).argmax(dim=-1)  # one past each row's last seen key
+    ends = torch.nn.functional.pad(ends_R, (0, -R % rows)).view(-1, rows).amax(-1).tolist()
+    return [(start, min(start + rows, R), n_keys) for start, n_keys in zip(range(0, R, rows), ends, strict=True)]
 
 
 def own_slot_mask(n_content: int, n_query: int, device: torch.device | None = None) -> torch.Tensor:

@@ -48,6 +48,7 @@ from .masks import (
     flex_two_stream_block_mask,
     group_attention_mask,
     own_slot_mask,
+    row_chunks,
     sort_by_group,
     two_stream_mask,
 )
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 ATTN_IMPLEMENTATION = "a3"
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+MIN_ROW_CHUNK = 64  # rows per fused CPU attention call over group-sorted positions (`masks.row_chunks`)
 
 
 @functools.cache
@@ -103,12 +105,47 @@ def _broadcast_kv(x_BGSD: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x_BGSD[:, :, None].expand(B, G, n_heads // G, S, D).flatten(1, 2)
 
 
-def _two_stream_flash(query, key, value, bias, n_self: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+Chunks = list[tuple[int, int, int]] | None  # (start row, end row, n_keys): `masks.row_chunks`
+
+
+def _flash(query, key, value, bias, scale: float, chunks: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU flash attention (out [B, H, R, D], lse [B, H, R]), by chunks of rows over their key prefixes."""
+    if chunks is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=bias, scale=scale)
+    outs, lses = zip(*(
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query[:, :, r0:r1], key[:, :, :n], value[:, :, :n], attn_mask=bias[:, :, r0:r1, :n], scale=scale
+        )
+        for r0, r1, n in chunks
+    ), strict=True)  # fmt: skip
+    # Joined in the kernel's own [B, R, H, D] memory order, so that the caller's transpose back to it
+    # stays a view: a copy there would be one more activation per layer kept for backward.
+    out = torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
+    return out, torch.cat(lses, dim=2)
+
+
+def _flash_backward(grad_out, query, key, value, out, lse, bias, scale: float, chunks: Chunks):
+    """`_flash`'s backward: dq [B, H, R, D], dk and dv [B, G, K, D] (each chunk adds to its key prefix)."""
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if chunks is None:
+        return backward(grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    dq, dk, dv = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    for r0, r1, n in chunks:
+        rows = slice(r0, r1)
+        dq_c, dk_c, dv_c = backward(
+            grad_out[:, :, rows], query[:, :, rows], key[:, :, :n], value[:, :, :n], out[:, :, rows].contiguous(),
+            lse[:, :, rows].contiguous(), 0.0, False, attn_mask=bias[:, :, rows, :n], scale=scale,
+        )  # fmt: skip
+        dq[:, :, rows] = dq_c
+        dk[:, :, :n] += dk_c
+        dv[:, :, :n] += dv_c
+    return dq, dk, dv
+
+
+def _two_stream_flash(query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None):
     """`TwoStreamAttention`'s forward (out [B, H, R, D], lse [B, H, R]); called alone where no gradient flows."""
     K = bias.shape[-1]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key[:, :, :K], value[:, :, :K], attn_mask=bias, scale=scale
-    )
+    out, lse = _flash(query, key[:, :, :K], value[:, :, :K], bias, scale, chunks)
     if n_self:
         rows = slice(query.shape[2] - n_self, None)
         own = _own_slot_score(query[:, :, rows], key[:, :, K:]).to(lse.dtype) * scale
@@ -133,14 +170,15 @@ class TwoStreamAttention(torch.autograd.Function):
     the merged ones); the own slot adds one rank-one term per row.
 
     query [B, H, R, D]; key/value [B, G, K + S, D]; bias [B, 1, R, K] additive (0 / -inf) in the query's
-    dtype, every row with at least one visible key.
+    dtype, every row with at least one visible key. chunks: rows by chunks, each over the key prefix
+    its rows see (`masks.row_chunks`), or None for one call over every key.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, n_self: int, scale: float):
-        out, lse = _two_stream_flash(query, key, value, bias, n_self, scale)
+    def forward(ctx, query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None):
+        out, lse = _two_stream_flash(query, key, value, bias, n_self, scale, chunks)
         ctx.save_for_backward(query, key, value, bias, out, lse)
-        ctx.n_self, ctx.scale = n_self, scale
+        ctx.n_self, ctx.scale, ctx.chunks = n_self, scale, chunks
         return out
 
     @staticmethod
@@ -148,11 +186,9 @@ class TwoStreamAttention(torch.autograd.Function):
         query, key, value, bias, out, lse = ctx.saved_tensors
         n_self, scale, K = ctx.n_self, ctx.scale, bias.shape[-1]
         grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, 0.0, False, attn_mask=bias, scale=scale
-        )
+        dq, dk, dv = _flash_backward(grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, bias, scale, ctx.chunks)
         if not n_self:
-            return dq, dk, dv, None, None, None
+            return dq, dk, dv, None, None, None, None
         G, rows = key.shape[1], slice(query.shape[2] - n_self, None)
         q, g, o, own_k, own_v = query[:, :, rows], grad_out[:, :, rows], out[:, :, rows], key[:, :, K:], value[:, :, K:]
         p_own = (_own_slot_score(q, own_k).to(lse.dtype) * scale - lse[:, :, rows]).exp().to(q.dtype)[..., None]
@@ -162,7 +198,7 @@ class TwoStreamAttention(torch.autograd.Function):
         dq[:, :, rows] += d_own * _broadcast_kv(own_k, q.shape[1])
         dk = torch.cat([dk, _per_kv_head(d_own * q, G)], dim=2)
         dv = torch.cat([dv, _per_kv_head(p_own * g, G)], dim=2)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def a3_attention(
@@ -175,6 +211,7 @@ def a3_attention(
     dropout: float = 0.0,
     a3_query_self_attention: bool | None = None,
     a3_last_layer_content_rows: int | None = None,
+    a3_row_chunks: Chunks = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
@@ -191,7 +228,9 @@ def a3_attention(
     pattern itself and skips empty tiles.
 
     `a3_last_layer_content_rows` (set when the caller reads no content state): the decoder's last
-    layer computes only the rows after these, and returns zeros for them.
+    layer computes only the rows after these, and returns zeros for them. `a3_row_chunks` (CPU
+    training forward over group-sorted positions): the fused kernel runs by chunks of rows, each over
+    the key prefix its rows see.
     """
     if isinstance(attention_mask, BlockMask):
         n_keys = attention_mask.seq_lengths[1]
@@ -213,6 +252,8 @@ def a3_attention(
     key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
     skipped = (a3_last_layer_content_rows or 0) if _is_last_layer(module) else 0
     query, attention_mask = query[:, :, skipped:], attention_mask[:, :, skipped:]
+    if skipped and a3_row_chunks is not None:
+        a3_row_chunks = [(max(r0, skipped) - skipped, r1 - skipped, n) for r0, r1, n in a3_row_chunks if r1 > skipped]
     dropout = dropout if module.training else 0.0
     if query.device.type == "cpu" and not dropout:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -220,8 +261,8 @@ def a3_attention(
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         bias = additive_mask(attention_mask, query.dtype)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale) if needs_grad else (
-            _two_stream_flash(query, key, value, bias, n_self, scale)[0]
+        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale, a3_row_chunks) if needs_grad else (
+            _two_stream_flash(query, key, value, bias, n_self, scale, a3_row_chunks)[0]
         )
     else:
         out = _dense_two_stream(query, key, value, attention_mask, n_self, scaling, dropout)
@@ -642,19 +683,24 @@ class A3ForCausalLM(A3PreTrainedModel):
         keep_content=False: the content half of the result is not needed (only the query half feeds
         the lm_head), so the last layer computes little more than the content rows' keys and values.
         """
-        N = input_ids_BN.shape[1]
+        N, device = input_ids_BN.shape[1], input_ids_BN.device
         perm = None
-        if self.uses_flex(input_ids_BN.device):
+        # Group-sorted positions make every row's visible keys a prefix: FlexAttention skips the tiles
+        # after it, the fused CPU kernel the chunks of keys after it. RoPE carries the true positions.
+        if self.uses_flex(device) or (device.type == "cpu" and N >= MIN_ROW_CHUNK):
             perm = sort_by_group(group_ids_BN, attention_mask_BN)
             input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN = (
                 t.gather(1, perm) for t in (input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN)
             )
+        if self.uses_flex(device):
             mask = flex_two_stream_block_mask(
                 group_ids_BN, attention_mask_BN, self.config.query_self_attention, cache=self.block_masks
             )
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
-            if input_ids_BN.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
+            if perm is not None:  # 16 chunks over the 2N rows: fewer calls lose the prefixes' savings, more add overhead
+                kwargs["a3_row_chunks"] = row_chunks(mask, max(MIN_ROW_CHUNK, 2 * N // 16))
+            if device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
                 mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the last layer whole then.
         read_content = keep_content or self.model.is_activation_checkpointing
