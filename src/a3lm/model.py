@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 
 ATTN_IMPLEMENTATION = "a3"
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
-MIN_ROW_CHUNK = 64  # rows per fused CPU attention call over group-sorted positions (`masks.row_chunks`)
+# From this many positions on, the CPU forward sorts them by group and runs attention by chunks of at
+# least this many rows, each over its key prefix (`masks.row_chunks`).
+MIN_ROW_CHUNK = 64
+Chunks = list[tuple[int, int, int]] | None  # (start row, end row, n_keys) per chunk, or None: one call
 
 
 @functools.cache
@@ -103,9 +106,6 @@ def _broadcast_kv(x_BGSD: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, G, S, D] -> a [B, H, S, D] view (each KV head shared by H / G query heads, no copy)."""
     B, G, S, D = x_BGSD.shape
     return x_BGSD[:, :, None].expand(B, G, n_heads // G, S, D).flatten(1, 2)
-
-
-Chunks = list[tuple[int, int, int]] | None  # (start row, end row, n_keys): `masks.row_chunks`
 
 
 def _flash(query, key, value, bias, scale: float, chunks: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
