@@ -62,6 +62,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 # least this many rows, each over its key prefix (`masks.row_chunks`).
 MIN_ROW_CHUNK = 64
 Chunks = list[tuple[int, int, int]] | None  # (start row, end row, n_keys) per chunk, or None: one call
+MIN_SKIPPED_ROWS = 16  # a decoding step skips its content rows in the last layer from this many on
 
 
 @functools.cache
@@ -602,17 +603,17 @@ class A3ForCausalLM(A3PreTrainedModel):
         num_queries: int,
         mask: torch.Tensor | BlockMask,
         position_ids: torch.Tensor,
-        read_content: bool,
+        full_last_layer: bool,
         **kwargs: Any,
     ) -> torch.Tensor:
         """The decoder on [content embeds ; w repeated num_queries times]: final states [B, C + Q, H].
 
         The one place the streams enter the decoder (training forward and cached decoding step alike).
-        read_content=False: the content rows' states are not read, so the last layer computes only its
-        content rows' keys and values (the returned content rows are then meaningless).
+        full_last_layer=False (for callers that read no content state): the last layer computes only
+        its content rows' keys and values, and the returned content rows are meaningless.
         """
         n_content = content_ids_BC.shape[1]
-        skip = contextlib.nullcontext() if read_content else _last_layer_query_rows_only(self.model, n_content)
+        skip = contextlib.nullcontext() if full_last_layer else _last_layer_query_rows_only(self.model, n_content)
         # Checkpointed layers already rerun everything in backward: recomputing inside them would run twice.
         recompute = self.config.recompute_mlp and torch.is_grad_enabled() and not self.model.is_activation_checkpointing
         with skip, _recompute_gated_mlps(self.model) if recompute else contextlib.nullcontext():
@@ -621,7 +622,7 @@ class A3ForCausalLM(A3PreTrainedModel):
                 attention_mask=mask,
                 position_ids=position_ids,
                 a3_query_self_attention=self.config.query_self_attention,  # forwarded to `a3_attention`
-                a3_last_layer_content_rows=None if read_content else n_content,
+                a3_last_layer_content_rows=None if full_last_layer else n_content,
                 **kwargs,
             ).last_hidden_state
 
@@ -664,7 +665,10 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
         cache_kwarg = {_cache_argument(type(self.model)): cache.kv}
-        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, False, use_cache=True, **cache_kwarg)
+        # Skipping the last layer's content rows pays for many rows (a prompt): for a few, the products
+        # cost what they did and the hooks' overhead shows (4% of a one-token step).
+        full_last_layer = C < MIN_SKIPPED_ROWS
+        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, full_last_layer, use_cache=True, **cache_kwarg)
         if Q:
             cache.kv.crop(-Q)
         return self.lm_head(hidden[:, C:])
@@ -703,9 +707,9 @@ class A3ForCausalLM(A3PreTrainedModel):
             if device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
                 mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the last layer whole then.
-        read_content = keep_content or self.model.is_activation_checkpointing
+        full_last_layer = keep_content or self.model.is_activation_checkpointing
         position_ids = torch.cat([position_ids_BN, position_ids_BN], dim=1)
-        hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, read_content, use_cache=False, **kwargs)
+        hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, full_last_layer, use_cache=False, **kwargs)
         if perm is not None:  # back to position order
             inverse = perm.argsort(dim=1)
             hidden = _Reorder.apply(hidden, torch.cat([inverse, inverse + N], dim=1), torch.cat([perm, perm + N], dim=1))
