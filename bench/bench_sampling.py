@@ -35,6 +35,7 @@ import torch
 
 from a3lm import A3ForCausalLM
 from a3lm.debug import tiny_base_model
+from a3lm.model import MIN_SKIPPED_ROWS
 from a3lm.sampling import infill, sample
 
 CONFIG = dict(
@@ -46,17 +47,19 @@ SIZES = dict(prompt=16, new=128, dynamic=256, recompute=512, recompute_k=16)
 QUICK_SIZES = dict(prompt=8, new=16, dynamic=32, recompute=48, recompute_k=8)
 
 
-def step_macs(config: dict, content: int, queries: int, keys: int) -> int:
+def step_macs(config: dict, content: int, queries: int, keys: int, skip_content: bool = True) -> int:
     """Multiply-adds of one two-stream forward of `content` + `queries` rows over `keys` keys: the
-    projections, attention scores and values, MLPs and the lm_head on the query rows (the last layer
-    runs only k_proj and v_proj on the content rows). Elementwise work is left out."""
+    projections, attention scores and values, MLPs and the lm_head on the query rows (with
+    skip_content, the last layer runs only k_proj and v_proj on the content rows). Elementwise work is
+    left out."""
     H, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim, inner = H // n_heads, config.get("intermediate_size", 4 * H)
     kv_proj = 2 * H * n_kv * head_dim
     rest = 2 * H * n_heads * head_dim + 2 * keys * n_heads * head_dim + 3 * H * inner  # q, o, attention, MLP
     rows = content + queries
-    return (L - 1) * rows * (kv_proj + rest) + rows * kv_proj + queries * rest + queries * H * V
+    last_layer = rows * kv_proj + (queries if skip_content else rows) * rest
+    return (L - 1) * rows * (kv_proj + rest) + last_layer + queries * H * V
 
 
 def dynamic_recompute_bound(config: dict, prompt: int, blanks: int, k: int) -> float:
@@ -66,7 +69,8 @@ def dynamic_recompute_bound(config: dict, prompt: int, blanks: int, k: int) -> f
     N, cached, full = prompt + blanks, 0, 0
     committed, new_content, left = 0, prompt, blanks
     while left > 0:
-        cached += step_macs(config, new_content, left, committed + new_content + left)  # + own query slots
+        keys = committed + new_content + left  # + own query slots
+        cached += step_macs(config, new_content, left, keys, skip_content=new_content >= MIN_SKIPPED_ROWS)
         full += step_macs(config, N, N, N)
         committed, new_content = committed + new_content, min(k, left)
         left -= new_content
