@@ -133,10 +133,15 @@ def test_row_chunks_cover_every_visible_key_and_no_more():
 
 
 def test_rows_with_nothing_to_see_are_opened_to_the_first_key_alone():
-    mask = sorted_two_stream_mask(3, 11, torch.Generator().manual_seed(0))[:, 0]
-    groups_only = two_stream_mask(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))[0, 0]
-    assert groups_only[4:].tolist() == [[True, False, False, False]] * 4  # one group: no query sees a key
-    assert mask.any(-1).all()
+    """Padding rows and the earliest group's query slots see no key: they get the first key alone
+    (a finite softmax, and a short key prefix for `row_chunks`); every other row is as the groups say."""
+    one_group = two_stream_mask(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))[0, 0]
+    assert one_group[:4].all()  # content rows of one group see each other
+    assert one_group[4:].tolist() == [[True, False, False, False]] * 4  # no query slot sees a key
+    mask = two_stream_mask(torch.tensor([[0, 1, groups.PAD_GROUP]]), torch.tensor([[1, 1, 0]]))[0, 0]
+    first_only = [True, False, False]
+    # rows: content of groups 0, 1 and padding, then the query slots of the same positions
+    assert mask.tolist() == [first_only, [True, True, False], first_only, first_only, first_only, first_only]
 
 
 @pytest.mark.parametrize("query_self", [True, False])
