@@ -68,7 +68,7 @@ def test_fused_training_attention_equals_dense(query_self, heads):
     S = N if query_self else 0
     query, key, value = attention_inputs(B, heads[0], heads[1], 2 * N, N, S, D, gen)
     fused, dense = fused_and_dense(query, key, value, mask, S, D**-0.5)
-    real_rows = torch.cat([pad, pad], dim=1).bool()  # padded rows feed nothing and are opened to every key
+    real_rows = torch.cat([pad, pad], dim=1).bool()  # padded rows feed nothing (they see the first key alone)
     torch.testing.assert_close(fused[0].transpose(1, 2)[real_rows], dense[0].transpose(1, 2)[real_rows],
                                atol=1e-5, rtol=1e-5)  # fmt: skip
     for got, ref, name in zip(fused[1:], dense[1:], ("query", "key", "value"), strict=True):
