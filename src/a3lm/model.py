@@ -269,8 +269,13 @@ def a3_attention(
         out = _dense_two_stream(query, key, value, attention_mask, n_self, scaling, dropout)
     out = out.transpose(1, 2)
     if skipped:
-        out = torch.cat([out.new_zeros(out.shape[0], skipped, *out.shape[2:]), out], dim=1)
+        out = _zeros_before(out, skipped)
     return out.contiguous(), None
+
+
+def _zeros_before(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [B, R, ...] preceded by `rows` zero rows along dim 1: the skipped content rows' place."""
+    return torch.cat([x.new_zeros(x.shape[0], rows, *x.shape[2:]), x], dim=1)
 
 
 def _is_last_layer(module: nn.Module) -> bool:
@@ -407,7 +412,7 @@ def _last_layer_query_rows_only(decoder: nn.Module, n_content: int):
         return (args[0][:, n_content:], *args[1:])
 
     def pad_content(module, args, out):
-        return torch.cat([out.new_zeros(out.shape[0], n_content, out.shape[-1]), out], dim=1)
+        return _zeros_before(out, n_content)
 
     handles = [
         h for m in modules if m is not None for h in (m.register_forward_pre_hook(query_half), m.register_forward_hook(pad_content))
@@ -691,12 +696,13 @@ class A3ForCausalLM(A3PreTrainedModel):
         perm = None
         # Group-sorted positions make every row's visible keys a prefix: FlexAttention skips the tiles
         # after it, the fused CPU kernel the chunks of keys after it. RoPE carries the true positions.
-        if self.uses_flex(device) or (device.type == "cpu" and N >= MIN_ROW_CHUNK):
+        flex = self.uses_flex(device)
+        if flex or (device.type == "cpu" and N >= MIN_ROW_CHUNK):
             perm = sort_by_group(group_ids_BN, attention_mask_BN)
             input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN = (
                 t.gather(1, perm) for t in (input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN)
             )
-        if self.uses_flex(device):
+        if flex:
             mask = flex_two_stream_block_mask(
                 group_ids_BN, attention_mask_BN, self.config.query_self_attention, cache=self.block_masks
             )
