@@ -4,6 +4,7 @@ hand-counted accuracies, ROUGE / exact match / generative perplexity against han
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -537,3 +538,124 @@ def test_rerun_keeps_finished_rows(base_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "evaluate_row", lambda *a, **k: calls.append(a[0].label) or real(*a, **k))
     runner.run([], runner.EvalConfig(tasks=["piqa"], limit=1, data_dir=str(tmp_path), device="cpu"), out, base=str(base_dir))
     assert calls == ["tiny-base (AR)"]
+
+
+def _evaluate_row_calls(monkeypatch) -> list[str]:
+    """The labels of the rows runner.run evaluates (not reused from its JSON), in order."""
+    from a3lm.evaluation import runner
+
+    calls: list[str] = []
+    real = runner.evaluate_row
+    monkeypatch.setattr(runner, "evaluate_row", lambda *a, **k: calls.append(a[0].label) or real(*a, **k))
+    return calls
+
+
+def test_rerun_evaluates_a_changed_model_again(tokenizer, tmp_path, monkeypatch):
+    """A row is reused only while the model's files are those it was evaluated with: new weights at the
+    same path are evaluated again (with a warning) and give a fresh run's numbers."""
+    from a3lm.evaluation import runner
+
+    write_likelihood_fixtures(tmp_path)
+    model_dir, out = tmp_path / "run" / "final", tmp_path / "results.json"
+    cfg = runner.EvalConfig(tasks=["piqa", "hellaswag"], data_dir=str(tmp_path), device="cpu")
+    tiny_a3_model("llama", seed=0, vocab_size=len(WORDS) + 4).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    calls = _evaluate_row_calls(monkeypatch)
+    first = runner.run([str(model_dir)], cfg, out)
+    assert runner.run([str(model_dir)], cfg, out)["results"] == first["results"] and calls == ["run [left-to-right]"]
+
+    changed = tiny_a3_model("llama", seed=5, vocab_size=len(WORDS) + 4)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(40)
+    changed.save_pretrained(model_dir)
+    with pytest.warns(UserWarning, match=r"run \[left-to-right\]: the model files at .* changed since"):
+        rerun = runner.run([str(model_dir)], cfg, out)
+    assert calls == ["run [left-to-right]"] * 2
+    fresh = runner.run([str(model_dir)], cfg, tmp_path / "fresh.json")
+    assert rerun["results"] == fresh["results"] != first["results"]
+    saved = json.loads(out.read_text())["rows"][0]["fingerprint"]
+    assert saved == runner.model_fingerprint(str(model_dir)) and set(saved) == {"config.json", "model.safetensors"}
+
+
+def test_missing_stories_or_judge_fail_before_any_task(model, tokenizer, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from a3lm.cli import app
+    from a3lm.evaluation import runner
+
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    write_likelihood_fixtures(tmp_path / "data")
+    calls = _evaluate_row_calls(monkeypatch)
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--output", str(out), "--device", "cpu"]
+    for extra, message in ((["--tasks", "piqa,rocstories"], f"missing ROCStories data: put the Story Cloze validation CSV at {tmp_path / 'data' / 'rocstories' / CLOZE_FILE}"),
+                           (["--tasks", "piqa,genppl", "--judge", str(tmp_path / "no-judge")], f"error: genppl judge (--judge): no model file or folder at {tmp_path / 'no-judge'}"),
+                           (["--tasks", "piqa,genppl", "--judge", "./no-judge"], "no model file or folder at ./no-judge")):  # fmt: skip
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert calls == [] and not out.exists()
+    runner.EvalConfig(tasks=["genppl"], judge="HuggingFaceTB/SmolLM2-135M").validate()  # a Hub id: checked at load time
+
+
+@pytest.mark.parametrize(
+    "task, doc, problem",
+    [
+        ("winogrande", {"sentence": "the _ sat", "option1": "cat", "option2": "dog", "answer": 1},
+         'has answer 1: winogrande expects "1" or "2" (a string)'),
+        ("winogrande", {"sentence": "the cat sat", "option1": "cat", "option2": "dog", "answer": "1"},
+         "has no _ in its sentence"),
+        ("siqa", {"context": "a", "question": "b", "answerA": "x", "answerB": "y", "answerC": "z", "label": "B"},
+         'has label "B": siqa expects "1", "2" or "3" (or an int)'),
+        ("hellaswag", {"ctx_a": "a", "ctx_b": "b", "ctx": "a b", "activity_label": "c", "endings": ["w", "x", "y", "z"],
+                       "label": 4}, "has label 4: hellaswag expects 0..3 (an int or a digit string)"),
+        ("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": "1"}, 'has label "1": piqa expects 0 or 1 (an int)'),
+        ("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": True}, "has label true: piqa expects 0 or 1"),
+        ("triviaqa", {"question": "who", "answer": "paris"}, "has no answer.aliases list"),
+    ],
+)  # fmt: skip
+def test_bad_label_values_name_the_file_and_line(tmp_path, task, doc, problem):
+    from a3lm.evaluation.tasks import HARNESS_TASKS, check_local_file
+
+    path = tmp_path / task / "validation.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n" + json.dumps(doc) + "\n")  # the document on line 2
+    with pytest.raises(ValueError, match=f"^benchmark file {re.escape(str(path))}: line 2 {re.escape(problem)}"):
+        check_local_file(HARNESS_TASKS[task], path)
+
+
+@pytest.mark.parametrize(
+    "task, field, values",
+    [("hellaswag", "label", [0, 3, "2"]), ("piqa", "label", [0, 1]), ("winogrande", "answer", ["1", "2"]),
+     ("siqa", "label", [1, "3"])],
+)  # fmt: skip
+def test_label_values_the_harness_reads_pass(tmp_path, task, field, values):
+    from a3lm.evaluation.tasks import HARNESS_TASKS, check_local_file
+
+    base = {f: "the _ x" for f in HARNESS_TASKS[task].required} | {"endings": ["w", "x", "y", "z"]}
+    write_jsonl(tmp_path / "v.jsonl", [base | {field: v} for v in values])
+    check_local_file(HARNESS_TASKS[task], tmp_path / "v.jsonl")
+
+
+@pytest.mark.parametrize("decoding", [dict(order="random"), dict(order="random-blocks", group_size=2), dict(order="random", speculative=2)])
+def test_random_order_generation_is_batch_independent(tokenizer, decoding):
+    """Greedy TriviaQA answers and ROCStories fills in a random order: each request's order comes from
+    its own tokens, so the batch size changes nothing."""
+    from a3lm.decoding import DecodingConfig
+    from a3lm.evaluation.rocstories import Story, evaluate_rocstories
+
+    sharp = tiny_a3_model("llama", vocab_size=len(WORDS) + 4)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(30)  # argmax ties far from float noise
+    config = DecodingConfig(temperature=0.0, **decoding)
+    prompts = ["Question: who is paris?\nAnswer:", "a", "the big red dog went home . the cat sat on", "the dog"]
+    reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5}), i) for i, p in enumerate(prompts)]
+    answers = [A3LM(sharp, tokenizer=tokenizer, batch_size=n, decoding=config).generate_until(reqs, disable_tqdm=True)
+               for n in (1, 4)]  # fmt: skip
+    assert answers[0] == answers[1] and len(set(answers[0])) > 1
+    S = ["the cat sat .", "a big dog ran home .", "the mat is red .", "who is paris ?", "the end ."]
+    stories = [Story(str(i), tuple(S[(i + k) % 5] for k in range(5))) for i in range(4)]
+    fills = [[r["prediction"] for r in evaluate_rocstories(sharp, tokenizer, stories, config, batch_size=n, progress=False)[1]]
+             for n in (1, 3)]  # fmt: skip
+    assert fills[0] == fills[1]

@@ -48,6 +48,28 @@ def test_random_order_bos_first_sizes_and_per_sample():
             assert (pos.diff() == 1).all()
 
 
+@pytest.mark.parametrize("order, size", [("random", 1), ("random", 2), ("random-blocks", 3)])
+def test_per_row_generators_give_each_row_its_own_order(order, size):
+    """With one generator per row, a row's groups are those of the row alone (no padding) with its
+    generator: padding on either side and the other rows change nothing."""
+    rows = [[0, 1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1, 1, 1, 1]]  # 1 = to fill; 7 / 5 / 9 long
+    gen = lambda b: torch.Generator().manual_seed(10 + b)  # noqa: E731
+    fill = torch.zeros(3, 11, dtype=torch.bool)
+    for b, r in enumerate(rows):  # row 0 left-padded, the others right-padded
+        start = 11 - len(r) if b == 0 else 0
+        fill[b, start : start + len(r)] = torch.tensor(r).bool()
+    batched = groups.fill_groups(fill, order, size, [gen(b) for b in range(3)])
+    for b, r in enumerate(rows):
+        alone = groups.fill_groups(torch.tensor([r]).bool(), order, size, [gen(b)])[0]
+        assert batched[b][fill[b]].tolist() == alone[alone >= 0].tolist()
+    alone = groups.fill_groups(torch.ones(1, 5, dtype=torch.bool), order, size, [gen(1)])
+    assert torch.equal(alone, groups.fill_groups(torch.ones(1, 5, dtype=torch.bool), order, size, gen(1)))
+    reseeded = groups.fill_groups(fill, order, size, [gen(0), gen(1), gen(7)])  # only row 2's generator differs
+    assert torch.equal(reseeded[:2], batched[:2]) and not torch.equal(reseeded[2], batched[2])
+    with pytest.raises(ValueError, match="got 2 for 3 rows"):
+        groups.fill_groups(fill, order, size, [gen(0), gen(1)])
+
+
 def test_predictable_is_everything_after_the_earliest_group():
     g = torch.tensor([[2, 5, 2, 7, PAD]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])

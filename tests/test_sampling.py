@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from a3lm.debug import tiny_a3_model
+from a3lm.debug import tiny_a3_model, tiny_bpe_tokenizer
 from a3lm.groups import PAD_GROUP, fill_groups, infill_groups, left_to_right
 from a3lm.likelihood import sequence_logprobs
 from a3lm.sampling import (
@@ -17,6 +17,7 @@ from a3lm.sampling import (
     parse_blanks,
     render_fill_order,
     sample,
+    sample_text,
 )
 from a3lm.tokenizer import word_tokenizer
 
@@ -266,6 +267,45 @@ def test_batched_infill_equals_one_by_one():
         assert torch.equal(batched.sequences[b, :n], single.sequences[0])
 
 
+def _row_generators(rows) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(100 + b) for b in rows]
+
+
+RANDOM_MODES = [dict(order="random", group_size=2), dict(order="random-blocks", group_size=2),
+                dict(order="random", speculative=3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", RANDOM_MODES)
+def test_random_order_per_row_is_batch_independent(mode):
+    """order_generators: greedy decoding in a random order gives each prompt the tokens and fill order it
+    gets alone, whatever its batch, padding and shared seed (7 blanks: not a multiple of the group size)."""
+    model = _sharp_model("llama")
+    prompts = [[1, 4], [1, 5, 6, 7, 8], [1, 9, 10]]
+    left_padded = torch.tensor([[0] * (5 - len(p)) + p for p in prompts])
+    kw = dict(length=7, temperature=0, stop_at_eos=False, **mode)
+    batched = sample(model, left_padded, (left_padded != 0).long(), order_generators=_row_generators(range(3)), seed=0, **kw)
+    for b, p in enumerate(prompts):
+        single = sample(model, torch.tensor([p]), order_generators=_row_generators([b]), seed=1, **kw)
+        n = len(p) + 7
+        assert torch.equal(batched.sequences[b, :n], single.sequences[0])
+        assert torch.equal(batched.fill_step[b, :n], single.fill_step[0])
+        steps = single.fill_step[0, len(p) :].tolist()
+        assert steps != sorted(steps)  # a random order, not left to right
+
+
+@pytest.mark.parametrize("mode", RANDOM_MODES)
+def test_random_order_per_row_infill_is_batch_independent(mode):
+    model = _sharp_model("llama")
+    ids, known, mask = _infill_batch()
+    batched = infill(model, ids, known, mask, temperature=0, order_generators=_row_generators(range(2)), seed=0, **mode)
+    for b in range(2):
+        n = int(mask[b].sum())
+        single = infill(model, ids[b : b + 1, :n], known[b : b + 1, :n], temperature=0,
+                        order_generators=_row_generators([b]), seed=1, **mode)  # fmt: skip
+        assert torch.equal(batched.sequences[b, :n], single.sequences[0])
+        assert torch.equal(batched.fill_step[b, :n], single.fill_step[0])
+
+
 @pytest.mark.parametrize("order", ["left-to-right", "right-to-left", "random", "random-blocks"])
 def test_decoding_groups_are_the_builders_groups(order):
     """Group-wise decoding and the group builders share one order function: with the same seed, the
@@ -325,6 +365,69 @@ def test_eos_stops_and_pads(mode):
         assert out.num_steps == cut + 1 - 3  # it stopped at the EOS
 
 
+def _drawn_logprobs(out) -> dict[int, float]:
+    """Column -> log p of the token committed there, under the step logits it was drawn from (row 0)."""
+    drawn = {}
+    for t, step in enumerate(out.step_logits, start=1):
+        for q, col in enumerate(step.positions_BQ[0].tolist()):
+            if col >= 0 and int(out.fill_step[0, col]) == t:
+                drawn[col] = float(step.logits_BQV[0, q].log_softmax(-1)[out.sequences[0, col]])
+    return drawn
+
+
+@pytest.mark.parametrize("mode", ["s1-random", "dyn-random"])
+def test_eos_cut_keeps_the_untruncated_sample_that_scores_exactly(mode):
+    # out of order, a token after the first EOS may be committed before it and be context of kept tokens:
+    # `untruncated` holds the whole sample, which its group ids score exactly
+    model = _sharp_model("llama", vocab_size=8)
+    prompt = torch.tensor([[1, 4]])
+    cut_runs = 0
+    for seed in range(24):
+        out = sample(model, prompt, length=8, eos_token_id=2, seed=seed, output_logits=True, **MODES[mode])
+        eos_cols = ((out.sequences[0] == 2) & (out.fill_step[0] > 0)).nonzero()
+        if out.untruncated is None:
+            continue
+        cut_runs += 1
+        whole, cut = out.untruncated, int(eos_cols[0])
+        assert out.attention_mask[0, cut + 1 :].sum() == 0 and whole.attention_mask[0, cut + 1 :].sum() > 0
+        assert torch.equal(whole.sequences[0, : cut + 1], out.sequences[0, : cut + 1])
+        drawn = _drawn_logprobs(whole)
+        rescored = sequence_logprobs(model, whole.sequences, whole.group_ids, whole.attention_mask,
+                                     position_ids=whole.position_ids).token[0]  # fmt: skip
+        assert sorted(drawn) == (whole.fill_step[0] > 0).nonzero().squeeze(-1).tolist()
+        for col, logp in drawn.items():
+            assert float(rescored[col]) == pytest.approx(logp, abs=1e-5)
+        # once the EOS is committed, nothing after it is scored again
+        eos_step = int(out.fill_step[0, cut])
+        for step in out.step_logits[eos_step:]:
+            assert int(step.positions_BQ[0].max()) <= cut
+    assert cut_runs >= 3
+
+
+def test_eos_token_id_list_stops_at_any_of_them():
+    model = _sharp_model("llama", vocab_size=16)
+    prompt = torch.tensor([[1, 4, 5]])
+    free = sample(model, prompt, length=6, temperature=0, stop_at_eos=False)
+    eos = int(free.sequences[0, 4])
+    unused = next(t for t in range(4, 16) if t not in free.sequences[0].tolist())
+    single = sample(model, prompt, length=6, temperature=0, eos_token_id=eos)
+    model.config.text_config.eos_token_id = [unused, eos]  # as Llama 3 lists several
+    listed = sample(model, prompt, length=6, temperature=0)
+    assert int(single.attention_mask.sum()) == int((free.sequences[0] == eos).nonzero()[0]) + 1 < 9
+    assert torch.equal(listed.sequences, single.sequences)
+
+
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=0.3), dict(top_k=2, top_p=0.5)])
+def test_dynamic_criteria_score_the_model_not_the_filter(options):
+    # greedy: the filters leave every argmax as it is, and the criteria read the model's distribution
+    model = _sharp_model("llama")
+    kw = dict(length=10, dynamic=True, temperature=0, stop_at_eos=False)
+    for dynamic in (dict(criterion="confidence", per_step=2), dict(criterion="entropy", per_step=3), dict(threshold=0.3)):
+        plain = sample(model, PROMPTS, PROMPT_MASK, **kw, **dynamic)
+        filtered = sample(model, PROMPTS, PROMPT_MASK, **kw, **dynamic, **options)
+        assert torch.equal(plain.sequences, filtered.sequences) and torch.equal(plain.fill_step, filtered.fill_step)
+
+
 # -- errors and text helpers --------------------------------------------------------------------------
 
 
@@ -353,6 +456,7 @@ def test_eos_stops_and_pads(mode):
         (dict(length=4, speculative=-1), "speculative"),
         (dict(length=4, speculative=2, speculative_schedule="eager"), "unknown speculative_schedule"),
         (dict(length=4, speculative_schedule="heuristic"), "speculative decoding only"),
+        (dict(length=4, order="random", order_generators=[torch.Generator()]), "one generator per row: got 1 for 2 rows"),
     ],
 )
 def test_sample_errors(kwargs, message):
@@ -367,6 +471,12 @@ def test_empty_prompt_errors():
         sample(model, PROMPTS, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]), length=3)
     with pytest.raises(ValueError, match="no known token"):
         infill(model, PROMPTS, torch.zeros_like(PROMPTS, dtype=torch.bool))
+
+
+def test_sample_text_prompt_that_fills_the_model():
+    model, tok = tiny_a3_model("llama", max_position_embeddings=8), word_tokenizer(["a"])
+    with pytest.raises(ValueError, match=r"the prompt \(9 tokens\) fills the model's 8 positions"):
+        sample_text(model, tok, "a " * 8)
 
 
 def test_parse_blanks():
@@ -387,5 +497,10 @@ def test_encode_with_blanks_and_picture():
     ids, known = encode_with_blanks(tok, "the cat [BLANK:2] on the mat .")
     assert known.tolist() == [[True, True, True, False, False, True, True, True, True]]
     assert ids[0, :3].tolist() == [tok.bos_token_id, *tok.convert_tokens_to_ids(["the", "cat"])]
+    bpe = tiny_bpe_tokenizer()
+    for text in ["the cat sat.\n[BLANK:2] the mat.", "the cat\t\t[BLANK:2] the mat.", "the cat [BLANK:2] the mat."]:
+        ids, known = encode_with_blanks(bpe, text)  # one space goes to the blank's first word, nothing else
+        prefix = text.split("[BLANK")[0].removesuffix(" ")
+        assert bpe.decode(ids[0][known[0]].tolist()[1:]) == prefix + " the mat."
     picture = render_fill_order(["a", "b", "c", "d"], [0, 2, 1, 0])
     assert picture.splitlines() == ["step 0: a _ _ d", "step 1: a _ [c] d", "step 2: a [b] c d"]

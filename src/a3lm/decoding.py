@@ -40,7 +40,8 @@ class DecodingConfig:
         earlier windows only).
     temperature (0 = greedy), top_k, top_p: applied to every distribution a token is drawn from.
     seed: seeds a fresh generator (None: nondeterministic); a generator passed to `sample` wins.
-    stop_at_eos, eos_token_id: `sample` stops a row at a generated EOS (default id: the model's).
+    stop_at_eos, eos_token_id: `sample` stops a row at a generated EOS: one id or a list of them
+        (default: the model config's, which may list several, as Llama 3's does).
     pad_token_id: fills padding in the output (default: the model's, else 0).
     use_cache: the exact KV cache; False recomputes the full two-stream forward every step.
     """
@@ -58,7 +59,7 @@ class DecodingConfig:
     top_p: float | None = None
     seed: int | None = None
     stop_at_eos: bool = True
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     use_cache: bool = True
 
@@ -175,12 +176,22 @@ def choose_tokens(
     """Sample (temperature > 0) or take the argmax (temperature 0) of each row.
 
     Returns tokens [...] and the filtered distribution probs [..., V] they were drawn from (greedy:
-    the softmax of the unscaled logits, which dynamic criteria score).
+    the softmax of the unscaled, filtered logits).
     """
     probs = filter_logits(logits_XV, temperature, top_k, top_p).softmax(-1)
     if temperature == 0:
         return probs.max(-1).indices, probs  # the first maximum, as argmax; faster on CPU for many rows
     return draw(probs, generator), probs
+
+
+def scoring_probs(logits_XV: torch.Tensor, probs_XV: torch.Tensor, config: DecodingConfig) -> torch.Tensor:
+    """The distribution [..., V] dynamic criteria score: the model's own (softmax of the raw logits),
+    whatever temperature, top-k and top-p the tokens are drawn with. A filtered one would not measure
+    the model (with top-k = 1 every confidence is 1). probs_XV (what `choose_tokens` returned) is
+    reused when no option changed it."""
+    if config.top_k is None and config.top_p is None and config.temperature in (0.0, 1.0):
+        return probs_XV
+    return logits_XV.float().softmax(-1)
 
 
 def criterion_scores(
@@ -204,4 +215,4 @@ def criterion_scores(
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
-__all__ = ["CRITERIA", "SPECULATIVE_SCHEDULES", "DecodingConfig", "choose_tokens", "criterion_scores", "draw", "filter_logits", "token_probs"]
+__all__ = ["CRITERIA", "SPECULATIVE_SCHEDULES", "DecodingConfig", "choose_tokens", "criterion_scores", "draw", "filter_logits", "scoring_probs", "token_probs"]

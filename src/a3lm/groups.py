@@ -23,6 +23,8 @@ PAD_GROUP = -1
 # of a whole row after BOS (training). A custom order is a permutation of the positions' ranks.
 ORDERS = ("left-to-right", "right-to-left", "random", "random-blocks")
 Order = str | torch.Tensor | Sequence[torch.Tensor]
+# a random order's source: one generator for the batch, or one per row (batch-independent orders)
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _as_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,11 +49,24 @@ def check_order(order: Order, named: bool = False) -> None:
         raise TypeError(f"order must be a name or permutation tensor(s), got {type(order).__name__}")
 
 
-def _random_keys(like_BN: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Uniform keys [B, N] on like_BN's device, drawn where the generator lives (a CPU generator may
-    order a batch on the GPU)."""
-    device = like_BN.device if generator is None else generator.device
-    return torch.rand(like_BN.shape, generator=generator, device=device).to(like_BN.device)
+def _random_keys(fill_BN: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Uniform keys [B, N] on fill_BN's device, drawn where the generators live (a CPU generator may
+    order a batch on the GPU).
+
+    One generator (or None): one [B, N] draw. One generator per row: row b draws a key for each of its
+    own fill positions, left to right, so that its keys depend on its generator and its number of fill
+    positions alone, never on padding or on the other rows (positions not to fill get no key).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        device = fill_BN.device if generator is None else generator.device
+        return torch.rand(fill_BN.shape, generator=generator, device=device).to(fill_BN.device)
+    if len(generator) != fill_BN.shape[0]:
+        raise ValueError(f"per-row generators: got {len(generator)} for {fill_BN.shape[0]} rows")
+    keys_BN = torch.full(fill_BN.shape, 2.0, device=fill_BN.device)
+    counts = fill_BN.sum(1).tolist()
+    draws = [torch.rand(n, generator=g, device=g.device) for g, n in zip(generator, counts, strict=True)]
+    keys_BN[fill_BN] = torch.cat(draws).to(fill_BN.device)  # row-major: row b's keys, left to right
+    return keys_BN
 
 
 def _random_ranks(keys_BN: torch.Tensor, member_BN: torch.Tensor) -> torch.Tensor:
@@ -83,7 +98,7 @@ def _custom_ranks(fill_BN: torch.Tensor, rank_BN: torch.Tensor, order) -> torch.
 
 
 def fill_groups(
-    fill_mask_BN: torch.Tensor, order: Order = "left-to-right", size: int = 1, generator: torch.Generator | None = None
+    fill_mask_BN: torch.Tensor, order: Order = "left-to-right", size: int = 1, generator: Generators = None
 ) -> torch.Tensor:
     """Relative group index [B, N] of every position to fill (0 = filled first), -1 elsewhere.
 
@@ -92,6 +107,10 @@ def fill_groups(
     left-to-right, right-to-left, random (any subset), random-blocks (contiguous spans of `size` in a
     random order), or a custom order: a permutation of the positions' left-to-right ranks (0 =
     leftmost), one 1-D tensor shared by every row or a sequence with one per row.
+
+    generator (random orders): one for the whole batch, or a sequence with one per row, each row's
+    order then drawn from its own generator and its own fill positions only: the same row gets the
+    same order alone or in any batch, padded on either side.
     """
     fill = _as_mask(fill_mask_BN)
     if size < 1:
@@ -117,9 +136,7 @@ def _lead_mask(mask: torch.Tensor, n_lead: int) -> torch.Tensor:
     return mask & (mask.long().cumsum(1) <= n_lead)
 
 
-def _known_first(
-    known: torch.Tensor, mask: torch.Tensor, order: Order, size: int, generator: torch.Generator | None
-) -> torch.Tensor:
+def _known_first(known: torch.Tensor, mask: torch.Tensor, order: Order, size: int, generator: Generators) -> torch.Tensor:
     """Known real tokens as left-to-right singletons 0..K_b-1, then the other real tokens in the groups of
     `fill_groups` shifted past them; PAD_GROUP on padding. known, mask: [B, N] bool."""
     known = known & mask
@@ -166,10 +183,11 @@ def infill_groups(
     attention_mask: torch.Tensor | None = None,
     size: int = 1,
     order: Order = "left-to-right",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Group ids [B, N]: every known token first (left-to-right singletons), then the blanks in groups
-    of `size` in `order` (any order `fill_groups` takes; a custom one ranks each row's blanks).
+    of `size` in `order` (any order `fill_groups` takes; a custom one ranks each row's blanks), a random
+    one drawn from `generator` as in `fill_groups` (one, or one per row).
 
     known_mask [B, N]: True where the token is given (prefix, suffix, BOS), False where it is to be
     predicted. attention_mask [B, N] (default: every token real).

@@ -27,18 +27,20 @@ def sequence_logprobs(
     group_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     target_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> LogProbs:
     """log p(x_targets | x_context) under the factorization `group_ids` (exact for that order).
 
     target_mask [B, N] bool: positions to score; default every predictable real token. Asking for a
-    position that is not predictable (earliest group, padding) raises.
+    position that is not predictable (earliest group, padding) raises. position_ids [B, N]: default
+    counted over real tokens; give them where a row has holes that still take a position.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if target_mask is None:
         target_mask = predictable(group_ids, attention_mask)
     validate_group_ids(group_ids, attention_mask, input_ids=input_ids, targets=target_mask)
-    logits_BNV = model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask).logits
+    logits_BNV = model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     logp_T, _ = target_logprobs(logits_BNV, input_ids, target_mask)
     token = torch.zeros(input_ids.shape, dtype=logp_T.dtype, device=logp_T.device)
     token[target_mask] = logp_T

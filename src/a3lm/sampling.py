@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import ContentCache
-from .decoding import CRITERIA, DecodingConfig, choose_tokens, criterion_scores, filter_logits
+from .decoding import CRITERIA, DecodingConfig, choose_tokens, criterion_scores, filter_logits, scoring_probs
 from .groups import PAD_GROUP, fill_groups
 from .model import A3ForCausalLM, max_positions, require_a3
 from .tokenizer import encode_row
@@ -56,6 +57,13 @@ class GenerationOutput:
     num_steps: decoder forwards. step_logits: per step, the scored positions and their logits (only
     with output_logits=True). drafted / accepted: speculative decoding's verified drafts and how many
     of them were accepted (the first draft of a window, always accepted, is not counted).
+    position_ids: each column's position, as decoding used it.
+    untruncated: set when stopping at EOS dropped tokens that were committed after a row's first EOS.
+    In an order other than left to right such a token may have come before kept ones and been their
+    context, so the truncated output no longer scores exactly. The untruncated canvas (every token
+    committed, with its group; positions never filled are holes) does, with its position_ids:
+    `sequence_logprobs(model, w.sequences, w.group_ids, w.attention_mask, position_ids=w.position_ids)`
+    for `w = out.untruncated or out`. Left to right, both agree on the kept tokens.
     """
 
     sequences: torch.Tensor
@@ -63,9 +71,11 @@ class GenerationOutput:
     fill_step: torch.Tensor
     group_ids: torch.Tensor
     num_steps: int
+    position_ids: torch.Tensor | None = None
     step_logits: list[StepLogits] | None = None
     drafted: int = 0
     accepted: int = 0
+    untruncated: GenerationOutput | None = None
 
 
 # -- the canvas and one decoding forward -----------------------------------------------------------
@@ -83,6 +93,7 @@ class Canvas:
     group: torch.Tensor  # PAD_GROUP until committed
     fill_step: torch.Tensor
     finished: torch.Tensor  # [B]: stopped at EOS
+    after_eos: torch.Tensor  # [B, N]: after a row's first generated EOS (dropped from the output)
 
     @classmethod
     def start(cls, ids_BN, real_BN, known_BN, positions_BN) -> Canvas:
@@ -93,14 +104,16 @@ class Canvas:
             raise ValueError(f"row {int((n_known_B == 0).nonzero()[0])} has no known token: decoding needs a prompt (at least BOS)")
         group = torch.where(known, known.long().cumsum(1) - 1, PAD_GROUP)
         finished = torch.zeros(ids_BN.shape[0], dtype=torch.bool, device=ids_BN.device)
-        return cls(ids_BN.clone(), real, known, positions_BN, known.clone(), group, torch.where(known, 0, -1), finished)
+        after_eos = torch.zeros_like(real)
+        return cls(ids_BN.clone(), real, known, positions_BN, known.clone(), group, torch.where(known, 0, -1), finished, after_eos)
 
     @property
     def n_known(self) -> torch.Tensor:
         return self.known.sum(1)
 
     def unfilled(self) -> torch.Tensor:
-        return self.real & ~self.filled & ~self.finished[:, None]
+        """[B, N]: what is left to fill; nothing after a row's first generated EOS (it is dropped)."""
+        return self.real & ~self.filled & ~self.finished[:, None] & ~self.after_eos
 
     def commit(self, cols_BQ, tokens_BQ, chosen_BQ, groups_BQ, step: int) -> None:
         """Write tokens at cols where chosen, with their group ids and fill step (no host sync).
@@ -118,24 +131,35 @@ class Canvas:
         self.ids, self.group, self.fill_step = put(self.ids, tokens_BQ), put(self.group, groups_BQ), put(self.fill_step, step)
         self.filled = self.filled | hit_BN
 
-    def stop_at_eos(self, eos_token_id: int | None) -> None:
-        if eos_token_id is not None:
-            self.finished |= _eos_finished(self.ids, self.real, self.known, self.filled, eos_token_id)
+    def stop_at_eos(self, eos_ids: torch.Tensor | None) -> None:
+        """Mark what follows each row's first generated EOS, and the rows with nothing left before it."""
+        if eos_ids is None:
+            return
+        N = self.ids.shape[1]
+        eos = self.filled & ~self.known & torch.isin(self.ids, eos_ids)
+        first_B = torch.where(eos.any(1), eos.int().argmax(1), N)
+        self.after_eos = self.real & ~self.known & (torch.arange(N, device=eos.device)[None] > first_B[:, None])
+        self.finished |= ~(self.real & ~self.filled & ~self.after_eos).any(1) & eos.any(1)
 
-    def output(self, eos_token_id: int | None, pad_token_id: int, num_steps: int, **extra) -> GenerationOutput:
-        ids, real, N = self.ids, self.real, self.ids.shape[1]
-        if eos_token_id is not None:  # everything after the first generated EOS becomes padding
-            eos = self.filled & ~self.known & (ids == eos_token_id)
-            first = torch.where(eos.any(1), eos.int().argmax(1), N)
-            drop = real & ~self.known & (torch.arange(N, device=ids.device)[None] > first[:, None])
-            drop |= real & ~self.filled  # left unfilled by a row that finished early (all after its EOS)
-            real = real & ~drop
+    def output(self, eos_ids: torch.Tensor | None, pad_token_id: int, num_steps: int, **extra) -> GenerationOutput:
+        """The canvas as output; with eos_ids, cut after each row's first generated EOS."""
+        whole = self._as_output(self.real & self.filled, pad_token_id, num_steps, **extra)
+        if eos_ids is None:
+            return whole
+        self.stop_at_eos(eos_ids)
+        kept = self.real & self.filled & ~self.after_eos
+        if bool(torch.equal(kept, self.real & self.filled)):
+            return whole
+        return self._as_output(kept, pad_token_id, num_steps, untruncated=whole, **extra)
+
+    def _as_output(self, real: torch.Tensor, pad_token_id: int, num_steps: int, **extra) -> GenerationOutput:
         return GenerationOutput(
-            sequences=ids.masked_fill(~real, pad_token_id),
+            sequences=self.ids.masked_fill(~real, pad_token_id),
             attention_mask=real.long(),
             fill_step=self.fill_step.masked_fill(~real, -1),
             group_ids=self.group.masked_fill(~real, PAD_GROUP),
             num_steps=num_steps,
+            position_ids=self.positions,
             **extra,
         )
 
@@ -206,17 +230,6 @@ def _commit_dynamic(scores_BQ: torch.Tensor, valid_BQ: torch.Tensor, per_step: i
     return chosen & valid_BQ
 
 
-def _eos_finished(ids_BN, real_BN, known_BN, filled_BN, eos_token_id: int) -> torch.Tensor:
-    """[B] bool: a generated EOS whose every earlier position is filled (what follows it is padding)."""
-    N = ids_BN.shape[1]
-    big = torch.full((), N, device=ids_BN.device)
-    eos = filled_BN & ~known_BN & (ids_BN == eos_token_id)
-    unfilled = real_BN & ~filled_BN
-    first_eos = torch.where(eos.any(1), eos.int().argmax(1), big)
-    first_unfilled = torch.where(unfilled.any(1), unfilled.int().argmax(1), big)
-    return first_eos < first_unfilled
-
-
 # -- group-wise and dynamic decoding ---------------------------------------------------------------
 
 
@@ -257,12 +270,14 @@ def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tu
     cols, valid = schedule[step]
     if not stops_at_eos:  # no row stops early, and every step of the schedule has a group to fill
         return cols, valid
-    valid = valid & ~canvas.finished[:, None]
-    return (cols, valid) if bool(valid.any()) else None
+    if bool(canvas.finished.all()):
+        return None
+    # a row may have nothing to fill this step (its group lies after its EOS) and more before its EOS later
+    return cols, valid & ~canvas.finished[:, None] & ~canvas.after_eos.gather(1, cols)
 
 
 @torch.no_grad()
-def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator, eos_token_id, pad_token_id,
+def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator, eos_ids, pad_token_id,
             output_logits: bool) -> GenerationOutput:  # fmt: skip
     """Group-wise (fill_group_BN: relative group of every blank) or dynamic (None) decoding."""
     forward = StepForward(model, canvas.ids.shape[0], cfg.use_cache)
@@ -270,7 +285,7 @@ def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator
     content_cols, content_valid = mask_to_cols(canvas.known)
     schedule = None if fill_group_BN is None else group_schedule(fill_group_BN)
     n_known_B, step = canvas.n_known, 0
-    while (queries := _next_queries(canvas, schedule, step, eos_token_id is not None)) is not None:
+    while (queries := _next_queries(canvas, schedule, step, eos_ids is not None)) is not None:
         query_cols, query_valid = queries
         step += 1
         g_next = (n_known_B + step - 1)[:, None].expand_as(query_cols)  # above every committed group
@@ -279,24 +294,28 @@ def _decode(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator
             step_logits.append(StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV.float()))
         tokens_BQ, probs_BQV = choose_tokens(logits_BQV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         if fill_group_BN is None:
-            top_BQ = probs_BQV.gather(-1, tokens_BQ[..., None])[..., 0] if cfg.temperature == 0 else None
-            scores_BQ = criterion_scores(cfg.criterion, probs_BQV, generator, top_BQ)
+            model_BQV = scoring_probs(logits_BQV, probs_BQV, cfg)
+            top_BQ = model_BQV.gather(-1, tokens_BQ[..., None])[..., 0] if cfg.temperature == 0 else None
+            scores_BQ = criterion_scores(cfg.criterion, model_BQV, generator, top_BQ)
             chosen_BQ = _commit_dynamic(scores_BQ, query_valid, cfg.per_step, cfg.threshold)
             width = None if cfg.threshold is not None else min(cfg.per_step, chosen_BQ.shape[1])
             content_cols, content_valid = compact(query_cols, chosen_BQ, width)
         else:
             chosen_BQ, content_cols, content_valid = query_valid, query_cols, query_valid
         canvas.commit(query_cols, tokens_BQ, chosen_BQ, g_next, step)
-        canvas.stop_at_eos(eos_token_id)
-    return canvas.output(eos_token_id, pad_token_id, step, step_logits=step_logits)
+        canvas.stop_at_eos(eos_ids)
+    return canvas.output(eos_ids, pad_token_id, step, step_logits=step_logits)
 
 
 # -- public API ------------------------------------------------------------------------------------
 
 
-def _config_eos(model: A3ForCausalLM) -> int | None:
-    eos = getattr(model.config.text_config, "eos_token_id", None)
-    return eos[0] if isinstance(eos, list | tuple) else eos
+def _eos_ids(model: A3ForCausalLM, cfg: DecodingConfig) -> torch.Tensor | None:
+    """Every id that ends a row (the config's, else the model's: Llama 3 lists several), or None."""
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(model.config.text_config, "eos_token_id", None)
+    if not cfg.stop_at_eos or eos is None:
+        return None
+    return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=model.device)
 
 
 def _pad_id(model: A3ForCausalLM, cfg: DecodingConfig) -> int:
@@ -306,16 +325,20 @@ def _pad_id(model: A3ForCausalLM, cfg: DecodingConfig) -> int:
     return 0 if pad is None else pad
 
 
-def _run(model, canvas: Canvas, cfg: DecodingConfig, generator, eos_token_id, output_logits) -> GenerationOutput:
+def _run(model, canvas: Canvas, cfg: DecodingConfig, generator, eos_ids, output_logits,
+         order_generators: Sequence[torch.Generator] | None) -> GenerationOutput:  # fmt: skip
     generator = generator if generator is not None else cfg.make_generator(model.device)
+    if order_generators is not None and len(order_generators) != canvas.ids.shape[0]:
+        raise ValueError(f"order_generators needs one generator per row: got {len(order_generators)} for {canvas.ids.shape[0]} rows")
+    order_source = generator if order_generators is None else order_generators
     pad = _pad_id(model, cfg)
     if cfg.speculative:
         from .speculative import decode_speculative
 
-        return decode_speculative(model, canvas, cfg, generator, eos_token_id, pad, output_logits)
+        return decode_speculative(model, canvas, cfg, generator, eos_ids, pad, output_logits, order_source)
     blank = canvas.real & ~canvas.known
-    fill_group = None if cfg.dynamic else fill_groups(blank, cfg.order, cfg.group_size, generator)
-    return _decode(model, canvas, fill_group, cfg, generator, eos_token_id, pad, output_logits)
+    fill_group = None if cfg.dynamic else fill_groups(blank, cfg.order, cfg.group_size, order_source)
+    return _decode(model, canvas, fill_group, cfg, generator, eos_ids, pad, output_logits)
 
 
 def sample(
@@ -326,6 +349,7 @@ def sample(
     length: int,
     config: DecodingConfig | None = None,
     generator: torch.Generator | None = None,
+    order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
     **options,
 ) -> GenerationOutput:
@@ -336,6 +360,11 @@ def sample(
     per_step, threshold, speculative, temperature, top_k, top_p, seed, stop_at_eos, eos_token_id,
     pad_token_id, use_cache) build one or replace its fields. A custom `order` is a permutation of
     0..length-1 (shared by every row, or a list with one per row).
+    generator: every random draw (tokens, a random order, the random criterion); default: one seeded by
+    config.seed. order_generators: one generator per row that draws that row's random order (random,
+    random-blocks; group-wise and speculative) from its own blanks alone, so that a row's order, and
+    its greedy output, do not depend on its batch or padding; token draws at temperature > 0 (and
+    dynamic decoding's choices) still come from `generator` and depend on the batch.
     Returns a canvas [B, N], N = max prompt length + length: row b holds its prompt then its
     continuation, left-aligned (position = column), padding on the right. With stop_at_eos, a row stops
     once a generated EOS has every earlier position filled, and every position after its first
@@ -356,7 +385,7 @@ def sample(
     max_pos = max_positions(model)
     if max_pos is not None and N > max_pos:
         raise ValueError(f"prompt ({int(lengths_B.max())} tokens) + length ({length}) = {N} exceeds the model's maximum of {max_pos} positions")
-    eos_token_id = (cfg.eos_token_id if cfg.eos_token_id is not None else _config_eos(model)) if cfg.stop_at_eos else None
+    eos_ids = _eos_ids(model, cfg)
 
     # left-align: prompt token of rank r goes to column r, the continuation follows it
     cols = torch.arange(N, device=device)[None].expand(B, N)
@@ -365,7 +394,7 @@ def sample(
     rows = torch.arange(B, device=device)[:, None].expand_as(rank)
     ids[rows[prompt_real], rank[prompt_real]] = input_ids[prompt_real]
     canvas = Canvas.start(ids, cols < (lengths_B + length)[:, None], cols < lengths_B[:, None], cols.contiguous())
-    return _run(model, canvas, cfg, generator, eos_token_id, output_logits)
+    return _run(model, canvas, cfg, generator, eos_ids, output_logits, order_generators)
 
 
 def infill(
@@ -376,6 +405,7 @@ def infill(
     *,
     config: DecodingConfig | None = None,
     generator: torch.Generator | None = None,
+    order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
     **options,
 ) -> GenerationOutput:
@@ -383,8 +413,9 @@ def infill(
 
     input_ids, known_mask, attention_mask: [B, N] (ids at blanks are ignored). Every known token comes
     first (left-to-right singletons), so the blanks see both the prefix and the suffix. Options as in
-    `sample`; a custom `order` is, per row, a permutation of that row's blank ranks. No EOS handling
-    (the EOS options are ignored): each blank has the length it was given. Returns the canvas [B, N].
+    `sample` (generator, order_generators too); a custom `order` is, per row, a permutation of that
+    row's blank ranks. No EOS handling (the EOS options are ignored): each blank has the length it was
+    given. Returns the canvas [B, N].
     """
     cfg = DecodingConfig.build(config, **options)
     if input_ids.dim() != 2 or known_mask.shape != input_ids.shape:
@@ -399,7 +430,7 @@ def infill(
     real, known = real.to(device), known_mask.bool().to(device)
     positions = (real.long().cumsum(1) - 1).clamp(min=0)  # counted over real tokens, as in the model
     canvas = Canvas.start(input_ids.to(device), real, known, positions)
-    return _run(model, canvas, cfg, generator, None, output_logits)
+    return _run(model, canvas, cfg, generator, None, output_logits, order_generators)
 
 
 # -- text helpers (CLI) ----------------------------------------------------------------------------
@@ -432,9 +463,9 @@ def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[t
     """Tokenize text with [BLANK:n] spans: input_ids [1, N] (the row start first, blanks hold pad ids)
     and known_mask [1, N] (False at blanks).
 
-    Whitespace just before a blank is dropped: "The cat [BLANK:8] on" must not encode "The cat " with
+    One space just before a blank is dropped: "The cat [BLANK:8] on" must not encode "The cat " with
     a lone space token; in BPE vocabularies a word carries its leading space, so the blank's first
-    token does ("The cat" [" sat" ...] " on").
+    token does ("The cat" [" sat" ...] " on"). Line breaks and tabs are text and stay.
     """
     ids, known = encode_row(tokenizer, ""), [True]
     filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -445,7 +476,7 @@ def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[t
             known += [False] * piece
             continue
         if i + 1 < len(pieces):  # a blank follows
-            piece = piece.rstrip()
+            piece = piece.removesuffix(" ")
         toks = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
         ids += toks
         known += [True] * len(toks)
@@ -526,10 +557,15 @@ def sample_text(
     input_ids = torch.tensor([encode_row(tokenizer, prompt)])
     if length is None:
         max_pos = max_positions(model)
-        length = DEFAULT_LENGTH if max_pos is None else max(min(DEFAULT_LENGTH, max_pos - input_ids.shape[1]), 1)
+        room = DEFAULT_LENGTH if max_pos is None else max_pos - input_ids.shape[1]
+        if room < 1:
+            raise ValueError(f"the prompt ({input_ids.shape[1]} tokens) fills the model's {max_pos} positions: nothing left to sample")
+        length = min(DEFAULT_LENGTH, room)
     eos_given = kwargs.get("eos_token_id") is not None or (config is not None and config.eos_token_id is not None)
-    if not eos_given and tokenizer.eos_token_id is not None:
-        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    if not eos_given and tokenizer.eos_token_id is not None:  # the tokenizer's EOS, and the model's own
+        model_eos = getattr(model.config.text_config, "eos_token_id", None)
+        model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+        kwargs["eos_token_id"] = sorted({tokenizer.eos_token_id, *model_eos})
     return _text_and_picture(tokenizer, sample(model, input_ids, config=config, length=length, **kwargs))
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .decoding import DecodingConfig, draw, token_probs
-from .groups import fill_groups
+from .groups import Generators, fill_groups
 from .model import A3ForCausalLM
 from .sampling import Canvas, GenerationOutput, StepForward, StepLogits, mask_to_cols, scatter_where
 
@@ -55,7 +55,7 @@ def _accept(p_BDV, q_BDV, drafts_BD, valid_BD, generator):
 class _Window:
     """The fill order as columns: rank r of row b is column cols_BM[b, r]; gathers windows of it."""
 
-    def __init__(self, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator):
+    def __init__(self, canvas: Canvas, cfg: DecodingConfig, generator: Generators):
         blank = canvas.real & ~canvas.known
         N = blank.shape[1]
         rank_BN = fill_groups(blank, cfg.order, 1, generator)  # singleton groups: the fill rank
@@ -107,14 +107,17 @@ def _verify(canvas: Canvas, forward: StepForward, d: _Drafts, p_BDV, groups_BD, 
 
 @torch.no_grad()
 def decode_speculative(
-    model: A3ForCausalLM, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator, eos_token_id: int | None,
-    pad_token_id: int, output_logits: bool,
+    model: A3ForCausalLM, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator, eos_ids: torch.Tensor | None,
+    pad_token_id: int, output_logits: bool, order_generator: Generators = None,
 ) -> GenerationOutput:  # fmt: skip
     """Speculative decoding of the canvas's blanks in the singleton order cfg.order, windows of
-    k = cfg.speculative positions (adapted after each forward under the heuristic schedule)."""
+    k = cfg.speculative positions (adapted after each forward under the heuristic schedule).
+
+    order_generator: what draws a random order (one generator, or one per row; default `generator`)."""
     B, N = canvas.ids.shape
     k = cfg.speculative  # the window: positions drafted per forward (its first one exact)
-    window, forward = _Window(canvas, cfg, generator), StepForward(model, B, cfg.use_cache)
+    window = _Window(canvas, cfg, generator if order_generator is None else order_generator)
+    forward = StepForward(model, B, cfg.use_cache)
     step_logits: list[StepLogits] | None = [] if output_logits else None
     n_known_B, top = canvas.n_known, 2 * N + 1  # `top`: a query group that sees every committed token
     done_B = torch.zeros(B, dtype=torch.long, device=canvas.ids.device)  # blanks committed (by rank)
@@ -147,14 +150,14 @@ def decode_speculative(
             # at least one draft (to keep measuring), at most a window as long as the longest row's blanks
             k = max(min(cfg.speculative, 2), k - 1) if bool(rejected_B.any()) else min(k + 2, window.cols_BM.shape[1])
         done_B = done_B + committed_B
-        canvas.stop_at_eos(eos_token_id)
+        canvas.stop_at_eos(eos_ids)
         d, done_B = _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, steps,
-                                 generator, eos_token_id)  # fmt: skip
-    return canvas.output(eos_token_id, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted)
+                                 generator, eos_ids)  # fmt: skip
+    return canvas.output(eos_ids, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted)
 
 
 def _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, step: int, generator,
-                 eos_token_id) -> tuple[_Drafts, torch.Tensor]:  # fmt: skip
+                 eos_ids) -> tuple[_Drafts, torch.Tensor]:  # fmt: skip
     """The next forward's pending token and drafts, drawn from this forward's window rows.
 
     A row that accepted every draft commits the first position of the window after them (its q is
@@ -168,7 +171,7 @@ def _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols,
     first_ok = next_valid[:, 0] & ~rejected_B & ~canvas.finished
     canvas.commit(next_cols[:, :1], tokens_BK[:, :1], first_ok[:, None], (canvas.n_known + done_B)[:, None], step)
     done_B = done_B + first_ok.long()
-    canvas.stop_at_eos(eos_token_id)
+    canvas.stop_at_eos(eos_ids)
     more = first_ok & ~canvas.finished
     return _Drafts(
         pending_cols=torch.where(rejected_B[:, None], residual_col, next_cols[:, :1]),

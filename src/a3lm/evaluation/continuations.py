@@ -32,10 +32,19 @@ class ContinuationScore:
     num_tokens: int
 
 
+def _seeded(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+
 def request_generator(seed: int, context: Sequence[int], continuation: Sequence[int]) -> torch.Generator:
     """A generator seeded by (seed, tokens): a random order depends on the request, not on its batch."""
-    key = zlib.crc32(f"{list(context)}|{list(continuation)}".encode())
-    return torch.Generator().manual_seed((seed * 1_000_003 + key) % (2**63))
+    return _seeded(seed, f"{list(context)}|{list(continuation)}")
+
+
+def generation_generator(seed: int, given: Sequence[int], n_new: int) -> torch.Generator:
+    """A generator seeded by (seed, a row's given tokens, how many it generates), for the `order_generators`
+    of `sampling.sample` / `infill`: a random fill order depends on the request, not on its batch."""
+    return _seeded(seed, f"{list(given)}|{n_new}")
 
 
 def _truncate(context: list[int], continuation: list[int], max_length: int | None) -> list[int]:

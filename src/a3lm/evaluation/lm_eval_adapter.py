@@ -36,7 +36,7 @@ from .. import sampling
 from ..decoding import DecodingConfig
 from ..groups import check_order
 from ..model import A3ForCausalLM, max_positions, require_a3
-from .continuations import prefix_token_id, score_continuations
+from .continuations import generation_generator, prefix_token_id, score_continuations
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
@@ -68,7 +68,8 @@ class A3LM(TemplateLM):
     pretrained: a directory (or hub id) holding an A3 checkpoint and its tokenizer, or a loaded
         A3ForCausalLM (then pass `tokenizer` too).
     order, group_size: factorization of the continuation when scoring (left-to-right, right-to-left,
-        random, random-blocks); seed fixes the random orders (one per request, batch independent).
+        random, random-blocks); seed fixes the random orders, of scoring and of generation (one per
+        request, batch independent).
     decoding: a `DecodingConfig` (how generate_until decodes, its temperature / top-k / top-p
         included), or its fields as separate arguments (what `--model_args` can pass): gen_mode (group
         / dynamic), gen_order, gen_group_size, criterion, per_step, threshold, speculative, use_cache;
@@ -287,9 +288,13 @@ class A3LM(TemplateLM):
     ) -> list[list[int]]:
         """The generated ids of each left-padded prompt row (up to its first EOS), decoded by self.decoding."""
         sampling_options = {"temperature": temperature, "top_k": gen_kwargs.get("top_k"), "top_p": gen_kwargs.get("top_p")}
+        # a random fill order per request, from its own prompt: greedy answers do not depend on the batch
+        orders = [generation_generator(self.seed, ids[real.bool()].tolist(), length)
+                  for ids, real in zip(input_ids, attention_mask, strict=True)]  # fmt: skip
         out = sampling.sample(
             self.model, input_ids, attention_mask, length=length, config=self.decoding, seed=self.seed,
-            eos_token_id=self.eot_token_id, pad_token_id=self._pad_id(), **(sampling_options if self.task_sampling else {}),
+            order_generators=orders, eos_token_id=self.eot_token_id, pad_token_id=self._pad_id(),
+            **(sampling_options if self.task_sampling else {}),
         )  # fmt: skip
         lengths = attention_mask.sum(1).tolist()
         return [

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import sampling
 from ..decoding import DecodingConfig
 from ..model import A3ForCausalLM
-from .continuations import prefix_token_id
+from .continuations import generation_generator, prefix_token_id
 from .lm_eval_adapter import ar_generate
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -142,7 +142,8 @@ def evaluate_rocstories(
 
     An A3 model infills as `config` says (default greedy, left to right). A plain causal LM (the AR
     base) cannot see the suffix: it continues sentences 1-2 by the blank's length at config's
-    temperature / top-k / top-p, and its fill ends at its first EOS.
+    temperature / top-k / top-p, and its fill ends at its first EOS. A random fill order is drawn per
+    story from (seed, its tokens, its blank length), so that greedy fills do not depend on batch_size.
     """
     generator = torch.Generator(device=model.device).manual_seed(seed)
     predictions, prompts = [], []
@@ -152,9 +153,12 @@ def evaluate_rocstories(
         input_ids, known, attention_mask = infill_batch(tokenizer, batch, blank_length)
         blanks = ~known & attention_mask.bool()
         if isinstance(model, A3ForCausalLM):
+            # each story's random fill order from its own tokens: greedy fills do not depend on the batch
+            orders = [generation_generator(seed, ids[real.bool()].tolist(), int(n)) for ids, real, n
+                      in zip(input_ids, attention_mask, blanks.sum(1), strict=True)]  # fmt: skip
             out = sampling.infill(
                 model, input_ids.to(model.device), known.to(model.device), attention_mask.to(model.device),
-                config=config, generator=generator,
+                config=config, generator=generator, order_generators=orders,
             )  # fmt: skip
             fills = [out.sequences[b][blanks[b].to(out.sequences.device)].tolist() for b in range(len(batch))]
         else:

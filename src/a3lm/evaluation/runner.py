@@ -11,11 +11,13 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import PREFIX
+from ..convert import SMOLLM2, ConversionError, resolve_source, smollm2_gguf
 from ..decoding import DecodingConfig
 from ..groups import ORDERS, check_order
 from ..train import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
@@ -26,6 +28,7 @@ from .tasks import HARNESS_TASKS, MissingDataError, run_harness
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf")  # what a model's fingerprint covers
 
 
 @dataclass
@@ -82,14 +85,26 @@ class EvalConfig:
             raise ValueError("EvalConfig.decoding is the group-wise config and EvalConfig.dynamic the dynamic one")
         for mode in self.genppl_modes:  # each mode's config is valid (e.g. a threshold needs confidence / margin)
             mode_config(mode, self.decoding, self.dynamic, self.genppl_temperature)
-        if "genppl" in self.tasks and not self.judge:
-            raise ValueError("genppl needs an AR judge: pass --judge PATH (any Hugging Face causal LM)")
-        if "rocstories" in self.tasks and not self.data_dir:
-            from .rocstories import CLOZE_FILE
+        self._check_generative_inputs()
 
-            raise MissingDataError(
-                f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
-            )
+    def _check_generative_inputs(self) -> None:
+        """The judge and the stories file exist, before any task runs (a late failure loses the earlier
+        tasks' results). A judge that reads as a Hub id is left to load time (no network here)."""
+        if "genppl" in self.tasks:
+            if not self.judge:
+                raise ValueError("genppl needs an AR judge: pass --judge PATH (any Hugging Face causal LM)")
+            try:
+                resolve_source(self.judge)
+            except ConversionError as err:
+                raise ValueError(f"genppl judge (--judge): {err}") from err
+        if "rocstories" in self.tasks:
+            if not self.data_dir:
+                from .rocstories import CLOZE_FILE
+
+                raise MissingDataError(
+                    f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
+                )
+            find_stories_file(self.data_dir)
 
     def row_decoding(self, order: str) -> DecodingConfig:
         """The group-wise config of the A3 row scored in `order`."""
@@ -123,6 +138,15 @@ def model_name(path: str) -> str:
         run = p.parent.parent if p.parent.name == CHECKPOINTS_DIR else p.parent
         return f"{run.name}/{p.name}"
     return p.name
+
+
+def model_fingerprint(path: str) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of the files that make a model: config.json and the weight files
+    of a folder, or a .gguf file itself ('smollm2': the package's). Empty for a Hub id, which its name
+    identifies: a rerun cannot tell that a Hub model changed."""
+    p = smollm2_gguf() if path == SMOLLM2 else Path(path).expanduser()
+    files = [p] if p.is_file() else sorted(f for pattern in MODEL_FILES for f in p.glob(pattern)) if p.is_dir() else []
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def package_versions() -> dict[str, str]:
@@ -323,7 +347,8 @@ def run(
     if not rows:
         raise ValueError("nothing to evaluate: pass --model A3_DIR and/or --base BASE")
     config = json.loads(json.dumps(asdict(cfg), default=str))
-    records, outputs = finished_rows(output, config, rows)
+    fingerprints = {row.path: model_fingerprint(row.path) for row in rows}
+    records, outputs = finished_rows(output, config, rows, fingerprints)
     loaded: dict[Any, Any] = {}
     for i, row in enumerate(rows):
         if row.label not in outputs:
@@ -334,7 +359,7 @@ def run(
         result = {
             "config": config,
             "complete": i == len(rows) - 1,
-            "rows": [asdict(r) | {"label": r.label} for r in rows],
+            "rows": [asdict(r) | {"label": r.label, "fingerprint": fingerprints[r.path]} for r in rows],
             "models": models,
             "base": base,
             "versions": package_versions(),
@@ -347,9 +372,11 @@ def run(
     return result
 
 
-def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[Row]) -> tuple[list[dict], dict[str, Any]]:
+def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[Row],
+                  fingerprints: dict[str, dict[str, list[int]]]) -> tuple[list[dict], dict[str, Any]]:  # fmt: skip
     """(records, outputs) of the rows an earlier run of the same config already wrote to `output`
-    (same label and model path), so that a rerun after an interruption does only the rest."""
+    (same label, model path and model files: `model_fingerprint`), so that a rerun after an
+    interruption does only the rest. A row whose model changed since is evaluated again (with a warning)."""
     if output is None or not Path(output).is_file():
         return [], {}
     try:
@@ -358,8 +385,13 @@ def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[
         return [], {}
     if previous.get("config") != config:
         return [], {}
-    done = {r["label"]: r["path"] for r in previous.get("rows", []) if r["label"] in previous.get("outputs", {})}
-    keep = {row.label for row in rows if done.get(row.label) == row.path}
+    done = {r["label"]: r for r in previous.get("rows", []) if r["label"] in previous.get("outputs", {})}
+    same_path = [row for row in rows if done.get(row.label, {}).get("path") == row.path]
+    keep = {row.label for row in same_path if done[row.label].get("fingerprint") == fingerprints[row.path]}
+    for row in same_path:
+        if row.label not in keep:
+            warnings.warn(f"{row.label}: the model files at {row.path} changed since {output} was written: "
+                          "evaluating the row again", stacklevel=2)  # fmt: skip
     records = [r for r in previous.get("results", []) if r.get("row") in keep]
     return records, {label: previous["outputs"][label] for label in keep}
 

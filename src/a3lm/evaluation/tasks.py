@@ -82,20 +82,46 @@ def missing_data_message(tasks: list[HarnessTask], data_dir: str | Path | None, 
     return "\n".join(lines)
 
 
+# the answer field of each task and the values the harness's yaml reads as an answer: any other value
+# fails deep in the harness (Winogrande) or silently scores as wrong (a SIQA "B", a PIQA "1")
+LABELS = {
+    "hellaswag": ("label", (0, 1, 2, 3, "0", "1", "2", "3"), "0..3 (an int or a digit string)"),
+    "piqa": ("label", (0, 1), "0 or 1 (an int)"),
+    "winogrande": ("answer", ("1", "2"), '"1" or "2" (a string)'),
+    "siqa": ("label", (1, 2, 3, "1", "2", "3"), '"1", "2" or "3" (or an int)'),
+}
+
+
+def doc_problem(task: HarnessTask, doc: dict[str, Any]) -> str | None:
+    """What keeps one document from being read as the harness reads it (None: nothing)."""
+    absent = [f for f in task.required if f not in doc]
+    if absent:
+        return f"lacks field(s) {', '.join(absent)} ({task.name} reads {task.fields})"
+    if task.name in LABELS:
+        field, allowed, expected = LABELS[task.name]
+        value = doc[field]
+        if isinstance(value, bool) or value not in allowed:
+            return f"has {field} {json.dumps(value)}: {task.name} expects {expected}"
+    if task.name == "winogrande" and "_" not in str(doc["sentence"]):
+        return "has no _ in its sentence (the blank that option1 / option2 fill)"
+    answer = doc.get("answer")
+    if task.name == "triviaqa" and not (isinstance(answer, dict) and isinstance(answer.get("aliases"), list)):
+        return "has no answer.aliases list (triviaqa reads answer: {aliases: [...], value})"
+    return None
+
+
 def check_local_file(task: HarnessTask, path: Path) -> None:
-    """An empty file, a line that is not a JSON object or one without a field the task reads: one
-    error naming the file, the line and the problem (not a template error deep in the harness)."""
+    """An empty file, a line that is not a JSON object, one without a field the task reads or with an
+    answer value the harness would misread: one error naming the file, the line and the problem (not a
+    template error deep in the harness, nor a silent wrong score)."""
     from ..data import local_file_problem
 
     problem = local_file_problem(path)
     if problem:
         raise ValueError(f"benchmark file {path}{' ' if problem.startswith('is ') else ': '}{problem}")
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            absent = [f for f in task.required if f not in json.loads(line)]
-            if absent:
-                raise ValueError(f"benchmark file {path}: line {n} lacks field(s) {', '.join(absent)} "
-                                 f"({task.name} reads {task.fields})")
+        if line.strip() and (problem := doc_problem(task, json.loads(line))):
+            raise ValueError(f"benchmark file {path}: line {n} {problem}")
 
 
 def local_task_dir(tasks: list[HarnessTask], data_dir: str | Path, out_dir: str | Path) -> Path:
