@@ -113,6 +113,42 @@ def test_resume_continues_with_the_same_rows(jsonl):
         assert all(torch.equal(x, b.next_batch()["input_ids"]) for x in expected), source
 
 
+def test_empty_documents_add_nothing_and_resume_exactly(tmp_path):
+    txt = tmp_path / "docs.txt"  # one document per line; blank lines are empty documents
+    txt.write_text("\n".join(["", DOCS[0], "", "", *DOCS[1:3], "", *DOCS[3:]]) + "\n\n")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for d in DOCS for t in (d, "", "")))
+    for path in (txt, jsonl):
+        cfg = DataConfig(source=str(path), seq_len=6, micro_batch_size=3)
+        a = build_loader(cfg, TOK)
+        stream = [t for _ in range(4) for t in a.next_batch()["input_ids"][:, 1:].flatten().tolist()]
+        assert stream == _token_stream()[: len(stream)], path.name  # no EOS runs: empty documents are skipped
+        state = a.state_dict()
+        expected = [a.next_batch()["input_ids"] for _ in range(6)]  # across the end of the pass
+        b = build_loader(cfg, TOK)
+        b.load_state_dict(state)
+        assert all(torch.equal(x, b.next_batch()["input_ids"]) for x in expected), path.name
+
+
+def test_empty_and_textless_sources_are_clear_errors(tmp_path):
+    def loader(records: list, rank: int = 0, world: int = 1):
+        path = tmp_path / f"d{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return build_loader(DataConfig(source=str(path), seq_len=4, micro_batch_size=1), TOK, rank, world)
+
+    with pytest.raises(ValueError, match=r"every document of data source '.*d0.jsonl' is empty"):
+        loader([{"text": ""}] * 3).check_readable()
+    alternating = [{"text": DOCS[0]}, {"text": ""}] * 2
+    assert loader(alternating, 0, 2).next_row()[1:4] == _token_stream()[:3]
+    with pytest.raises(ValueError, match="every document of data source .* that rank 1 of 2 reads is empty"):
+        loader(alternating, 1, 2).next_row()
+    for bad in ({"text": None}, {"id": 3}):  # a null text; a record without the field (datasets fills in None)
+        with pytest.raises(ValueError, match=r"d\d.jsonl': document 1 \(0-based\) has no text: its field 'text' is None"):
+            reader = loader([{"text": DOCS[0]}, bad, {"text": DOCS[1]}])
+            for _ in range(3):  # document 0 fills the first two rows
+                reader.next_row()
+
+
 def test_ranks_read_disjoint_documents(jsonl):
     cfg = DataConfig(seq_len=18, micro_batch_size=8)
     r0 = build_loader(cfg, TOK, rank=0, world_size=2).next_batch()["input_ids"]
@@ -125,6 +161,25 @@ def test_ranks_read_disjoint_documents(jsonl):
     assert not torch.equal(f0.next_batch()["input_ids"], f1.next_batch()["input_ids"])
     with pytest.raises(ValueError, match="cannot resume rank 0 of 1 with load_state_dict: use load_resharded"):
         build_loader(cfg, TOK, rank=0, world_size=1).load_state_dict(f0.state_dict())
+
+
+def test_local_folders_are_split_by_document_whatever_their_file_count(tmp_path):
+    docs = _indexed_docs(10)
+    for name, part in (("a.jsonl", docs[:8]), ("b.jsonl", docs[8:])):  # 2 files: a multiple of 2 ranks
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    cfg = DataConfig(source=str(tmp_path), seq_len=5, micro_batch_size=1)
+    for r in range(2):
+        loader = build_loader(cfg, TOK, rank=r, world_size=2)
+        tokens = [t for _ in range(12) for t in loader.next_row()[1:]]
+        assert _doc_indices(tokens)[:7] == [r, r + 2, r + 4, r + 6, r + 8, r, r + 2]  # then the next pass
+        assert loader.state_dict()["interleaved"]
+        # positions of older versions: split by files, or past the first pass without the pass length
+        for change in ({"interleaved": False}, {"num_documents": None}):
+            state = loader.state_dict() | change
+            if change.get("num_documents", 0) is None:
+                del state["num_documents"]
+            with pytest.raises(ValueError, match="by files or shards|older a3lm after its first pass"):
+                build_loader(cfg, TOK, rank=r, world_size=2).load_state_dict(state)
 
 
 # -- bad inputs ------------------------------------------------------------------------------------------
@@ -166,35 +221,48 @@ def _doc_index(tokens: list[int]) -> int:
     return (tokens[0] - 4) * len(HMM.words) + tokens[1] - 4
 
 
+def _doc_indices(tokens: list[int]) -> list[int]:
+    """The index of every whole document (closed by EOS) of a token stream that starts at a document."""
+    docs, start = [], 0
+    for i, t in enumerate(tokens):
+        if t == EOS:
+            docs.append(_doc_index(tokens[start:i]))
+            start = i + 1
+    return docs
+
+
+def _global_indices(docs: list[int], first: int, n: int) -> list[int]:
+    """A rank's documents (indices within a pass of n) as the increasing global indices they stand
+    for, the first one >= first (a rank's consecutive documents are fewer than n apart)."""
+    out, g = [], first
+    for d in docs:
+        g += (d - g) % n
+        out.append(g)
+        g += 1
+    return out
+
+
 @pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
 def test_resharded_resume_neither_repeats_nor_skips(tmp_path, old_world, new_world):
-    n = 150
+    n = 40
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in _indexed_docs(n)))
     cfg = DataConfig(source=str(path), seq_len=7, micro_batch_size=1)
-    streams = []  # token streams that end in whole documents
+    streams = []  # (the lowest global index it may hold, a token stream of whole documents)
     old = [build_loader(cfg, TOK, rank=r, world_size=old_world) for r in range(old_world)]
     for r, loader in enumerate(old):
-        rows = [loader.next_row()[1:] for _ in range(9 + 4 * r)]  # ranks at different positions
-        streams.append([t for row in rows for t in row] + loader.buffer)
+        rows = [loader.next_row()[1:] for _ in range(45 + 4 * r)]  # passes in, ranks at different positions
+        streams.append((0, [t for row in rows for t in row] + loader.buffer))
     states = [loader.state_dict() for loader in old]
-    assert len({s["documents"] for s in states}) > 1 or old_world == 1
+    assert min(s["epoch"] for s in states) >= 1
+    assert len({s["epoch"] for s in states}) > 1 or old_world == 1  # ranks in different passes
+    end = 7 * n  # every global index below it is read exactly once
     for r in range(new_world):
         loader = build_loader(cfg, TOK, rank=r, world_size=new_world)
         loader.load_resharded(states)
-        carried = len(loader.buffer)
-        tokens = []
-        while loader.epoch == 0:
+        carried, first, tokens = len(loader.buffer), loader.offset, []
+        while loader.last < end:
             tokens += loader.next_row()[1:]
-        streams.append(tokens[carried:])
-    seen = []
-    for tokens in streams:
-        docs, start = [], 0
-        for i, t in enumerate(tokens):
-            if t == EOS:
-                docs.append(_doc_index(tokens[start:i]))
-                start = i + 1
-        # a new rank's stream runs into the next epoch: keep its epoch-0 documents (increasing)
-        cut = next((k for k in range(1, len(docs)) if docs[k] <= docs[k - 1]), len(docs))
-        seen += docs[:cut]
-    assert sorted(seen) == list(range(n))
+        streams.append((first, tokens[carried:]))
+    seen = [g for first, tokens in streams for g in _global_indices(_doc_indices(tokens), first, n) if g < end]
+    assert sorted(seen) == list(range(end))

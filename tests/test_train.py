@@ -2,19 +2,23 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import signal
 import socket
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 
+from a3lm import build
 from a3lm import checkpoint as ckpt
 from a3lm.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
-from a3lm.data import DataConfig
+from a3lm.data import DataConfig, build_loader
 from a3lm.train import (
     Callback,
     CheckpointConfig,
@@ -203,6 +207,62 @@ def test_metrics_log_resumes_from_checkpoints_with_or_without_its_state(tmp_path
     assert all(m["loss"] > 0 for m in metrics(tmp_path / "run"))
 
 
+def _weights_of_seed(out: Path, seed: int) -> dict[str, torch.Tensor]:
+    cfg = tiny_cfg(out, stages=[0, 3], stage0_steps=1, stage3_steps=2)
+    cfg.seed = seed
+    return weights(train(cfg))
+
+
+def test_seed_reseeds_the_init_groupings_and_data_unless_set(tmp_path):
+    a, b, c = _weights_of_seed(tmp_path / "a", 0), _weights_of_seed(tmp_path / "b", 0), _weights_of_seed(tmp_path / "c", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in a if a[k].numel() > 1 and a[k].std() > 0)
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())  # the seeds the run used
+    assert (saved["model"]["init_seed"], saved["curriculum"]["seed"], saved["data"]["synthetic_seed"]) == (1, 1, 1)
+    cfg = TrainConfig(seed=3, model=ModelConfig(init_seed=0), curriculum=CurriculumConfig(seed=5)).seeded()
+    assert (cfg.model.init_seed, cfg.curriculum.seed, cfg.data.synthetic_seed) == (0, 5, 3)  # explicit ones stay
+    tok = build.load_tokenizer(TrainConfig())
+    rows = [build_loader(TrainConfig(seed=s).seeded().data, tok).next_batch()["input_ids"] for s in (0, 1)]
+    assert not torch.equal(*rows)  # the synthetic corpus too
+
+
+def test_wandb_runs_get_their_own_id_kept_on_resume(tmp_path, monkeypatch):
+    inits = []
+
+    class Run:
+        def log(self, metrics, step=None) -> None: ...
+        def finish(self) -> None: ...
+
+    stub = types.ModuleType("wandb")
+    stub.init = lambda **kw: inits.append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    for seed in (0, 1):  # runs/x/seed<k>/curriculum: folders of the same name
+        cfg = tiny_cfg(tmp_path / f"seed{seed}" / "curriculum", stages=[1], stage1_steps=2)
+        cfg.seed, cfg.log.wandb, cfg.stop_after = seed, True, 1
+        train(cfg)
+        cfg.stop_after = None
+        train(cfg)  # resumed: the same wandb run
+    ids = [kw["id"] for kw in inits]
+    assert ids[0] == ids[1] != ids[2] == ids[3] and all(kw["resume"] == "allow" for kw in inits)
+    assert (tmp_path / "seed1" / "curriculum" / "wandb_id").read_text().strip() == ids[2]
+
+
+def test_a_model_from_scratch_takes_the_tokenizers_special_ids(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from a3lm.debug import tiny_byte_bpe
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_byte_bpe(), bos_token="<|im_start|>",
+                                  eos_token="<|endoftext|>", pad_token="<|im_end|>")
+    tok.save_pretrained(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("the cat sat on the mat.\na big dog ran.\n")
+    cfg = tiny_cfg(tmp_path / "run", stages=[0, 1], stage0_steps=1, stage1_steps=1)
+    cfg.model.tokenizer, cfg.data.source = str(tmp_path / "tok"), str(tmp_path / "a.txt")
+    saved = json.loads((train(cfg) / "config.json").read_text())["text_config"]
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (1, 0, 2)
+    assert saved["vocab_size"] == len(tok)
+
+
 # -- the loop --------------------------------------------------------------------------------------
 
 
@@ -281,7 +341,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     train(cfg)
     monkeypatch.setattr(FileSystemWriter, "write_data", _dying_write)
     cfg.stop_after = 4
-    with pytest.raises(CheckpointException, match="OSError: killed"):
+    with pytest.raises(OSError, match=r"could not write checkpoint .*step_00000004: rank 0: OSError: killed"):
         train(cfg)
     monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
@@ -300,6 +360,39 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     with pytest.raises(RuntimeError):
         ckpt.save(tmp_path / "solo", 5, half)
     assert ckpt.latest_checkpoint(tmp_path / "solo") is None
+
+
+def test_a_damaged_checkpoint_is_one_clear_error_naming_the_previous_one(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", stages=[1], stage1_steps=6)
+    cfg.checkpoint.every, cfg.stop_after = 2, 4
+    train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    second, first = root / ckpt.checkpoint_name(4), root / ckpt.checkpoint_name(2)
+    shard = next((second / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    with pytest.raises(OSError, match=rf"^checkpoint {re.escape(str(second))} is unreadable \(rank 0: RuntimeError: "
+                                      rf".*\); delete it to resume from the previous checkpoint {re.escape(str(first))}$"):
+        Trainer(cfg)
+    shutil.rmtree(second)
+    (first / "data_rank0.pt").unlink()
+    with pytest.raises(OSError, match=r"step_00000002 is unreadable \(FileNotFoundError: .*data_rank0.pt'\); no "
+                                      "earlier checkpoint is kept: delete it to start the run over$"):
+        Trainer(cfg)
+    (first / "meta.json").write_text("")
+    with pytest.raises(OSError, match=r"step_00000002 is unreadable \(meta.json is not JSON: Expecting value"):
+        Trainer(cfg)
+
+
+def test_a_failed_first_save_leaves_no_run_folder(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path / "run", stages=[1], stage1_steps=2)
+    cfg.checkpoint.every = 1
+    monkeypatch.setattr(FileSystemWriter, "write_data", _dying_write)  # e.g. a full disk
+    with pytest.raises(OSError, match=r"could not write checkpoint .*step_00000001: rank 0: OSError: killed"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    cfg.optim.lr = 1e-4  # the corrected command is not refused as "a different run"
+    assert train(cfg) == tmp_path / "run" / "final"
 
 
 def test_non_finite_loss_stops_without_stepping(tmp_path):
@@ -490,7 +583,7 @@ def _reshard_worker(rank: int, world: int, port: int, tmp: str) -> None:
     try:
         Trainer(cfg).fit()
         error = None
-    except CheckpointException as e:
+    except OSError as e:  # DCP's CheckpointException, re-raised naming the checkpoint
         error = str(e)
     FileSystemWriter.write_data = real
     steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp / "interrupted" / "checkpoints")]

@@ -38,8 +38,9 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     return word_tokenizer(default_hmm(cfg.data.hmm_seed).words, model_max_length=cfg.model.max_position_embeddings)
 
 
-def initial_base_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    """The plain `*ForCausalLM` a run starts from: loaded from model.path or a fresh tiny one."""
+def initial_base_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
+    """The plain `*ForCausalLM` a run starts from: loaded from model.path or a fresh tiny one whose
+    vocabulary and BOS / EOS / pad ids are the tokenizer's."""
     if cfg.model.path is not None:
         from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -53,20 +54,22 @@ def initial_base_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     from .debug import tiny_base_model
 
     m = cfg.model
-    return tiny_base_model(m.family, seed=m.init_seed, vocab_size=vocab_size, hidden_size=m.hidden_size,
+    return tiny_base_model(m.family, seed=m.init_seed, vocab_size=len(tokenizer), hidden_size=m.hidden_size,
                            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-                           num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings)
+                           num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
 
 
-def initial_a3_model(cfg: TrainConfig, vocab_size: int) -> A3ForCausalLM:
+def initial_a3_model(cfg: TrainConfig, tokenizer: Any) -> A3ForCausalLM:
     if cfg.model.path is not None:
         return A3ForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
-    return A3ForCausalLM.from_base(initial_base_model(cfg, vocab_size))
+    return A3ForCausalLM.from_base(initial_base_model(cfg, tokenizer))
 
 
-def initial_model(cfg: TrainConfig, kind: str, vocab_size: int) -> nn.Module:
+def initial_model(cfg: TrainConfig, kind: str, tokenizer: Any) -> nn.Module:
     """The first phase's model: the base decoder ("ar", stage 0) or the A3 model ("a3")."""
-    return initial_base_model(cfg, vocab_size) if kind == "ar" else initial_a3_model(cfg, vocab_size)
+    return initial_base_model(cfg, tokenizer) if kind == "ar" else initial_a3_model(cfg, tokenizer)
 
 
 def skeleton(model_config: dict[str, Any]) -> nn.Module:

@@ -189,7 +189,10 @@ class CheckpointManager:
         for name, part in self.per_rank.items():
             torch.save(part.state_dict(), tmp / f"{name}_rank{self.rank}.pt")
         with _single_process_quiet():
-            dcp.save(dict(self.shared), checkpoint_id=tmp / STATE_DIR, no_dist=self.world_size == 1)
+            try:
+                dcp.save(dict(self.shared), checkpoint_id=tmp / STATE_DIR, no_dist=self.world_size == 1)
+            except dcp.CheckpointException as e:  # a BaseException: `except Exception` would miss it
+                raise OSError(f"could not write checkpoint {self.root / checkpoint_name(step)}: {_failures(e)}") from e
         self.barrier()  # every rank's files are written before rank 0 makes them the checkpoint
         if self.rank == 0:
             commit(tmp, keep=self.keep)
@@ -202,20 +205,51 @@ class CheckpointManager:
         import torch.distributed.checkpoint as dcp
 
         path = Path(path)
-        with _single_process_quiet():
+        with _reading(path), _single_process_quiet():
             dcp.load(dict(self.shared), checkpoint_id=path / STATE_DIR, no_dist=self.world_size == 1)
         saved_world = read_meta(path)["world_size"]
         for name, part in self.per_rank.items():
             if name in self.optional and not (path / f"{name}_rank0.pt").exists():
                 continue
-            if saved_world == self.world_size:
-                part.load_state_dict(torch.load(path / f"{name}_rank{self.rank}.pt", weights_only=False))
-                continue
-            if not hasattr(part, "load_resharded"):
+            same = saved_world == self.world_size
+            if not same and not hasattr(part, "load_resharded"):
                 raise ValueError(f"checkpoint {path} was written by {saved_world} processes and its {name!r} "
                                  f"state cannot be resharded: resume with {saved_world} processes")
-            states = [torch.load(path / f"{name}_rank{r}.pt", weights_only=False) for r in range(saved_world)]
-            part.load_resharded(states)
+            with _reading(path):
+                states = [torch.load(path / f"{name}_rank{r}.pt", weights_only=False)
+                          for r in ([self.rank] if same else range(saved_world))]
+            if same:
+                part.load_state_dict(states[0])
+            else:
+                part.load_resharded(states)
+
+
+def _failures(err: BaseException) -> str:
+    """What went wrong, in one line: each failed rank's exception for a DCP CheckpointException."""
+    failures = getattr(err, "failures", None)
+    if not failures:
+        return f"{type(err).__name__}: {err}".removesuffix(": ")
+    return "; ".join(f"rank {r}: {_failures(exc)}" for r, (exc, _trace) in sorted(failures.items()))
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Reading checkpoint `path`: any failure becomes an OSError naming it and what to fall back to."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        yield
+    except (CheckpointException, Exception) as e:
+        raise _unreadable(path, _failures(e)) from e
+
+
+def _unreadable(path: Path, problem: str) -> OSError:
+    """The error for a damaged checkpoint: which one, why, and the previous one to resume from."""
+    path = Path(path)
+    earlier = [p for p in list_checkpoints(path.parent) if step_of(p) < step_of(path)]
+    fallback = (f"delete it to resume from the previous checkpoint {earlier[-1]}" if earlier
+                else "no earlier checkpoint is kept: delete it to start the run over")
+    return OSError(f"checkpoint {path} is unreadable ({problem}); {fallback}")
 
 
 @contextmanager
@@ -227,4 +261,8 @@ def _single_process_quiet() -> Iterator[None]:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / META_FILE).read_text())
+    text = (Path(path) / META_FILE).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _unreadable(path, f"{META_FILE} is not JSON: {e}") from e

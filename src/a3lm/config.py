@@ -8,6 +8,7 @@ typed settings and `key=value` overrides (`a3lm.overrides`, read by each field's
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 64
-    init_seed: int = 0
+    init_seed: int | None = None  # the tiny model's init; None: the run's `seed`
     gradient_checkpointing: bool = False
 
 
@@ -82,8 +83,18 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | bf16 | fp32
     parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (sharded, FSDP2 per decoder layer)
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    seed: int = 0  # the run's seed; also every sub-seed left unset (SUB_SEEDS)
     stop_after: int | None = None  # stop at this global step with a checkpoint (time-limited jobs)
+
+    def seeded(self) -> TrainConfig:
+        """A copy whose sub-seeds left unset (None) are `seed`: one setting reseeds the model init, the
+        groupings and the synthetic corpus, while a sub-seed set explicitly (the demo's) stays."""
+        cfg = copy.deepcopy(self)
+        for section, key in SUB_SEEDS:
+            part = getattr(cfg, section)
+            if getattr(part, key) is None:
+                setattr(part, key, cfg.seed)
+        return cfg
 
     def validate(self) -> None:
         self.curriculum.validate()
@@ -105,6 +116,8 @@ class TrainConfig:
             raise ValueError("a model built from scratch (no --model) needs the synthetic data or model.tokenizer")
 
 
+# (section, field) of the seeds of one part of a run; None takes the run's `seed` (`TrainConfig.seeded`)
+SUB_SEEDS = (("model", "init_seed"), ("curriculum", "seed"), ("data", "synthetic_seed"))
 # fields that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE_FIELDS = ("output", "checkpoint", "log", "stop_after")
 # how the rows of a step are split over processes and micro-batches: free to change on resume (e.g.

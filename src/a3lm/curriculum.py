@@ -40,7 +40,7 @@ class CurriculumConfig:
     stage3_max_size: int = 4  # the paper's 4; 8 is the long-group option
     infill_share: float = 0.0  # share of stage-3 samples with infilling-shaped orders
     block_share: float = 0.0  # share of stage-3 samples with contiguous spans in a random order
-    seed: int = 0
+    seed: int | None = None  # the groupings; None: the run's `seed`
 
     def steps(self, stage: int) -> int:
         return getattr(self, f"stage{stage}_steps") if stage in self.stages else 0

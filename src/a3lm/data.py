@@ -3,29 +3,35 @@
 Rows are packed, never padded: documents are tokenised without special tokens, each followed by
 EOS, concatenated, and cut into rows of `seq_len` = [BOS] + the next seq_len - 1 tokens of the
 stream (a document may continue on the next row, after that row's BOS). Every position of every
-row is a real token, so attention_mask is all ones and no padding is ever trained on.
+row is a real token, so attention_mask is all ones and no padding is ever trained on. An empty
+document (a blank line of a .txt file, a record whose text is "") adds nothing, not even its EOS.
 
 The synthetic corpus uses seq_len = L + 2 (the default): each row is then exactly one document,
 [BOS w_1 .. w_L EOS], so a row's probabilities are those of the HMM.
 
 Sources:
 - "synthetic": the embedded HMM corpus (`a3lm.synthetic`), endless and seekable;
-- local files: a .txt / .jsonl / .json / .parquet file, a glob, or a folder (searched recursively);
+- local files: a .txt (one document per line) / .jsonl / .json / .parquet file, a glob, or a folder
+  (searched recursively);
 - a named corpus that a package installs (`a3lm.corpora`): "fortunes", "fortunes:heldout";
 - any other string: a Hugging Face Hub dataset name, streamed (`datasets.load_dataset(..., streaming=True)`).
 
-Finite sources are repeated epoch after epoch. Ranks take interleaved documents (rank r gets
-documents r, r + W, r + 2W, ...) and pack them on their own. The data position is
-(epoch, documents consumed, leftover tokens) per rank; it is saved in checkpoints and a resumed
-loader continues with exactly the rows the interrupted one would have produced.
+Finite sources are repeated pass after pass: document g of the endless sequence is the source's
+document g % N (N documents a pass; epoch g // N). Ranks take interleaved documents of that one
+sequence (rank r gets documents r, r + W, r + 2W, ...) and pack them on their own, so a rank's epoch
+is that of the last document it read: ranks cross an epoch's end at different steps, which does not
+matter to resuming or resharding. The data position is (documents consumed, leftover tokens) per
+rank; it is saved in checkpoints and a resumed loader continues with exactly the rows the
+interrupted one would have produced.
 
 Resuming on a different number of processes (`PackedLoader.load_resharded`): the documents every
 old rank consumed are known, so the new ranks interleave the documents after the longest common
 prefix, leaving out those some old rank already took, and each old rank's leftover tokens go to a
 new rank first: no document or token is repeated or skipped. The rows themselves differ (packing
 happens per rank) unless every document fills whole rows, as the synthetic corpus does. A Hub
-dataset whose shard count is a multiple of the world size is split by shards, not interleaved;
-its position is then rank-local and cannot be resharded (a clear error says so).
+dataset whose shard count is a multiple of the world size is split by shards, not interleaved (each
+rank streams only its shards; local files are always interleaved): its positions are then
+rank-local and cannot be resharded (a clear error says so).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import glob
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +69,7 @@ class DataConfig:
     seq_len: int = 18
     micro_batch_size: int = 32
     synthetic_length: int = 16  # words per synthetic document (L); seq_len = L + 2 aligns rows
-    synthetic_seed: int = 0  # the corpus stream
+    synthetic_seed: int | None = None  # the corpus stream; None: the run's `seed` (0 outside a run)
     hmm_seed: int = 0  # the HMM's probabilities
 
     def validate(self) -> None:
@@ -171,36 +177,39 @@ class HFDocuments:
             ) from e
 
     def interleaved(self, world_size: int) -> bool:
-        """Whether `datasets` splits this source by examples (rank r: r, r + W, ...), not by shards."""
-        return world_size == 1 or self._dataset.num_shards % world_size != 0
+        """Whether ranks take interleaved documents (r, r + W, ...), not each its own shards.
 
-    def iterate(self, rank: int, world_size: int, start: int, offset: int = 0, skip: Iterable[int] = ()) -> Iterator[list[int]]:
-        """Token ids (no special tokens) of this rank's documents, from its `start`-th on.
-
-        offset/skip (after a resharded resume): only documents from `offset` on that are not in `skip`.
+        Local files always are (reading them whole on every rank is cheap); a Hub dataset whose shard
+        count is a multiple of the world size is split by shards, so that each rank streams only its own.
         """
+        return bool(self._files) or world_size == 1 or self._dataset.num_shards % world_size != 0
+
+    def read(self, start: int, node: tuple[int, int] | None = None) -> Iterator[Any]:
+        """One pass over the examples from the `start`-th on; node=(rank, world size): that rank's shards only."""
         from datasets.distributed import split_dataset_by_node
 
-        if offset or skip:  # every rank reads the stream, keeps its share: global indices stay known
-            ds = self._dataset.skip(offset) if offset else self._dataset
-            examples = _strided(enumerate(ds, offset), set(skip), rank, world_size, start)
-        else:
-            ds = split_dataset_by_node(self._dataset, rank=rank, world_size=world_size) if world_size > 1 else self._dataset
-            # skip before tokenising: resuming costs reading the skipped documents, not encoding them
-            examples = ds.skip(start) if start else ds
-        field = self.cfg.text_field
-        examples = iter(examples)
+        ds = self._dataset if node is None else split_dataset_by_node(self._dataset, rank=node[0], world_size=node[1])
+        # skip before tokenising: resuming costs reading the skipped documents, not encoding them
+        examples = iter(ds.skip(start) if start else ds)
         while True:
             try:
-                example = next(examples)
+                yield next(examples)
             except StopIteration:
                 return
             except Exception as e:  # datasets' parse errors name neither the file nor the line
                 raise self._read_error(e) from e
-            if field not in example:
-                raise KeyError(f"data {self.cfg.source!r} has no text field {field!r}; its columns are "
-                               f"{sorted(example)} (set data.text_field)")
-            yield self.tokenizer(example[field], add_special_tokens=False)["input_ids"]
+
+    def tokens(self, example: dict[str, Any], index: int) -> list[int]:
+        """Token ids (no special tokens) of `example`, the source's `index`-th document (0-based)."""
+        field = self.cfg.text_field
+        if field not in example:
+            raise KeyError(f"data {self.cfg.source!r} has no text field {field!r}; its columns are "
+                           f"{sorted(example)} (set data.text_field)")
+        text = example[field]
+        if not isinstance(text, str):
+            raise ValueError(f"data {self.cfg.source!r}: document {index} (0-based) has no text: its field "
+                             f"{field!r} is {text!r}, not a string")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _read_error(self, err: Exception) -> Exception:
         """A one-line error naming the local file and what is wrong with it (empty, line N not JSON)."""
@@ -220,7 +229,8 @@ class SyntheticDocuments:
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, hmm: synthetic.HMM | None = None):
         self.hmm = hmm or synthetic.default_hmm(cfg.hmm_seed)
-        self.corpus = synthetic.SyntheticCorpus(self.hmm, cfg.synthetic_length, cfg.synthetic_seed)
+        seed = 0 if cfg.synthetic_seed is None else cfg.synthetic_seed
+        self.corpus = synthetic.SyntheticCorpus(self.hmm, cfg.synthetic_length, seed)
         ids = tokenizer.convert_tokens_to_ids(self.hmm.words)
         if tokenizer.unk_token_id in ids:
             missing = [w for w, i in zip(self.hmm.words, ids, strict=True) if i == tokenizer.unk_token_id]
@@ -230,17 +240,12 @@ class SyntheticDocuments:
     def interleaved(self, world_size: int) -> bool:
         return True
 
-    def iterate(self, rank: int, world_size: int, start: int, offset: int = 0, skip: Iterable[int] = ()) -> Iterator[list[int]]:
-        indices = ((i, i) for i in itertools.count(offset))
-        for i in _strided(indices, set(skip), rank, world_size, start):
-            yield self.word_to_token[self.corpus[i]].tolist()
+    def read(self, start: int, node: tuple[int, int] | None = None) -> Iterator[int]:
+        """The corpus's document indices from `start` on, endless (`node` is never set: always interleaved)."""
+        return itertools.count(start)
 
-
-def _strided(items: Iterable[tuple[int, Any]], skip: set[int], rank: int, world_size: int, start: int) -> Iterator[Any]:
-    """Of the (global index, item) pairs whose index is not in `skip`, rank's share (every
-    world_size-th from the rank-th), from its start-th on."""
-    kept = (item for i, item in items if i not in skip)
-    return itertools.islice(kept, rank + start * world_size, None, world_size)
+    def tokens(self, example: int, index: int) -> list[int]:
+        return self.word_to_token[self.corpus[example]].tolist()
 
 
 def _nth_kept(offset: int, skip: list[int], j: int) -> int:
@@ -278,17 +283,20 @@ class PackedLoader:
                  rank: int = 0, world_size: int = 1):
         self.docs, self.cfg, self.bos_id, self.eos_id = docs, cfg, bos_id, eos_id
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.consumed, self.buffer = 0, 0, []
-        # documents from `offset` on, less those in `skip`, are interleaved over the ranks (both
-        # non-trivial only after a resharded resume, until the epoch ends)
+        self.consumed, self.buffer = 0, []
+        # the ranks take turns over the global indices from `offset` on, less those in `skip` (both
+        # non-trivial only after a resharded resume); False: each rank indexes its own shards
         self.offset, self.skip = 0, []
+        self.interleaved = docs.interleaved(world_size)
+        self.num_documents: int | None = None  # documents in one pass, known once a pass has ended
+        self.epoch, self.last = 0, -1  # the pass and the global index of the last document read
+        self._empty_run = 0  # empty documents read in a row
         self._it: Iterator[list[int]] | None = None
 
     def state_dict(self) -> dict:
-        interleaved = bool(self.offset or self.skip) or self.docs.interleaved(self.world_size)
-        return {"epoch": self.epoch, "documents": self.consumed, "buffer": list(self.buffer),
+        return {"epoch": self.epoch, "last": self.last, "documents": self.consumed, "buffer": list(self.buffer),
                 "rank": self.rank, "world_size": self.world_size, "offset": self.offset, "skip": list(self.skip),
-                "interleaved": interleaved}
+                "interleaved": self.interleaved, "num_documents": self.num_documents}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
@@ -296,9 +304,15 @@ class PackedLoader:
                 f"data position saved by rank {state['rank']} of {state['world_size']} cannot resume rank "
                 f"{self.rank} of {self.world_size} with load_state_dict: use load_resharded"
             )
-        self.epoch, self.consumed, self.buffer = state["epoch"], state["documents"], list(state["buffer"])
+        self._check_position_format(state)
+        if not state.get("interleaved", True) and self.interleaved:
+            raise ValueError(f"the checkpoint splits data {self.cfg.source!r} over {self.world_size} processes by "
+                             "files or shards (as a3lm did for local folders before); this version splits it by "
+                             "document, so the position cannot continue: start a new --output")
+        self.consumed, self.buffer = state["documents"], list(state["buffer"])
         self.offset, self.skip = state.get("offset", 0), list(state.get("skip", []))
-        self._it = None
+        self.interleaved, self.num_documents = state.get("interleaved", True), state.get("num_documents")
+        self.epoch, self.last, self._empty_run, self._it = state["epoch"], state.get("last", -1), 0, None
 
     def load_resharded(self, states: list[dict]) -> None:
         """Continue from the positions of every rank of a run with len(states) processes.
@@ -308,45 +322,93 @@ class PackedLoader:
         later positions some rank took. Old rank r's leftover tokens go to new rank r % new_world.
         """
         old_world = len(states)
-        if len({s["epoch"] for s in states}) > 1:
-            raise ValueError("the ranks of the checkpoint were in different epochs of the data: resume with "
-                             f"{old_world} processes until the next checkpoint")
         if not all(s.get("interleaved", True) for s in states):
             raise ValueError(f"data source {self.cfg.source!r} was split by shards over {old_world} processes, so "
                              f"its position cannot be resharded: resume with {old_world} processes")
+        for s in states:
+            self._check_position_format(s)
         offset, skip = states[0].get("offset", 0), sorted(states[0].get("skip", []))
         counts = [s["documents"] for s in states]
         prefix = old_world * min(counts)
         taken = [r + k * old_world for r, c in enumerate(counts) for k in range(min(counts), c)]
         self.offset = _nth_kept(offset, skip, prefix)
         self.skip = sorted({*(s for s in skip if s >= self.offset), *(_nth_kept(offset, skip, j) for j in taken)})
-        self.epoch, self.consumed, self._it = states[0]["epoch"], 0, None
+        self.num_documents = next((s["num_documents"] for s in states if s.get("num_documents")), None)
+        self.interleaved, self.consumed, self._empty_run, self._it = True, 0, 0, None
+        self.last = self.offset - 1
+        self.epoch = max(self.last, 0) // self.num_documents if self.num_documents else 0
         self.buffer = [t for r, s in enumerate(states) if r % self.world_size == self.rank for t in s["buffer"]]
 
+    def _check_position_format(self, state: dict) -> None:
+        """Positions saved before documents were numbered across passes hold only within the first pass."""
+        if "num_documents" not in state and state["epoch"] > 0:
+            raise ValueError(f"the checkpoint's position in data {self.cfg.source!r} was saved by an older a3lm "
+                             "after its first pass over the data, which this version cannot continue exactly: "
+                             "start a new --output")
+
     def check_readable(self) -> None:
-        """Read this rank's first document now: an empty or unreadable source fails before training."""
-        if next(self.docs.iterate(self.rank, self.world_size, 0), None) is None:
-            raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
+        """Build one row now, then rewind: an empty or unreadable source fails before training."""
+        state = self.state_dict()
+        self.next_row()
+        self.load_state_dict(state)
+
+    def _documents(self) -> Iterator[list[int]]:
+        """Token ids of this rank's documents from its `consumed`-th on, pass after pass."""
+        rank, world = (self.rank, self.world_size) if self.interleaved else (0, 1)
+        skip = set(self.skip)
+        first = _nth_kept(self.offset, self.skip, rank + self.consumed * world)
+        kept = ((g, example) for g, example in self._passes(first) if g not in skip)
+        for g, example in itertools.islice(kept, 0, None, world):
+            n = self.num_documents
+            self.last, self.epoch = g, g // n if n else 0
+            yield self.docs.tokens(example, g % n if n else g)
+
+    def _passes(self, first: int) -> Iterator[tuple[int, Any]]:
+        """(global index, example) from global index `first` on; a finite source is read pass after pass."""
+        node = None if self.interleaved else (self.rank, self.world_size)
+        n = self.num_documents
+        # base: the global index of the pass's first document. A finite source's first pass is read
+        # from its start, since its end tells the pass length
+        if n:
+            base, start = first - first % n, first % n
+        else:
+            base, start = 0, first if isinstance(self.docs, SyntheticDocuments) else 0
+        while True:
+            end = start
+            for end, example in enumerate(self.docs.read(start, node), start + 1):
+                if base + end > first:
+                    yield base + end - 1, example
+            if end == start:
+                raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
+            self.num_documents = end
+            base, start = base + end, 0
 
     def _next_document(self) -> list[int]:
-        for _attempt in range(2):
-            if self._it is None:
-                self._it = self.docs.iterate(self.rank, self.world_size, self.consumed, self.offset, self.skip)
-            doc = next(self._it, None)
-            if doc is not None:
-                self.consumed += 1
-                return doc
-            if self.consumed == 0 and not (self.offset or self.skip):
-                break
-            # finite source: next epoch, the whole source again
-            self.epoch, self.consumed, self.offset, self.skip, self._it = self.epoch + 1, 0, 0, [], None
-        raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
+        if self._it is None:
+            self._it = self._documents()
+        doc = next(self._it)
+        self.consumed += 1
+        self._check_not_all_empty(doc)
+        return doc
+
+    def _check_not_all_empty(self, doc: list[int]) -> None:
+        """Fail instead of looping forever when every document this rank will ever read is empty."""
+        # past the skipped indices, this rank's documents recur with a period of at most one pass:
+        # one pass worth of empty ones in a row means no text will ever come
+        if doc or self.last <= max(self.skip, default=-1):
+            self._empty_run = 0
+            return
+        self._empty_run += 1
+        if self.num_documents is not None and self._empty_run >= self.num_documents:
+            whose = "" if self.world_size == 1 else f" that rank {self.rank} of {self.world_size} reads"
+            raise ValueError(f"every document of data source {self.cfg.source!r}{whose} is empty: no text to train on")
 
     def next_row(self) -> list[int]:
         need = self.cfg.seq_len - 1
         while len(self.buffer) < need:
-            self.buffer.extend(self._next_document())
-            self.buffer.append(self.eos_id)
+            doc = self._next_document()
+            if doc:  # an empty document adds nothing, not even its EOS
+                self.buffer += [*doc, self.eos_id]
         row, self.buffer = [self.bos_id, *self.buffer[:need]], self.buffer[need:]
         return row
 

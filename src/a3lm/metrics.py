@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .callbacks import Callback
 from .config import LogConfig, TrainConfig
 from .curriculum import describe, policy_at
+from .run_folder import wandb_run_id
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -85,7 +86,7 @@ class MetricsLog(Callback):
         import wandb  # only when asked for
 
         out = self.path.parent
-        run = wandb.init(project=self.log.project, config=asdict(self.cfg), dir=str(out), id=out.resolve().name,
+        run = wandb.init(project=self.log.project, config=asdict(self.cfg), dir=str(out), id=wandb_run_id(out),
                          resume="allow")
         self._backends.append(lambda m: run.log(m, step=m["step"]))
         self._closers.append(run.finish)

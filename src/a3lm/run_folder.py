@@ -2,6 +2,7 @@
 
     config.json         the TrainConfig (a rerun with a different config is refused)
     metrics.jsonl       one line per logged step
+    wandb_id            the run's wandb id (log.wandb), drawn once: a resume continues the same wandb run
     checkpoints/step_N  see `checkpoint.CheckpointManager`
     ar_final/           stage 0 only: the plain AR model after pretraining (+ tokenizer)
     final/              the A3 model (+ tokenizer), `save_pretrained`
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from contextlib import suppress
 from dataclasses import asdict
@@ -24,6 +26,7 @@ FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
 
 
 def ar_model_dir(output: str | Path) -> Path:
@@ -72,9 +75,22 @@ def check_run_folder(out: Path, cfg: TrainConfig, write: bool) -> None:
         os.replace(tmp, path)
 
 
+def wandb_run_id(out: Path) -> str:
+    """The run's wandb id, drawn at its first call and kept in the run folder (the folder's name is
+    no id: runs/x/seed0/curriculum and runs/x/seed1/curriculum would share one)."""
+    path = out / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)  # wandb ids: letters and digits
+    tmp = out / f".{WANDB_ID_FILE}.tmp"
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
 def discard_run(out: Path) -> None:
     """Remove what a run that never reached a checkpoint wrote (a corrected rerun then starts afresh)."""
-    for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR):
+    for name in (CONFIG_FILE, METRICS_FILE, WANDB_ID_FILE, CHECKPOINTS_DIR):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     with suppress(OSError):

@@ -67,7 +67,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Path:
     trainer = Trainer(config, callbacks)
     try:
         return trainer.fit()
-    except Exception:
+    except BaseException:  # whatever stopped it (a failed first save too): a failed start leaves nothing
         trainer.discard_if_nothing_saved()
         raise
     finally:

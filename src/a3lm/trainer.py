@@ -106,6 +106,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, callbacks: Sequence[Callback] = ()):
         cfg.validate()
+        cfg = cfg.seeded()  # recorded so in config.json: the seeds the run actually used
         self.cfg, self.out = cfg, Path(cfg.output)
         self.dist = init_distributed(device_kind(cfg.device))
         self.device = pick_device(cfg.device, self.dist)
@@ -153,7 +154,7 @@ class Trainer:
 
     def _first_phase(self) -> tuple[Phase, nn.Module]:
         first = self.phases[0]
-        return first, build.initial_model(self.cfg, first.kind, len(self.tokenizer))
+        return first, build.initial_model(self.cfg, first.kind, self.tokenizer)
 
     def _build_loader(self) -> PackedLoader:
         loader = build_loader(self.cfg.data, self.tokenizer, self.dist.rank, self.dist.world_size,
