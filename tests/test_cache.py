@@ -62,3 +62,23 @@ def test_a_prompt_step_skipping_the_last_layers_content_rows_caches_and_scores_t
     full = two_steps()
     for got, ref in zip(skipped, full, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_step_without_queries_fills_the_cache():
+    """A step may only commit content (no query slot), however many tokens: the next step then scores
+    what one step with both would."""
+    from a3lm.cache import ContentCache
+    from a3lm.debug import tiny_a3_model
+
+    model = tiny_a3_model("llama").eval()
+    ids = torch.randint(3, 32, (1, 20), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    positions = torch.arange(20)[None]
+    queries, groups = torch.tensor([[20, 21]]), torch.full((1, 2), 20)
+    split = ContentCache(model, 1)
+    none = model.decode_step(split, ids, positions, positions, ones, queries[:, :0], groups[:, :0])
+    assert none.shape == (1, 0, model.config.text_config.vocab_size)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    got = model.decode_step(split, empty, empty, empty, empty.bool(), queries, groups)
+    ref = model.decode_step(ContentCache(model, 1), ids, positions, positions, ones, queries, groups)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -150,6 +150,20 @@ def test_what_cannot_be_converted_is_named(tmp_path, make, message):
         resolve_source(str(make(tmp_path)))
 
 
+def test_sliding_window_decoders_are_refused():
+    # the two-stream masks span every key: a windowed decoder would silently stop being its base model
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    for config in (Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=0, **small),
+                   MistralConfig(sliding_window=8, **small)):  # fmt: skip
+        with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+            A3ForCausalLM.from_base(AutoModelForCausalLM.from_config(config))
+    for config in (MistralConfig(sliding_window=None, **small), MistralConfig(sliding_window=64, **small)):
+        A3ForCausalLM.from_base(AutoModelForCausalLM.from_config(config))  # no window, or one wider than the model
+
+
 def test_cli_refuses_an_a3_source_and_unsupported_types(plain_dir, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["convert", str(plain_dir), str(tmp_path / "a3")])

@@ -34,6 +34,22 @@ def test_flex_equals_sdpa(a3_model, order, query_self):
     torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("n", [12, 128])
+def test_flex_with_a_grouping_every_sample_shares(a3_model, n):
+    # one BlockMask row broadcast over the batch: the kernel still asks it with every sample's index
+    ids = torch.randint(3, 32, (3, n), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    group_ids = groups.contiguous(mask, 2)
+
+    def run(backend):
+        a3_model.config.attention_backend = backend
+        with torch.no_grad():
+            return a3_model(input_ids=ids, group_ids=group_ids, attention_mask=mask).logits
+
+    targets = groups.predictable(group_ids, mask)
+    torch.testing.assert_close(run("flex")[targets], run("sdpa")[targets], atol=1e-5, rtol=1e-5)
+
+
 def test_reordering_back_to_positions_has_the_gather_gradient():
     """`_Reorder` (the flex path's way back from group-sorted rows): Tensor.gather's values and gradient."""
     from a3lm.model import _Reorder

@@ -141,6 +141,8 @@ def flex_two_stream_block_mask(
         group_ids_BN, valid = group_ids_BN[:1], valid[:1]
 
     def mask_mod(b, h, q_idx, kv_idx):
+        if shared:  # one row of ids for the whole batch: the kernel still asks with each sample's index
+            b = b * 0
         strict = q_idx >= N  # query-stream slots: strictly earlier groups
         content_kv = kv_idx < N
         kv = torch.where(content_kv, kv_idx, 0)

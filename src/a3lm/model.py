@@ -513,6 +513,21 @@ class A3PreTrainedModel(PreTrainedModel):
         return ATTN_IMPLEMENTATION
 
 
+def _check_full_attention(text_config: PretrainedConfig) -> None:
+    """The two-stream masks span every key: a decoder whose layers attend within a sliding window
+    (Mistral v0.1, Qwen2 with use_sliding_window) would silently stop being its base model."""
+    window = getattr(text_config, "sliding_window", None)
+    if getattr(text_config, "use_sliding_window", True) is False:
+        window = None
+    sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or [])
+    max_pos = getattr(text_config, "max_position_embeddings", None)
+    if sliding or (window is not None and (max_pos is None or window < max_pos)):
+        raise ValueError(
+            f"{text_config.model_type} attends within a sliding window of {window} tokens, which A3's two-stream "
+            "attention does not model: use a decoder with full attention (or set sliding_window to None)"
+        )
+
+
 class A3ForCausalLM(A3PreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -522,6 +537,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         config = copy.deepcopy(config)
         super().__init__(config)
         text = config.text_config
+        _check_full_attention(text)
         self.model = AutoModel.from_config(text, attn_implementation=ATTN_IMPLEMENTATION)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
@@ -672,7 +688,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         cache_kwarg = {_cache_argument(type(self.model)): cache.kv}
         # Skipping the last layer's content rows pays for many rows (a prompt): for a few, the products
         # cost what they did and the hooks' overhead shows (4% of a one-token step).
-        full_last_layer = C < MIN_SKIPPED_ROWS
+        full_last_layer = C < MIN_SKIPPED_ROWS or Q == 0  # no query row: nothing left to skip to
         hidden = self._run_decoder(content_ids_BC, Q, mask, positions, full_last_layer, use_cache=True, **cache_kwarg)
         if Q:
             cache.kv.crop(-Q)
