@@ -3,7 +3,8 @@
     python bench/check_flex_cuda.py [--dtype bf16|fp32] [--seq-len 512]
 
 Compares logits at every predictable position and the gradients of a training step (FlexAttention
-has a backward on CUDA) for random groupings with padding. Then, under bf16 autocast as training runs
+has a backward on CUDA) for random groupings with padding, and for one grouping every sample shares
+(stages 1-2: one BlockMask broadcast over the batch). Then, under bf16 autocast as training runs
 on GPUs, the step with the gated MLPs' recomputation (`model.GatedDown`) against the step without it.
 Exits non-zero on a mismatch.
 """
@@ -42,23 +43,25 @@ def main() -> int:
     mask[2, -N // 3 :] = 0
     group_ids = groups.random_order(mask, 4, gen)
     ids, mask, group_ids = ids.cuda(), mask.cuda(), group_ids.cuda()
-    labels = ids.masked_fill(mask == 0, -100)
+    full = torch.ones_like(mask)
+    cases = {"random groupings, padding": (mask, group_ids), "one shared grouping": (full, groups.contiguous(full, 2))}
 
-    def run(backend: str):
+    def run(backend: str, mask=mask, group_ids=group_ids):
         model.config.attention_backend = backend
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=labels)
+        out = model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
         return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
-    ref_logits, ref_grads = run("sdpa")
-    logits, grads = run("flex")
-    targets = groups.predictable(group_ids, mask)
-    worst = (logits[targets] - ref_logits[targets]).abs().max().item()
-    worst_grad = max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
-                     for n in ref_grads)
-    print(f"max |logit diff| {worst:.2e} (tol {atol}); max relative grad diff {worst_grad:.2e}")
-    ok = worst <= atol and worst_grad <= (5e-2 if dtype == torch.bfloat16 else 1e-3)
+    ok = True
+    for name, (case_mask, case_groups) in cases.items():
+        (ref_logits, ref_grads), (logits, grads) = (run(b, case_mask, case_groups) for b in ("sdpa", "flex"))
+        targets = groups.predictable(case_groups, case_mask)
+        worst = (logits[targets] - ref_logits[targets]).abs().max().item()
+        worst_grad = max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
+                         for n in ref_grads)  # fmt: skip
+        print(f"{name}: max |logit diff| {worst:.2e} (tol {atol}); max relative grad diff {worst_grad:.2e}")
+        ok = ok and worst <= atol and worst_grad <= (5e-2 if dtype == torch.bfloat16 else 1e-3)
 
     def autocast_step(recompute: bool):
         model.config.recompute_mlp = recompute
