@@ -1,6 +1,6 @@
 """Speculative decoding on the synthetic HMM source: a trained model's acceptance against the oracle's.
 
-    python bench/bench_speculative.py --model runs/demo/curriculum/final     # a model trained on the HMM
+    python bench/bench_speculative.py --model runs/demo/seed0/curriculum/final     # a model trained on the HMM
     python bench/bench_speculative.py                                        # the oracle alone
 
 For each order (left to right, random, infilling the middle half) and draft window k, temperature 1:
@@ -42,7 +42,8 @@ def oracle(hmm, words: torch.Tensor, known: torch.Tensor, order: str, k: int, se
     gen = torch.Generator().manual_seed(seed)
     D = k - 1
     canvas = Canvas(words.clone(), torch.ones_like(known), known, torch.arange(L).expand(n, L), known.clone(),
-                    torch.where(known, 0, -1), torch.where(known, 0, -1), torch.zeros(n, dtype=torch.bool))  # fmt: skip
+                    torch.where(known, 0, -1), torch.where(known, 0, -1), torch.zeros(n, dtype=torch.bool),
+                    torch.zeros_like(known))  # fmt: skip
     window = _Window(canvas, DecodingConfig(order="random" if order == "random" else "left-to-right"), gen)
     done = torch.zeros(n, dtype=torch.long)
     cols, _ = window.at(done, D)
