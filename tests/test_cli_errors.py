@@ -75,6 +75,23 @@ def test_model_commands_on_a_missing_or_empty_folder(command, tmp_path):
     assert _error(res) == f"error: {empty} holds no config.json: not a Hugging Face model folder"
 
 
+@pytest.mark.parametrize("command", [("sample", "--prompt", "the", "--length", "4"), ("nll", "--text", "fortunes:heldout")])
+def test_a_typo_under_a_local_folder_or_a_run_folder_is_named(command, tmp_path, monkeypatch):
+    # "runs/typo" reads like a Hub id (org/name), but runs/ is here: no network request, one line
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a3" / "checkpoints").mkdir(parents=True)
+    res = _run(command[0], "--model", "runs/typo", *command[1:])
+    assert res.exit_code == 2
+    assert _error(res) == "error: no model folder at runs/typo: expected a save_pretrained directory (or a Hub id org/name)"
+    res = _run(command[0], "--model", "runs/a3", *command[1:])
+    assert _error(res) == f"error: runs/a3 is a training run folder: its model is {Path('runs/a3/final')}"
+
+
+def test_scale_without_a_cpu_preset_is_refused(tmp_path):
+    res = _run("train", "--output", tmp_path / "run", "--scale", "0.5", "--show-config")
+    assert res.exit_code == 2 and "--scale multiplies the cpu presets' steps, not 'tiny'" in _error(res)
+
+
 def test_train_and_eval_on_a_truncated_safetensors_file(truncated_dir, tmp_path):
     res = _run("train", "--model", truncated_dir, "--output", tmp_path / "run", *TINY_TRAIN)
     assert res.exit_code == 2 and _error(res).startswith(f"error: corrupt checkpoint in {truncated_dir}: ")

@@ -595,6 +595,12 @@ def test_missing_stories_or_judge_fail_before_any_task(model, tokenizer, tmp_pat
                            (["--tasks", "piqa,genppl", "--judge", "./no-judge"], "no model file or folder at ./no-judge")):  # fmt: skip
         result = CliRunner().invoke(app, args + extra)
         assert result.exit_code == 2 and message in result.output, result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, args[:3] + ["--data-dir", str(empty), "--tasks", "piqa,hellaswag,rocstories"])
+    assert result.exit_code == 2, result.output
+    for named in (empty / "piqa" / "validation.jsonl", empty / "hellaswag" / "validation.jsonl", "missing ROCStories data"):
+        assert str(named) in result.output  # every missing file at once
     assert calls == [] and not out.exists()
     runner.EvalConfig(tasks=["genppl"], judge="HuggingFaceTB/SmolLM2-135M").validate()  # a Hub id: checked at load time
 

@@ -289,11 +289,11 @@ _DEMO_FIXED = ("output", "seed", "stop_after", "model.path", "model.tokenizer", 
 @config_options(_train_config_class(), skip=_DEMO_FIXED, panel="Training config of every run")
 def demo_command(
     output: str = typer.Option("runs/demo", help="Run folder (checkpoints, evaluations, results); rerun to resume."),
-    scale: float = typer.Option(1.0, "--scale", help="Multiply every training step count (the budget; 1.0 = about 10 CPU minutes)."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply every training step count (the budget; 1.0 = about 5 minutes on 2 quiet cores)."),
     steps: int | None = typer.Option(None, "--steps", help="Steps of stage 3 (stage 0, 1, 2 keep theirs); overrides the default's."),
     seed: int = typer.Option(0, help="Seed of the model init, the groupings and the held-out set."),
     seeds: int = typer.Option(1, "--seeds", help="Repeat every training run with K seeds (seed, seed+1, ...): gaps as mean ± spread, and a curriculum-vs-ablation verdict."),
-    stage_schedule: bool | None = typer.Option(None, "--stage-schedule/--global-schedule", help="LR warmup + decay restart at every curriculum stage, or one schedule over stages 1-3 (default)."),
+    stage_schedule: bool | None = typer.Option(None, "--stage-schedule/--global-schedule", help="LR warmup + decay restart at every curriculum stage (the default), or one schedule over stages 1-3."),
     quick: bool = typer.Option(False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."),

@@ -197,6 +197,8 @@ def make_config(
     name = preset or ("tiny" if model is None else "base")
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+    if scale != 1.0 and not name.startswith("cpu"):
+        raise ValueError(f"--scale multiplies the cpu presets' steps, not {name!r}'s: set its steps with -s curriculum.stageK_steps=N")
     cfg = table[name]
     if model is not None:
         cfg.model.path = model

@@ -794,13 +794,16 @@ class A3ForCausalLM(A3PreTrainedModel):
 
 
 def check_model_path(path: str, what: str = "model") -> None:
-    """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes."""
+    """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes.
+    A path whose first folder exists here (runs/typo) is local: a typo must not become a Hub request."""
     p = Path(path).expanduser()
     looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or p.exists()
-    if not looks_local:
+    if not (looks_local or Path(p.parts[0]).is_dir()):
         return
     if not p.is_dir():
         raise FileNotFoundError(f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)")
+    if (p / "checkpoints").is_dir() or (p / "final" / "config.json").is_file():  # `a3lm train`'s output
+        raise FileNotFoundError(f"{path} is a training run folder: its model is {p / 'final'}")
     if what == "model" and not (p / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
 

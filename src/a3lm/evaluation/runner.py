@@ -24,7 +24,7 @@ from ..train import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
 from .genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl, load_judge, mode_config
 from .lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
 from .rocstories import evaluate_rocstories, find_stories_file, read_stories
-from .tasks import HARNESS_TASKS, MissingDataError, run_harness
+from .tasks import HARNESS_TASKS, MissingDataError, missing_data_message, run_harness
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
@@ -88,8 +88,9 @@ class EvalConfig:
         self._check_generative_inputs()
 
     def _check_generative_inputs(self) -> None:
-        """The judge and the stories file exist, before any task runs (a late failure loses the earlier
-        tasks' results). A judge that reads as a Hub id is left to load time (no network here)."""
+        """The judge and every local data file exist, before any task runs (a late failure loses the
+        earlier tasks' results); all missing files are named at once. A judge that reads as a Hub id is
+        left to load time (no network here)."""
         if "genppl" in self.tasks:
             if not self.judge:
                 raise ValueError("genppl needs an AR judge: pass --judge PATH (any Hugging Face causal LM)")
@@ -97,14 +98,26 @@ class EvalConfig:
                 resolve_source(self.judge)
             except ConversionError as err:
                 raise ValueError(f"genppl judge (--judge): {err}") from err
-        if "rocstories" in self.tasks:
-            if not self.data_dir:
-                from .rocstories import CLOZE_FILE
+        if "rocstories" in self.tasks and not self.data_dir:
+            from .rocstories import CLOZE_FILE
 
-                raise MissingDataError(
-                    f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
-                )
-            find_stories_file(self.data_dir)
+            raise MissingDataError(
+                f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
+            )
+        if self.data_dir:
+            self._check_local_files()
+
+    def _check_local_files(self) -> None:
+        harness = [HARNESS_TASKS[t] for t in self.tasks if t in HARNESS_TASKS]
+        missing = [t for t in harness if not t.local_file(self.data_dir).is_file()]
+        problems = [missing_data_message(missing, self.data_dir, f"missing benchmark data in {self.data_dir}.")] if missing else []
+        if "rocstories" in self.tasks:
+            try:
+                find_stories_file(self.data_dir)
+            except MissingDataError as err:
+                problems.append(str(err))
+        if problems:
+            raise MissingDataError("\n".join(problems))
 
     def row_decoding(self, order: str) -> DecodingConfig:
         """The group-wise config of the A3 row scored in `order`."""
