@@ -270,7 +270,7 @@ def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tu
     cols, valid = schedule[step]
     if not stops_at_eos:  # no row stops early, and every step of the schedule has a group to fill
         return cols, valid
-    if bool(canvas.finished.all()):
+    if not bool(canvas.unfilled().any()):
         return None
     # a row may have nothing to fill this step (its group lies after its EOS) and more before its EOS later
     return cols, valid & ~canvas.finished[:, None] & ~canvas.after_eos.gather(1, cols)
