@@ -802,8 +802,10 @@ def check_model_path(path: str, what: str = "model") -> None:
         return
     if not p.is_dir():
         raise FileNotFoundError(f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)")
-    if (p / "checkpoints").is_dir() or (p / "final" / "config.json").is_file():  # `a3lm train`'s output
-        raise FileNotFoundError(f"{path} is a training run folder: its model is {p / 'final'}")
+    from .run_folder import CHECKPOINTS_DIR, FINAL_DIR  # here: the model module does not depend on training
+
+    if (p / CHECKPOINTS_DIR).is_dir() or (p / FINAL_DIR / "config.json").is_file():  # `a3lm train`'s output
+        raise FileNotFoundError(f"{path} is a training run folder: its model is {p / FINAL_DIR}")
     if what == "model" and not (p / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
 

@@ -142,11 +142,11 @@ class Canvas:
         self.finished |= ~(self.real & ~self.filled & ~self.after_eos).any(1) & eos.any(1)
 
     def output(self, eos_ids: torch.Tensor | None, pad_token_id: int, num_steps: int, **extra) -> GenerationOutput:
-        """The canvas as output; with eos_ids, cut after each row's first generated EOS."""
+        """The canvas as output; with eos_ids, cut after each row's first generated EOS (`after_eos`, kept
+        current by `stop_at_eos` after every commit)."""
         whole = self._as_output(self.real & self.filled, pad_token_id, num_steps, **extra)
         if eos_ids is None:
             return whole
-        self.stop_at_eos(eos_ids)
         kept = self.real & self.filled & ~self.after_eos
         if bool(torch.equal(kept, self.real & self.filled)):
             return whole

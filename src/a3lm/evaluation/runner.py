@@ -24,7 +24,7 @@ from ..train import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
 from .genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl, load_judge, mode_config
 from .lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
 from .rocstories import evaluate_rocstories, find_stories_file, read_stories
-from .tasks import HARNESS_TASKS, MissingDataError, missing_data_message, run_harness
+from .tasks import HARNESS_TASKS, MissingDataError, missing_files_message, run_harness
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
@@ -109,8 +109,7 @@ class EvalConfig:
 
     def _check_local_files(self) -> None:
         harness = [HARNESS_TASKS[t] for t in self.tasks if t in HARNESS_TASKS]
-        missing = [t for t in harness if not t.local_file(self.data_dir).is_file()]
-        problems = [missing_data_message(missing, self.data_dir, f"missing benchmark data in {self.data_dir}.")] if missing else []
+        problems = [message] if (message := missing_files_message(harness, self.data_dir)) else []
         if "rocstories" in self.tasks:
             try:
                 find_stories_file(self.data_dir)

@@ -124,11 +124,16 @@ def check_local_file(task: HarnessTask, path: Path) -> None:
             raise ValueError(f"benchmark file {path}: line {n} {problem}")
 
 
+def missing_files_message(tasks: list[HarnessTask], data_dir: str | Path) -> str | None:
+    """What `missing_data_message` says of the tasks whose local file is absent (None: none is)."""
+    missing = [t for t in tasks if not t.local_file(data_dir).is_file()]
+    return missing_data_message(missing, data_dir, f"missing benchmark data in {data_dir}.") if missing else None
+
+
 def local_task_dir(tasks: list[HarnessTask], data_dir: str | Path, out_dir: str | Path) -> Path:
     """Write one yaml per task into out_dir: the harness's config with the dataset swapped for a local file."""
-    missing = [t for t in tasks if not t.local_file(data_dir).is_file()]
-    if missing:
-        raise MissingDataError(missing_data_message(missing, data_dir, f"missing benchmark data in {data_dir}."))
+    if message := missing_files_message(tasks, data_dir):
+        raise MissingDataError(message)
     for t in tasks:
         check_local_file(t, t.local_file(data_dir))
     out = Path(out_dir)
