@@ -28,8 +28,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from a3lm import A3Config, A3ForCausalLM, groups
-from a3lm.debug import tiny_base_model
-from a3lm.model import _recompute_gated_mlps
+from a3lm.model.debug import tiny_base_model
+from a3lm.model.mlp import recompute_gated_mlps
 
 CPU_CONFIG = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
@@ -96,7 +96,7 @@ def step_fns(base, models: dict, batch: int, seq_len: int, group_size: int) -> d
         base.zero_grad(set_to_none=True)  # inside the step: the peak counts the gradients it allocates
 
     def ar_recompute_step():  # the AR step with the A3 model's MLP recomputation: the like-for-like baseline
-        with _recompute_gated_mlps(base.model):
+        with recompute_gated_mlps(base.model):
             ar_step()
 
     def a3_step(model):

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from a3lm import A3ForCausalLM
-from a3lm.debug import tiny_base_model
-from a3lm.model import MIN_SKIPPED_ROWS
-from a3lm.sampling import infill, sample
+from a3lm.decoding.api import infill, sample
+from a3lm.model.debug import tiny_base_model
+from a3lm.model.modeling import MIN_SKIPPED_ROWS
 
 CONFIG = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
@@ -201,7 +201,7 @@ def text_prompt(model_dir: str, sizes: dict, device: str) -> tuple[torch.Tensor,
     included) and the P tokens that follow a blank of `sizes["new"]`."""
     from transformers import AutoTokenizer
 
-    from a3lm.nll import heldout_rows
+    from a3lm.evaluation.nll import heldout_rows
 
     P, n = sizes["prompt"], sizes["new"]
     row = heldout_rows(AutoTokenizer.from_pretrained(model_dir), "fortunes:heldout", 2 * P + n, 1)

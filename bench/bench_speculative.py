@@ -19,10 +19,12 @@ from types import SimpleNamespace
 
 import torch
 
-from a3lm import exact, synthetic
-from a3lm.decoding import DecodingConfig
-from a3lm.sampling import Canvas, infill, sample, scatter_where
-from a3lm.speculative import _Drafts, _next_drafts, _verify, _Window
+from a3lm.data import synthetic
+from a3lm.decoding.api import infill, sample
+from a3lm.decoding.canvas import Canvas, scatter_where
+from a3lm.decoding.config import DecodingConfig
+from a3lm.decoding.speculative import _Drafts, _next_drafts, _verify, _Window
+from a3lm.demo import exact
 
 ORDERS = ("left-to-right", "random", "infilling")
 
@@ -109,7 +111,7 @@ def main() -> None:
     held = synthetic.sample_documents(hmm, args.samples, args.length, torch.Generator().manual_seed(10_000))
     model = tokenizer = None
     if args.model:
-        from a3lm.sampling import load_pretrained
+        from a3lm.decoding.api import load_pretrained
 
         model, tokenizer = load_pretrained(args.model)
     rows = []

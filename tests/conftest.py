@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from a3lm.debug import FAMILIES, tiny_a3_model, tiny_base_model
+from a3lm.model.debug import FAMILIES, tiny_a3_model, tiny_base_model
 
 torch.set_num_threads(2)
 

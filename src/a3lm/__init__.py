@@ -1,10 +1,12 @@
 """a3lm: any-order, any-subset autoregressive language models (A3) on Hugging Face decoders."""
 
-from . import groups
-from .decoding import DecodingConfig
-from .likelihood import LogProbs, sequence_logprobs
-from .model import A3Config, A3ForCausalLM, A3Output
-from .sampling import GenerationOutput, infill, sample
+from a3lm import groups
+from a3lm.decoding.api import infill, sample
+from a3lm.decoding.canvas import GenerationOutput
+from a3lm.decoding.config import DecodingConfig
+from a3lm.model.config import A3Config
+from a3lm.model.likelihood import LogProbs, sequence_logprobs
+from a3lm.model.modeling import A3ForCausalLM, A3Output
 
 __all__ = [
     "A3Config", "A3ForCausalLM", "A3Output", "DecodingConfig", "GenerationOutput", "LogProbs", "groups", "infill", "sample",

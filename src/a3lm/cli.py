@@ -21,7 +21,7 @@ from typing import Any
 
 import typer
 
-from .overrides import leaves, parse_as
+from a3lm.training.overrides import leaves, parse_as
 
 DEBUG_HELP = "Show the full traceback of an error instead of one line."
 
@@ -138,7 +138,7 @@ def version() -> None:
     import torch
     import transformers
 
-    from . import __version__
+    from a3lm import __version__
 
     typer.echo(f"a3lm {__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
 
@@ -181,8 +181,8 @@ def eval_command(
     genppl_temperature: float = typer.Option(1.0, help="Generative perplexity: sampling temperature."),
 ) -> None:
     """Evaluate A3 models (and their AR base) on the paper's benchmarks: print one table, write a results JSON."""
-    from .decoding import DecodingConfig
-    from .evaluation.runner import EvalConfig, run
+    from a3lm.decoding.config import DecodingConfig
+    from a3lm.evaluation.runner import EvalConfig, run
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "use_cache": not no_cache}
@@ -210,7 +210,7 @@ def convert_command(
     seed: int = typer.Option(0, help="Seed of the new query vector (zero-shot numbers are reproducible)."),
 ) -> None:
     """Convert a pretrained Llama/Qwen2/Mistral decoder into an A3 checkpoint (only the query vector is new)."""
-    from .convert import convert
+    from a3lm.model.convert import convert
 
     out = convert(src, output, gguf_file=gguf_file, seed=seed)
     typer.echo(f"A3 checkpoint written to {out}")
@@ -229,7 +229,7 @@ def nll_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Held-out NLL per token under each factorization (left to right ... middle infilling), base AR beside."""
-    from .nll import NLLConfig, evaluate, render_table, write_json
+    from a3lm.evaluation.nll import NLLConfig, evaluate, render_table, write_json
 
     cfg = NLLConfig(text=text, seq_len=seq_len, rows=rows, batch_size=batch_size, seed=seed)
     res = evaluate(model, base, cfg, progress=progress)
@@ -239,7 +239,7 @@ def nll_command(
 
 
 def _train_config_class() -> type:
-    from .config import TrainConfig
+    from a3lm.training.config import TrainConfig
 
     return TrainConfig
 
@@ -268,7 +268,7 @@ def train_command(
     import os
     from dataclasses import asdict
 
-    from .train import make_config, train
+    from a3lm.training.run import make_config, train
 
     cfg = make_config(model, data, output, preset, overrides, scale, settings=settings)
     if show_config:
@@ -301,7 +301,7 @@ def demo_command(
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Ground truth: train AR -> curriculum (and the stage-3-only ablation) on a known HMM; compare every order with the exact NLL."""
-    from .demo import DemoConfig, quick_config, run_demo, with_overrides
+    from a3lm.demo.run import DemoConfig, quick_config, run_demo, with_overrides
 
     shortcuts = {"curriculum.stage3_steps": steps, "optim.stage_schedule": stage_schedule}
     settings = {k: v for k, v in shortcuts.items() if v is not None} | (settings or {})
@@ -341,7 +341,7 @@ def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn` with the decoding options appended to its signature; it is called with `config`, the one
     DecodingConfig they make, built before `fn` runs (a bad option is reported before anything loads;
     the config rejects options that do not apply to the mode)."""
-    from .decoding import DecodingConfig
+    from a3lm.decoding.config import DecodingConfig
 
     signature = inspect.signature(fn, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "config"]
@@ -359,7 +359,7 @@ def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config, **kwargs) -> None:
-    from .sampling import load_pretrained
+    from a3lm.decoding.api import load_pretrained
 
     model, tokenizer = load_pretrained(model_dir)
     out, picture = fn(model, tokenizer, text, config=config, **kwargs)
@@ -378,7 +378,7 @@ def sample_command(
     config: Any = None,
 ) -> None:
     """Continue a prompt group-wise (any order), by dynamic resampling or speculatively, with the exact KV cache."""
-    from .sampling import sample_text
+    from a3lm.decoding.text import sample_text
 
     _run_decoding(sample_text, model, prompt, show_order, config, length=length)
 
@@ -392,7 +392,7 @@ def infill_command(
     config: Any = None,
 ) -> None:
     """Fill [BLANK:n] spans given the text on both sides (every known token comes first)."""
-    from .sampling import infill_text
+    from a3lm.decoding.text import infill_text
 
     _run_decoding(infill_text, model, text, show_order, config)
 

@@ -1,10 +1,7 @@
-"""Evaluation of A3 models: the DiffuLLaMA protocol, an lm-evaluation-harness adapter, generative perplexity.
+"""Evaluation of A3 models: the DiffuLLaMA protocol, an lm-evaluation-harness adapter, generative perplexity,
+and held-out NLL per factorization.
 
-Importing this package registers the `a3lm` (A3) and `a3lm-base` (its AR base, same conventions)
-models with lm-eval (see lm_eval_adapter).
+Only `lm_eval_adapter`, `tasks`, `triviaqa`, `runner` (`a3lm eval`) and `__main__` need lm-eval (the `eval`
+extra); `nll`, `continuations` and `genppl` run without it. Importing `lm_eval_adapter` registers the
+`a3lm` (A3) and `a3lm-base` (its AR base, same conventions) models with lm-eval.
 """
-
-from .continuations import ContinuationScore, loglikelihood, score_continuations
-from .lm_eval_adapter import A3LM, BaseLM
-
-__all__ = ["A3LM", "BaseLM", "ContinuationScore", "loglikelihood", "score_continuations"]

@@ -15,8 +15,8 @@ import tempfile
 
 from lm_eval.__main__ import cli_evaluate
 
-from . import lm_eval_adapter  # noqa: F401  (registers "a3lm")
-from .tasks import HARNESS_TASKS, MissingDataError, local_task_dir, missing_data_message
+from a3lm.evaluation import lm_eval_adapter  # noqa: F401  (registers "a3lm")
+from a3lm.evaluation.tasks import HARNESS_TASKS, MissingDataError, local_task_dir, missing_data_message
 
 
 def local_data_args(argv: list[str], tmp: str) -> list[str]:

@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..groups import PAD_GROUP, check_order, infill_groups
-from ..likelihood import target_logprobs
-from ..model import A3ForCausalLM, max_positions
-from ..tokenizer import row_start_id
+from a3lm.groups import PAD_GROUP, check_order, infill_groups
+from a3lm.model.likelihood import target_logprobs
+from a3lm.model.modeling import A3ForCausalLM, max_positions
+from a3lm.tokenizer import row_start_id
 
 
 @dataclass

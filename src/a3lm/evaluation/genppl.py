@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import sampling
-from ..decoding import CRITERIA, DecodingConfig
-from ..model import A3ForCausalLM
-from .continuations import prefix_token_id
-from .lm_eval_adapter import ar_generate, load_base_model
+from a3lm.decoding.api import sample
+from a3lm.decoding.config import CRITERIA, DecodingConfig
+from a3lm.evaluation.continuations import prefix_token_id
+from a3lm.evaluation.lm_eval_adapter import ar_generate, load_base_model
+from a3lm.model.modeling import A3ForCausalLM
 
 GENPPL_MODES = ("group", *CRITERIA)  # group-wise decoding, or dynamic resampling by a criterion
 DEFAULT_MODES = ("random", "confidence", "entropy")
@@ -117,7 +117,7 @@ def generate_samples(
                                    config.top_p, pad_token_id=tokenizer.pad_token_id or 0, seed=seed + start,
                                    stop_at_eos=False)  # fmt: skip
             continue
-        out = sampling.sample(model, prompt, length=length, config=config, generator=generator, stop_at_eos=False)
+        out = sample(model, prompt, length=length, config=config, generator=generator, stop_at_eos=False)
         samples += out.sequences[:, 1:].tolist()
     return samples
 

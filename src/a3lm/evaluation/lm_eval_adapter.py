@@ -32,11 +32,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .. import sampling
-from ..decoding import DecodingConfig
-from ..groups import check_order
-from ..model import A3ForCausalLM, max_positions, require_a3
-from .continuations import generation_generator, prefix_token_id, score_continuations
+from a3lm.decoding.api import sample
+from a3lm.decoding.config import DecodingConfig
+from a3lm.evaluation.continuations import generation_generator, prefix_token_id, score_continuations
+from a3lm.files import require_a3
+from a3lm.groups import check_order
+from a3lm.model.modeling import A3ForCausalLM, max_positions
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
@@ -193,7 +194,7 @@ class A3LM(TemplateLM):
             batch_size=self.batch_size,
             seed=self.seed,
             max_length=self.max_length,
-            pad_token_id=self._pad_id(),
+            pad_token_id=self.pad_id_of(),
             progress=not disable_tqdm,
         )
         out = []
@@ -225,7 +226,7 @@ class A3LM(TemplateLM):
             self.batch_size,
             self.seed,
             self.max_length,
-            self._pad_id(),
+            self.pad_id_of(),
             progress=not disable_tqdm,
         )
         totals = [0.0] * len(requests)
@@ -275,7 +276,7 @@ class A3LM(TemplateLM):
         prompts = [self._with_prefix(self.tok_encode(c)) for c in contexts]
         prompts = [p if len(p) <= keep else p[:1] + p[len(p) - keep + 1 :] for p in prompts]
         B, L = len(prompts), max(map(len, prompts))
-        input_ids = torch.full((B, L), self._pad_id(), dtype=torch.long)
+        input_ids = torch.full((B, L), self.pad_id_of(), dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
         for b, p in enumerate(prompts):  # left padding; the sampler left-aligns every row itself
             input_ids[b, L - len(p) :] = torch.tensor(p)
@@ -291,9 +292,9 @@ class A3LM(TemplateLM):
         # a random fill order per request, from its own prompt: greedy answers do not depend on the batch
         orders = [generation_generator(self.seed, ids[real.bool()].tolist(), length)
                   for ids, real in zip(input_ids, attention_mask, strict=True)]  # fmt: skip
-        out = sampling.sample(
+        out = sample(
             self.model, input_ids, attention_mask, length=length, config=self.decoding, seed=self.seed,
-            order_generators=orders, eos_token_id=self.eot_token_id, pad_token_id=self._pad_id(),
+            order_generators=orders, eos_token_id=self.eot_token_id, pad_token_id=self.pad_id_of(),
             **(sampling_options if self.task_sampling else {}),
         )  # fmt: skip
         lengths = attention_mask.sum(1).tolist()
@@ -301,7 +302,7 @@ class A3LM(TemplateLM):
             out.sequences[b, n:][out.attention_mask[b, n:].bool()].tolist() for b, n in enumerate(lengths)
         ]
 
-    def _pad_id(self) -> int:
+    def pad_id_of(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
 
@@ -358,13 +359,13 @@ class BaseLM(A3LM):
             temperature, top_k, top_p = d.temperature, d.top_k, d.top_p
         return ar_generate(
             self.model, input_ids, attention_mask, length, temperature, top_k, top_p,
-            eos_token_id=self.eot_token_id, pad_token_id=self._pad_id(), seed=self.seed,
+            eos_token_id=self.eot_token_id, pad_token_id=self.pad_id_of(), seed=self.seed,
         )  # fmt: skip
 
 
 def load_base_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
     """A plain causal LM (eval mode) and its tokenizer: a folder, a .gguf file, 'smollm2' or a Hub id."""
-    from ..convert import load_causal_lm, resolve_source
+    from a3lm.model.convert import load_causal_lm, resolve_source
 
     model, tokenizer = load_causal_lm(resolve_source(pretrained), dtype if dtype == "auto" else getattr(torch, dtype))
     if isinstance(model, A3ForCausalLM):

