@@ -11,10 +11,9 @@ import torch
 from lm_eval.api.instance import Instance
 
 from a3lm import groups, sequence_logprobs
-from a3lm.evaluation.lm_eval_adapter import A3LM
 from a3lm.evaluation.continuations import request_generator
 from a3lm.evaluation.genppl import judge_perplexity, unigram_entropy
-from a3lm.evaluation.lm_eval_adapter import cut_at_stop
+from a3lm.evaluation.lm_eval_adapter import A3LM, cut_at_stop
 from a3lm.evaluation.rocstories import CLOZE_FILE, find_stories_file, infill_batch, read_stories, rouge
 from a3lm.evaluation.tasks import MissingDataError, run_harness
 from a3lm.evaluation.triviaqa import exact_match

@@ -15,7 +15,6 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-
 class ContentKVLayer(CacheLayerMixin):
     """One layer's cached K/V [B, G, length, D] in a buffer that grows by doubling.
 
