@@ -35,7 +35,8 @@ def rss_mib() -> float:
 
 
 def make_trainer(mode: str, args: argparse.Namespace, out: str, steps: int):
-    from a3lm.training.run import Trainer, make_config
+    from a3lm.training.config import make_config
+    from a3lm.training.trainer import Trainer
 
     stage = "0" if mode == "ar" else "3"
     overrides = [*args.size, *args.set, f"curriculum.stages={stage}", f"curriculum.stage{stage}_steps={steps}",

@@ -268,7 +268,8 @@ def train_command(
     import os
     from dataclasses import asdict
 
-    from a3lm.training.run import make_config, train
+    from a3lm.training.config import make_config
+    from a3lm.training.run import train
 
     cfg = make_config(model, data, output, preset, overrides, scale, settings=settings)
     if show_config:

@@ -11,7 +11,7 @@ from a3lm.data import corpora
 from a3lm.evaluation.nll import FACTORIZATION_NAMES, factorizations, heldout_rows
 from a3lm.model.debug import tiny_base_model
 from a3lm.tokenizer import word_tokenizer
-from a3lm.training.run import make_config
+from a3lm.training.config import make_config
 
 WORDS = ["the", "cat", "sat", "on", "mat", ".", "a", "dog", "ran"]
 

@@ -18,23 +18,21 @@ from torch.distributed.checkpoint import FileSystemWriter
 from a3lm.data.loader import DataConfig, build_loader
 from a3lm.training import build
 from a3lm.training import checkpoint as ckpt
-from a3lm.training.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
-from a3lm.training.run import (
-    Callback,
+from a3lm.training.callbacks import Callback
+from a3lm.training.config import (
     CheckpointConfig,
     LogConfig,
     ModelConfig,
-    NonFiniteLossError,
     OptimConfig,
-    Schedule,
     TrainConfig,
-    Trainer,
-    apply_overrides,
-    final_model_dir,
-    lr_factor,
     make_config,
-    train,
 )
+from a3lm.training.curriculum import CurriculumConfig, draw_group_ids, policy_at, rank_generator
+from a3lm.training.optim import Schedule, lr_factor
+from a3lm.training.overrides import apply_overrides
+from a3lm.training.run import train
+from a3lm.training.run_folder import final_model_dir
+from a3lm.training.trainer import NonFiniteLossError, Trainer
 
 
 def tiny_cfg(out: Path, **curriculum) -> TrainConfig:

@@ -189,6 +189,3 @@ def _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols,
         valid=next_valid[:, 1:] & more[:, None],
         q_BDV=probs_BQV[:, -K + 1 :] if K > 1 else probs_BQV[:, :0],
     ), done_B
-
-
-__all__ = ["decode_speculative"]

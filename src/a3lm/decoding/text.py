@@ -10,8 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from a3lm.decoding.api import infill, sample
 from a3lm.decoding.canvas import GenerationOutput
-from a3lm.decoding.config import CRITERIA, DecodingConfig
-from a3lm.decoding.tokens import choose_tokens, criterion_scores, filter_logits
+from a3lm.decoding.config import DecodingConfig
 from a3lm.model.modeling import A3ForCausalLM, max_positions
 from a3lm.tokenizer import encode_row
 
@@ -151,22 +150,3 @@ def infill_text(model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: 
     warn_unknown_words(tokenizer, _BLANK.sub(" ", text))
     input_ids, known = encode_with_blanks(tokenizer, text)
     return _text_and_picture(tokenizer, infill(model, input_ids, known, **kwargs))
-
-
-__all__ = [
-    "CRITERIA",
-    "DecodingConfig",
-    "GenerationOutput",
-    "StepLogits",
-    "choose_tokens",
-    "criterion_scores",
-    "encode_with_blanks",
-    "filter_logits",
-    "infill",
-    "infill_text",
-    "load_pretrained",
-    "parse_blanks",
-    "render_fill_order",
-    "sample",
-    "sample_text",
-]

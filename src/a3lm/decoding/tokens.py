@@ -89,6 +89,3 @@ def criterion_scores(
     if criterion == "random":
         return torch.rand(probs_BQV.shape[:-1], generator=generator, device=probs_BQV.device)
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-
-
-__all__ = ["CRITERIA", "SPECULATIVE_SCHEDULES", "DecodingConfig", "choose_tokens", "criterion_scores", "draw", "filter_logits", "scoring_probs", "token_probs"]

@@ -891,9 +891,3 @@ def plot_curves(res: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.91))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-__all__ = ["DemoConfig", "DemoResult", "Evaluations", "Factorization", "HeldOut", "SharedBar", "a3_nlls", "ar_nll",
-           "build_table", "demo_training", "doc_gaps", "factorizations", "generate_all", "held_out_set",
-           "model_token_logprobs", "oracle_decode", "oracle_stats", "quick_config", "run_config", "run_demo",
-           "run_steps", "spread", "summarize", "true_nlls", "true_token_logprobs", "verdict", "with_overrides"]

@@ -109,6 +109,3 @@ class ContentCache:
         if keep < self.num_keys:
             self.kv.crop(keep - self.num_keys)  # a negative count: how many to remove
             self.key_groups_BK, self.key_valid_BK = self.key_groups_BK[:, :keep], self.key_valid_BK[:, :keep]
-
-
-__all__ = ["ContentCache"]

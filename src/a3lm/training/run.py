@@ -28,34 +28,9 @@ import torch.distributed as dist
 
 from a3lm.training.callbacks import Callback
 from a3lm.training.config import (
-    LAYOUT_FIELDS,
-    RESUMABLE_FIELDS,
-    CheckpointConfig,
-    LogConfig,
-    ModelConfig,
-    OptimConfig,
     TrainConfig,
-    config_from_dict,
-    cpu_preset,
-    make_config,
-    presets,
-    scaled,
-    stage3_only,
 )
-from a3lm.training.metrics import MetricsLog, ProgressBar
-from a3lm.training.optim import Schedule, build_optimizer, lr_factor
-from a3lm.training.overrides import apply_overrides
-from a3lm.training.run_folder import (
-    AR_DIR,
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    FINAL_DIR,
-    METRICS_FILE,
-    ar_model_dir,
-    check_run_folder,
-    final_model_dir,
-)
-from a3lm.training.trainer import NonFiniteLossError, Phase, Trainer, phases
+from a3lm.training.trainer import Trainer
 
 
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Path:
@@ -73,12 +48,3 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Path:
     finally:
         if trainer.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
-
-
-__all__ = [
-    "AR_DIR", "CHECKPOINTS_DIR", "CONFIG_FILE", "FINAL_DIR", "LAYOUT_FIELDS", "METRICS_FILE", "RESUMABLE_FIELDS",
-    "Callback", "CheckpointConfig", "LogConfig", "MetricsLog", "ModelConfig", "NonFiniteLossError", "OptimConfig",
-    "Phase", "ProgressBar", "Schedule", "TrainConfig", "Trainer", "apply_overrides", "ar_model_dir", "build_optimizer",
-    "check_run_folder", "config_from_dict", "cpu_preset", "final_model_dir", "lr_factor", "make_config", "phases",
-    "presets", "scaled", "stage3_only", "train",
-]
