@@ -26,7 +26,7 @@ from a3lm.training.overrides import leaves, parse_as
 DEBUG_HELP = "Show the full traceback of an error instead of one line."
 
 
-USER_ERRORS = (ValueError, OSError, KeyError)  # bad input: exit code 2
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)  # bad input or a missing extra: exit code 2
 
 
 def _one_line(err: BaseException) -> str:
@@ -182,7 +182,13 @@ def eval_command(
 ) -> None:
     """Evaluate A3 models (and their AR base) on the paper's benchmarks: print one table, write a results JSON."""
     from a3lm.decoding.config import DecodingConfig
-    from a3lm.evaluation.runner import EvalConfig, run
+
+    try:
+        from a3lm.evaluation.runner import EvalConfig, run
+    except ImportError as err:  # the harness is the `eval` extra: name it rather than the missing module
+        if (err.name or "").split(".")[0] not in ("lm_eval", "rouge_score"):
+            raise
+        raise ImportError("a3lm eval needs lm-eval and rouge-score: pip install 'a3lm[eval]'") from err
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "use_cache": not no_cache}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -14,6 +17,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
 CHECKPOINT_PREFIX = "step_"  # checkpoints/step_00000100
+TMP_PREFIX = ".tmp-"  # a folder being written aside
 
 def check_model_path(path: str, what: str = "model") -> None:
     """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes.
@@ -58,3 +62,43 @@ def model_name(path: str) -> str:
         run = p.parent.parent if p.parent.name == CHECKPOINTS_DIR else p.parent
         return f"{run.name}/{p.name}"
     return p.name
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under path (the data must be on disk before the rename is)."""
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for f in filenames:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write a whole folder (e.g. run/final) aside and swap it in: readers never see half of it."""
+    target = Path(target)
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    if target.exists():
+        old = target.parent / f"{TMP_PREFIX}old-{target.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    fsync_path(target.parent)
+    return target

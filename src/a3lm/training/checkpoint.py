@@ -21,10 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from a3lm.files import CHECKPOINT_PREFIX
+from a3lm.files import CHECKPOINT_PREFIX, TMP_PREFIX, fsync_path, fsync_tree
 
 PREFIX = CHECKPOINT_PREFIX
-TMP_PREFIX = ".tmp-"
 META_FILE = "meta.json"
 STATE_DIR = "state"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -54,22 +53,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file and folder under path (the data must be on disk before the rename is)."""
-    for dirpath, _dirnames, filenames in os.walk(path):
-        for f in filenames:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
-
-
 def begin(root: Path, step: int) -> Path:
     """A fresh temporary folder for the checkpoint of `step` (a stale one from a crash is removed)."""
     tmp = Path(root) / f"{TMP_PREFIX}{checkpoint_name(step)}"
@@ -88,7 +71,7 @@ def commit(tmp: Path, keep: int | None = None) -> Path:
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, final)
-    _fsync_path(tmp.parent)
+    fsync_path(tmp.parent)
     if keep is not None:
         prune(tmp.parent, keep)
     return final
@@ -110,27 +93,6 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None 
     tmp = begin(root, step)
     write(tmp)
     return commit(tmp, keep)
-
-
-def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Write a whole folder (e.g. run/final) aside and swap it in: readers never see half of it."""
-    target = Path(target)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    fsync_tree(tmp)
-    if target.exists():
-        old = target.parent / f"{TMP_PREFIX}old-{target.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
-    _fsync_path(target.parent)
-    return target
 
 
 # -- the checkpoint manager --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from a3lm.data.loader import PackedLoader, build_loader
+from a3lm.files import atomic_dir
 from a3lm.model.modeling import A3ForCausalLM, max_positions
 from a3lm.quiet import quiet_transformers
 from a3lm.training import build, optim
@@ -211,7 +212,7 @@ class Trainer:
         """run/<name> = model + tokenizer, atomically; every rank calls it (FSDP gathers)."""
         state = full_state_dict(self.model, self.fsdp)
         if self.dist.main:
-            ckpt.atomic_dir(self.out / name, lambda folder: self._save_pretrained(folder, state))
+            atomic_dir(self.out / name, lambda folder: self._save_pretrained(folder, state))
         self.dist.barrier()
 
     def _save_pretrained(self, folder: Path, state_dict: dict | None = None) -> None:
