@@ -308,7 +308,8 @@ def demo_command(
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Ground truth: train AR -> curriculum (and the stage-3-only ablation) on a known HMM; compare every order with the exact NLL."""
-    from a3lm.demo.run import DemoConfig, quick_config, run_demo, with_overrides
+    from a3lm.demo.config import DemoConfig, quick_config, with_overrides
+    from a3lm.demo.run import run_demo
 
     shortcuts = {"curriculum.stage3_steps": steps, "optim.stage_schedule": stage_schedule}
     settings = {k: v for k, v in shortcuts.items() if v is not None} | (settings or {})

@@ -10,20 +10,11 @@ import torch
 from a3lm.cli import app
 from a3lm.data import synthetic
 from a3lm.demo import exact
-from a3lm.demo.run import (
-    DemoConfig,
-    bos_only,
-    build_table,
-    demo_training,
-    factorizations,
-    held_out_set,
-    oracle_decode,
-    quick_config,
-    run_demo,
-    summarize,
-    true_nlls,
-    verdict,
-)
+from a3lm.demo.config import DemoConfig, demo_training, quick_config
+from a3lm.demo.generate import oracle_decode
+from a3lm.demo.report import summarize
+from a3lm.demo.run import held_out_set, run_demo
+from a3lm.demo.truth import bos_only, build_table, document_factorizations, true_nlls, verdict
 from a3lm.tokenizer import word_tokenizer
 
 ORDERS = ["left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2", "random-4",
@@ -31,7 +22,7 @@ ORDERS = ["left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "ran
 
 
 def test_factorizations_score_the_words_under_valid_groupings():
-    facts = factorizations(n_docs=5, length=8, seed=0)
+    facts = document_factorizations(n_docs=5, length=8, seed=0)
     assert [f.name for f in facts] == ORDERS
     for f in facts:
         assert f.group_ids.shape == f.target_mask.shape == (5, 10)
@@ -44,7 +35,7 @@ def test_factorizations_score_the_words_under_valid_groupings():
 
 
 def test_bos_only_marks_the_first_group_after_bos():
-    facts = {f.name: f for f in factorizations(n_docs=3, length=8, seed=0)}
+    facts = {f.name: f for f in document_factorizations(n_docs=3, length=8, seed=0)}
     assert bos_only(facts["left-to-right"])[0].nonzero().squeeze(-1).tolist() == [1]
     assert bos_only(facts["contiguous-4"])[0].nonzero().squeeze(-1).tolist() == [1, 2, 3, 4]
     r2 = facts["random-2"]
@@ -57,7 +48,7 @@ def test_bos_only_marks_the_first_group_after_bos():
 def test_truth_column_is_the_exact_factorization():
     hmm = synthetic.default_hmm(0)
     words = synthetic.sample_documents(hmm, 20, 8, torch.Generator().manual_seed(0))
-    truth = true_nlls(hmm, words, factorizations(20, 8, seed=0))
+    truth = true_nlls(hmm, words, document_factorizations(20, 8, seed=0))
     entropy = float(-exact.joint_logprob(hmm, words).mean()) / 8
     # singletons in any order are the chain rule: all equal the joint's NLL per word
     for name in ("left-to-right", "right-to-left", "random-1"):
