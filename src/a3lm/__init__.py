@@ -7,9 +7,21 @@ from a3lm.decoding.config import DecodingConfig
 from a3lm.model.config import A3Config
 from a3lm.model.likelihood import LogProbs, sequence_logprobs
 from a3lm.model.modeling import A3ForCausalLM, A3Output
+from a3lm.training.config import TrainConfig
+from a3lm.training.run import train
 
 __all__ = [
-    "A3Config", "A3ForCausalLM", "A3Output", "DecodingConfig", "GenerationOutput", "LogProbs", "groups", "infill", "sample",
+    "A3Config",
+    "A3ForCausalLM",
+    "A3Output",
+    "DecodingConfig",
+    "GenerationOutput",
+    "LogProbs",
+    "TrainConfig",
+    "groups",
+    "infill",
+    "sample",
     "sequence_logprobs",
-]  # fmt: skip
+    "train",
+]
 __version__ = "0.1.0"
