@@ -22,7 +22,7 @@ canvas every step (the reference: same tokens, same logits up to float rounding)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -78,6 +78,7 @@ def sample(
     generator: torch.Generator | None = None,
     order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
+    on_commit: Callable[[Canvas], None] | None = None,
     **options,
 ) -> GenerationOutput:
     """Continue each prompt by `length` tokens.
@@ -92,6 +93,8 @@ def sample(
     random-blocks; group-wise and speculative) from its own blanks alone, so that a row's order, and
     its greedy output, do not depend on its batch or padding; token draws at temperature > 0 (and
     dynamic decoding's choices) still come from `generator` and depend on the batch.
+    on_commit: called with the canvas after every commit of tokens (streaming: `canvas.filled` and
+    `canvas.ids` say what is filled so far; tokens after a row's first EOS may still be committed).
     Returns a canvas [B, N], N = max prompt length + length: row b holds its prompt then its
     continuation, left-aligned (position = column), padding on the right. With stop_at_eos, a row stops
     once a generated EOS has every earlier position filled, and every position after its first
@@ -121,6 +124,7 @@ def sample(
     rows = torch.arange(B, device=device)[:, None].expand_as(rank)
     ids[rows[prompt_real], rank[prompt_real]] = input_ids[prompt_real]
     canvas = Canvas.start(ids, cols < (lengths_B + length)[:, None], cols < lengths_B[:, None], cols.contiguous())
+    canvas.on_commit = on_commit
     return _run(model, canvas, cfg, generator, eos_ids, output_logits, order_generators)
 
 
@@ -134,13 +138,14 @@ def infill(
     generator: torch.Generator | None = None,
     order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
+    on_commit: Callable[[Canvas], None] | None = None,
     **options,
 ) -> GenerationOutput:
     """Fill the blanks (real & ~known) of each row; known tokens (prefix, suffix) are kept.
 
     input_ids, known_mask, attention_mask: [B, N] (ids at blanks are ignored). Every known token comes
     first (left-to-right singletons), so the blanks see both the prefix and the suffix. Options as in
-    `sample` (generator, order_generators too); a custom `order` is, per row, a permutation of that
+    `sample` (generator, order_generators, on_commit too); a custom `order` is, per row, a permutation of that
     row's blank ranks. No EOS handling (the EOS options are ignored): each blank has the length it was
     given. Returns the canvas [B, N].
     """
@@ -157,6 +162,7 @@ def infill(
     real, known = real.to(device), known_mask.bool().to(device)
     positions = (real.long().cumsum(1) - 1).clamp(min=0)  # counted over real tokens, as in the model
     canvas = Canvas.start(input_ids.to(device), real, known, positions)
+    canvas.on_commit = on_commit
     return _run(model, canvas, cfg, generator, None, output_logits, order_generators)
 
 

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
@@ -198,6 +200,20 @@ class A3ForCausalLM(A3PreTrainedModel):
 
     # -- Hugging Face plumbing ---------------------------------------------------------------------
 
+    # generate() runs a3lm's decoding, which registers itself here (a3lm.decoding.generation): the model layer
+    # does not import the decoding layer. can_generate() gives the model a generation_config.
+    _generate_fn: Callable[..., Any] | None = None
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """A3 decoding behind Hugging Face's generate() API: see `a3lm.decoding.generation.generate`."""
+        if A3ForCausalLM._generate_fn is None:
+            raise RuntimeError("A3ForCausalLM.generate() needs a3lm's decoding: `import a3lm` first")
+        return A3ForCausalLM._generate_fn(self, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
@@ -224,15 +240,22 @@ class A3ForCausalLM(A3PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         """Open an A3 checkpoint, or convert a plain decoder checkpoint (only `query_embed` is new)."""
         check_model_path(str(pretrained_model_name_or_path))
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         if config is None:
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if not isinstance(config, A3Config):
             config = A3Config(text_config=config)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {pretrained_model_name_or_path}: {err}") from err
+        # the saved generation_config.json (GenerationMixin's loader, which A3 does not inherit, reads it there)
+        if kwargs.get("generation_config") is not None:
+            model.generation_config = kwargs["generation_config"]
+        elif not kwargs.get("gguf_file"):
+            with contextlib.suppress(OSError):
+                model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        return model
 
     @torch.no_grad()
     def init_query(self, seed: int) -> None:
