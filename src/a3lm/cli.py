@@ -382,13 +382,14 @@ def sample_command(
     model: str = _MODEL,
     prompt: str = typer.Option("", help="Text to continue, after the row start (BOS); empty: unconditional."),
     length: int | None = typer.Option(None, help="Tokens to generate (default: 64, or fewer to fit the model's positions)."),
+    chat: bool = typer.Option(False, "--chat", help="The prompt is a user message in the tokenizer's chat template; print the reply."),
     show_order: bool = _SHOW_ORDER,
     config: Any = None,
 ) -> None:
     """Continue a prompt group-wise (any order), by dynamic resampling or speculatively, with the exact KV cache."""
     from a3lm.decoding.text import sample_text
 
-    _run_decoding(sample_text, model, prompt, show_order, config, length=length)
+    _run_decoding(sample_text, model, prompt, show_order, config, length=length, chat=chat)
 
 
 @app.command("infill")

@@ -49,3 +49,19 @@ def encode_row(tokenizer: Any, text: str) -> list[int]:
     """[row start] + the ids of `text` without special tokens (an empty text gives the row start alone)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     return [row_start_id(tokenizer), *ids]
+
+
+def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
+    """`prompt` as one user message in the tokenizer's chat template, ready for the assistant's reply,
+    starting with the row start (put in front unless the template already begins with it).
+    A tokenizer without a chat template is one clear error."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template, so a prompt cannot be put in chat form: use an instruct model's "
+            "tokenizer (SmolLM2-Instruct's has one) or set tokenizer.chat_template, or drop --chat"
+        )
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = list(ids)
+    start = row_start_id(tokenizer)
+    return ids if ids[:1] == [start] else [start, *ids]

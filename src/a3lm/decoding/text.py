@@ -12,7 +12,7 @@ from a3lm.decoding.api import infill, sample
 from a3lm.decoding.canvas import GenerationOutput
 from a3lm.decoding.config import DecodingConfig
 from a3lm.model.modeling import A3ForCausalLM, max_positions
-from a3lm.tokenizer import encode_row
+from a3lm.tokenizer import encode_chat, encode_row
 
 # -- text helpers (CLI) ----------------------------------------------------------------------------
 
@@ -90,9 +90,10 @@ def _piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return text.strip() or repr(text)
 
 
-def _text_and_picture(tokenizer: PreTrainedTokenizerBase, out: GenerationOutput) -> tuple[str, str]:
-    """The decoded text (special tokens left out) and the fill-order picture (one decoded piece per
-    token, special tokens left out too; ids past the vocabulary, from a padded embedding, as <id>)."""
+def _text_and_picture(tokenizer: PreTrainedTokenizerBase, out: GenerationOutput, reply_only: bool = False) -> tuple[str, str]:
+    """The decoded text (special tokens left out; reply_only: the generated tokens alone) and the
+    fill-order picture (one decoded piece per token, special tokens left out too; ids past the
+    vocabulary, from a padded embedding, as <id>)."""
     real = out.attention_mask[0].bool()
     ids = out.sequences[0][real].tolist()
     steps = out.fill_step[0][real].tolist()
@@ -100,7 +101,8 @@ def _text_and_picture(tokenizer: PreTrainedTokenizerBase, out: GenerationOutput)
     shown = [(i, s) for i, s in zip(ids, steps, strict=True) if i not in special]
     tokens = [_piece(tokenizer, i) for i, _ in shown]
     picture = render_fill_order(tokens, [s for _, s in shown])
-    return tokenizer.decode(ids, skip_special_tokens=True), picture
+    text_ids = [i for i, s in zip(ids, steps, strict=True) if s >= 1] if reply_only else ids
+    return tokenizer.decode(text_ids, skip_special_tokens=True), picture
 
 
 DEFAULT_LENGTH = 64
@@ -122,15 +124,16 @@ def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
 
 def sample_text(
     model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: DecodingConfig | None = None,
-    length: int | None = None, **kwargs
+    length: int | None = None, chat: bool = False, **kwargs
 ) -> tuple[str, str]:
     """Continue one text prompt (keywords as in `sample`; "" = from the row start alone); returns
-    (text, fill-order picture).
+    (text, fill-order picture). chat: the prompt is a user message put in the tokenizer's chat
+    template (`encode_chat`), and the text is the reply alone.
 
     length None: DEFAULT_LENGTH tokens, or fewer if the model's positions end sooner after the prompt.
     """
     warn_unknown_words(tokenizer, prompt)
-    input_ids = torch.tensor([encode_row(tokenizer, prompt)])
+    input_ids = torch.tensor([encode_chat(tokenizer, prompt) if chat else encode_row(tokenizer, prompt)])
     if length is None:
         max_pos = max_positions(model)
         room = DEFAULT_LENGTH if max_pos is None else max_pos - input_ids.shape[1]
@@ -142,7 +145,7 @@ def sample_text(
         model_eos = getattr(model.config.text_config, "eos_token_id", None)
         model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
         kwargs["eos_token_id"] = sorted({tokenizer.eos_token_id, *model_eos})
-    return _text_and_picture(tokenizer, sample(model, input_ids, config=config, length=length, **kwargs))
+    return _text_and_picture(tokenizer, sample(model, input_ids, config=config, length=length, **kwargs), reply_only=chat)
 
 
 def infill_text(model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> tuple[str, str]:
