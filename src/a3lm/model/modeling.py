@@ -246,16 +246,17 @@ class A3ForCausalLM(A3PreTrainedModel):
         if not isinstance(config, A3Config):
             config = A3Config(text_config=config)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {pretrained_model_name_or_path}: {err}") from err
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         # the saved generation_config.json (GenerationMixin's loader, which A3 does not inherit, reads it there)
         if kwargs.get("generation_config") is not None:
             model.generation_config = kwargs["generation_config"]
         elif not kwargs.get("gguf_file"):
             with contextlib.suppress(OSError):
                 model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        return model
+        return loaded
 
     @torch.no_grad()
     def init_query(self, seed: int) -> None:
