@@ -32,16 +32,29 @@ happens per rank) unless every document fills whole rows, as the synthetic corpu
 dataset whose shard count is a multiple of the world size is split by shards, not interleaved (each
 rank streams only its shards; local files are always interleaved): its positions are then
 rank-local and cannot be resharded (a clear error says so).
+
+Mixtures (`source="a.jsonl:0.7,HuggingFaceFW/fineweb@sample-10BT:0.3"`): document j of the endless
+sequence comes from the source that the j-th draw of `datasets.interleave_datasets` names (seeded
+probabilities, over endless per-source label streams, so no source is ever exhausted and the stopping
+strategy never acts); it is that source's next document, each source read pass after pass as above.
+Ranks, positions and resharding work on this one sequence exactly as for a single source; the state
+also holds the draw's position (the interleaved dataset's own `state_dict`) and the documents read
+from every source, so a resume seeks without redrawing from the start. Mixtures are always split by
+document, never by shards.
+
+Instruction data (`format="chat"`): each record is one row, [BOS] + the chat-template rendering of its
+prompt + of its answer (+ EOS), padded on the right, never packed with another (see `next_chat_batch`).
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import itertools
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +64,7 @@ from a3lm.data import corpora, synthetic
 from a3lm.tokenizer import row_start_id
 
 SYNTHETIC = "synthetic"
+FORMATS = ("text", "chat")
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -71,6 +85,8 @@ class DataConfig:
     synthetic_length: int = 16  # words per synthetic document (L); seq_len = L + 2 aligns rows
     synthetic_seed: int | None = None  # the corpus stream; None: the run's `seed` (0 outside a run)
     hmm_seed: int = 0  # the HMM's probabilities
+    format: str = "text"  # text: packed documents | chat: instruction records, one per row, answers as targets
+    mixture_seed: int | None = None  # the draw of a mixture's sources; None: the run's `seed`
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -79,6 +95,116 @@ class DataConfig:
             raise ValueError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.source == SYNTHETIC and self.synthetic_length < 1:
             raise ValueError(f"data.synthetic_length must be >= 1, got {self.synthetic_length}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        parts = mixture_parts(self.source)
+        if any(p.source == SYNTHETIC for p in parts) and (len(parts) > 1 or self.format != "text"):
+            raise ValueError("the synthetic corpus is plain text on its own: it cannot be mixed nor read as chat")
+
+
+@dataclass(frozen=True)
+class MixturePart:
+    """One source of `data.source`: where it is (Hub name or local files), its Hub config, its share."""
+
+    source: str
+    name: str | None
+    weight: float
+    label: str  # as written in data.source: the key of its count in the metrics log
+
+
+def _weight_of(entry: str) -> float | None:
+    """The weight after the last ':' of "source:weight"; None when the tail is no number ("fortunes:heldout")."""
+    head, _, tail = entry.rpartition(":")
+    try:
+        return float(tail) if head else None
+    except ValueError:
+        return None
+
+
+def mixture_parts(spec: str, name: str | None = None) -> list[MixturePart]:
+    """The sources of `spec`: one source as today, or "a:0.7,b@config:0.3" (weights normalised to sum 1).
+
+    `@config` names a Hub dataset's config (FineWeb's "sample-10BT"); a lone source takes `name`.
+    """
+    entries = [e.strip() for e in spec.split(",")]
+    if len(entries) == 1 and _weight_of(entries[0]) is None:
+        return [MixturePart(spec, name, 1.0, spec)]
+    parts = []
+    for entry in entries:
+        weight = _weight_of(entry)
+        if weight is None:
+            raise ValueError(f"data source {entry!r} of the mixture {spec!r} has no weight: write each as source:weight")
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"data source {entry!r}: its weight must be a positive number")
+        source, config = entry.rpartition(":")[0], None
+        if "@" in source and not os.path.exists(source):
+            source, config = source.rsplit("@", 1)
+        parts.append(MixturePart(source, config, weight, entry.rpartition(":")[0]))
+    if len({p.label for p in parts}) < len(parts):
+        raise ValueError(f"data mixture {spec!r} names a source twice: give each once, with its total weight")
+    total = sum(p.weight for p in parts)
+    return [replace(p, weight=p.weight / total) for p in parts]
+
+
+def check_source_files(cfg: DataConfig) -> None:
+    """Raise now for a local source of `cfg.source` (one or a mixture's) that is missing or unusable."""
+    for part in mixture_parts(cfg.source, cfg.name):
+        if part.source != SYNTHETIC:
+            resolve_local_files(part.source)
+
+
+@dataclass
+class ChatTokens:
+    """One instruction example's ids without the row start: the prompt (context) and the answer (targets)."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+def chat_messages(example: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The conversation of a record: its `messages` (the last one the assistant's answer), or a user turn
+    `prompt` and an assistant turn `response` (or `completion`)."""
+    messages = example.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                     for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} records")
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's answer, after at least one other")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    prompt, answer = example.get("prompt"), example.get("response", example.get("completion"))
+    if isinstance(prompt, str) and isinstance(answer, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    raise ValueError(f"{where} has neither chat 'messages' nor 'prompt' and 'response' strings; "
+                     f"its fields are {sorted(example)}")
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> ChatTokens:
+    """Prompt and answer ids of a conversation rendered by the tokenizer's chat template.
+
+    The prompt is every message but the last, with the template's generation prompt (the assistant
+    header); the answer is the rest of the full rendering, then EOS unless the template put it there.
+    A leading BOS text is dropped: the loader starts every row with the row start itself.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.format=chat renders records with the tokenizer's chat template, and this tokenizer "
+                         "has none: use a tokenizer with one (model.tokenizer) or set tokenizer.chat_template")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(f"{where}: the chat template does not render the conversation as its prompt followed by "
+                         "the answer, so the answer's tokens cannot be told apart")
+    answer = full[len(prompt):]
+    if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+        prompt = prompt[len(tokenizer.bos_token):]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    answer_ids = encode(answer)
+    if tokenizer.eos_token_id not in answer_ids:  # the model learns to stop
+        answer_ids.append(tokenizer.eos_token_id)
+    return ChatTokens(encode(prompt), answer_ids)
 
 
 # -- document sources --------------------------------------------------------------------------------
@@ -150,9 +276,15 @@ def local_file_problem(path: str | Path) -> str | None:
 class HFDocuments:
     """Token ids of the documents of a `datasets` source (local files or the Hub), streamed."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any):
+    endless = False  # read(start) ends with the pass
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, label: str | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.names = [label or cfg.source]
         self._dataset = self._load()
+
+    def source_of(self, example: Any) -> int:
+        return 0
 
     def _load(self):
         import datasets
@@ -199,8 +331,12 @@ class HFDocuments:
             except Exception as e:  # datasets' parse errors name neither the file nor the line
                 raise self._read_error(e) from e
 
-    def tokens(self, example: dict[str, Any], index: int) -> list[int]:
-        """Token ids (no special tokens) of `example`, the source's `index`-th document (0-based)."""
+    def tokens(self, example: dict[str, Any], index: int) -> list[int] | ChatTokens:
+        """Token ids (no special tokens) of `example`, the source's `index`-th document (0-based); with
+        data.format=chat, its prompt and answer ids."""
+        if self.cfg.format == "chat":
+            where = f"data {self.cfg.source!r}: record {index} (0-based)"
+            return render_chat(self.tokenizer, chat_messages(example, where), where)
         field = self.cfg.text_field
         if field not in example:
             raise KeyError(f"data {self.cfg.source!r} has no text field {field!r}; its columns are "
@@ -227,6 +363,9 @@ class SyntheticDocuments:
     <bos> <eos> <unk>); any tokenizer holding every word works through its own ids.
     """
 
+    endless = True
+    names = [SYNTHETIC]
+
     def __init__(self, cfg: DataConfig, tokenizer: Any, hmm: synthetic.HMM | None = None):
         self.hmm = hmm or synthetic.default_hmm(cfg.hmm_seed)
         seed = 0 if cfg.synthetic_seed is None else cfg.synthetic_seed
@@ -247,6 +386,117 @@ class SyntheticDocuments:
     def tokens(self, example: int, index: int) -> list[int]:
         return self.word_to_token[self.corpus[example]].tolist()
 
+    def source_of(self, example: Any) -> int:
+        return 0
+
+
+def read_passes(docs: Any, first: int, num_documents: int | None, on_pass_end: Callable[[int], None],
+                node: tuple[int, int] | None = None, who: str = "") -> Iterator[tuple[int, Any]]:
+    """(global index, example) of `docs` from global index `first` on; a finite source is read pass
+    after pass, `on_pass_end(n)` told its pass length n at the end of every pass."""
+    # base: the global index of the pass's first document. A finite source's first pass is read from
+    # its start when its length is not known yet, since its end tells the pass length
+    if num_documents:
+        base, start = first - first % num_documents, first % num_documents
+    else:
+        base, start = 0, first if docs.endless else 0
+    while True:
+        end = start
+        for end, example in enumerate(docs.read(start, node), start + 1):
+            if base + end > first:
+                yield base + end - 1, example
+        if end == start:
+            raise ValueError(f"data source {docs.names[0]!r} yields no documents{who}")
+        on_pass_end(end)
+        base, start = base + end, 0
+
+
+def _source_labels(source: int) -> Iterator[dict[str, int]]:
+    """An endless stream naming one source: what `interleave_datasets` draws from."""
+    while True:
+        yield {"source": source}
+
+
+@dataclass
+class MixtureExample:
+    source: int  # which source of the mixture
+    index: int  # the source's global document index (pass after pass)
+    example: Any
+
+
+class MixtureDocuments:
+    """The documents of several sources in one endless sequence: document j is the next one of the source
+    that the j-th draw of `datasets.interleave_datasets` names (seeded probabilities).
+
+    position() is where reading stands: the draw's state (the interleaved dataset's `state_dict`), the
+    documents taken from each source, and the sequence index; `anchor` is the position reading starts
+    from (a resumed one), so that seeking redraws only from there on.
+    """
+
+    endless = True
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, parts: list[MixturePart]):
+        self.cfg, self.parts = cfg, parts
+        self.names = [p.label for p in parts]
+        self.sources = [HFDocuments(replace(cfg, source=p.source, name=p.name), tokenizer, p.label) for p in parts]
+        self.num_documents: list[int | None] = [None] * len(parts)  # pass lengths, once known
+        self.anchor = self.start()
+        self._live: dict[str, Any] | None = None  # the draw dataset and position being read
+
+    def start(self) -> dict[str, Any]:
+        return {"index": 0, "draws": None, "counts": [0] * len(self.parts)}
+
+    def _draws(self) -> Any:
+        import datasets
+
+        streams = [datasets.IterableDataset.from_generator(_source_labels, gen_kwargs={"source": i})
+                   for i in range(len(self.parts))]
+        seed = 0 if self.cfg.mixture_seed is None else self.cfg.mixture_seed
+        # endless streams: no source is ever exhausted, so the stopping strategy never acts
+        return datasets.interleave_datasets(streams, probabilities=[p.weight for p in self.parts], seed=seed,
+                                            stopping_strategy="first_exhausted")
+
+    def position(self) -> dict[str, Any]:
+        live = self._live
+        if live is None:
+            return copy.deepcopy(self.anchor)
+        return {"index": live["index"], "draws": copy.deepcopy(live["dataset"].state_dict()),
+                "counts": list(live["counts"])}
+
+    def interleaved(self, world_size: int) -> bool:
+        return True
+
+    def read(self, start: int, node: tuple[int, int] | None = None) -> Iterator[MixtureExample]:
+        """The sequence's documents from index `start` on, endless."""
+        anchor = self.anchor if self.anchor["index"] <= start else self.start()
+        dataset = self._draws()
+        if anchor["draws"] is not None:
+            dataset.load_state_dict(copy.deepcopy(anchor["draws"]))
+        counts = list(anchor["counts"])
+        draws = (row["source"] for row in dataset)
+        for s in itertools.islice(draws, start - anchor["index"]):
+            counts[s] += 1
+        readers = [self._source_examples(i, counts[i]) for i in range(len(self.parts))]
+        live = self._live = {"dataset": dataset, "index": start, "counts": counts}
+        for s in draws:
+            index, example = next(readers[s])
+            counts[s] += 1
+            live["index"] += 1  # before the yield: position() is then the one after this document
+            yield MixtureExample(s, index, example)
+
+    def _source_examples(self, i: int, first: int) -> Iterator[tuple[int, Any]]:
+        def record(n: int) -> None:
+            self.num_documents[i] = n
+
+        return read_passes(self.sources[i], first, self.num_documents[i], record)
+
+    def tokens(self, example: MixtureExample, index: int) -> list[int] | ChatTokens:
+        n = self.num_documents[example.source]
+        return self.sources[example.source].tokens(example.example, example.index % n if n else example.index)
+
+    def source_of(self, example: MixtureExample) -> int:
+        return example.source
+
 
 def _nth_kept(offset: int, skip: list[int], j: int) -> int:
     """The global index of the j-th document from `offset` on that is not in the sorted `skip`."""
@@ -258,8 +508,16 @@ def _nth_kept(offset: int, skip: list[int], j: int) -> int:
     return i
 
 
-def documents(cfg: DataConfig, tokenizer: Any) -> HFDocuments | SyntheticDocuments:
-    return SyntheticDocuments(cfg, tokenizer) if cfg.source == SYNTHETIC else HFDocuments(cfg, tokenizer)
+Documents = HFDocuments | SyntheticDocuments | MixtureDocuments
+
+
+def documents(cfg: DataConfig, tokenizer: Any) -> Documents:
+    if cfg.source == SYNTHETIC:
+        return SyntheticDocuments(cfg, tokenizer)
+    parts = mixture_parts(cfg.source, cfg.name)
+    if len(parts) > 1:
+        return MixtureDocuments(cfg, tokenizer, parts)
+    return HFDocuments(replace(cfg, source=parts[0].source, name=parts[0].name), tokenizer, parts[0].label)
 
 
 # -- packing -------------------------------------------------------------------------------------------
@@ -274,16 +532,20 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
 
 
 class PackedLoader:
-    """Batches of packed rows for one rank: {"input_ids", "attention_mask"} [micro_batch_size, seq_len].
+    """Batches of packed rows for one rank: {"input_ids", "attention_mask"} [micro_batch_size, seq_len]
+    (data.format=chat: one example per row, see `next_chat_batch`).
 
     state_dict() is the position after the last batch returned; load_state_dict() seeks there.
     """
 
-    def __init__(self, docs: HFDocuments | SyntheticDocuments, cfg: DataConfig, bos_id: int, eos_id: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, docs: Documents, cfg: DataConfig, bos_id: int, eos_id: int, rank: int = 0, world_size: int = 1):
         self.docs, self.cfg, self.bos_id, self.eos_id = docs, cfg, bos_id, eos_id
         self.rank, self.world_size = rank, world_size
         self.consumed, self.buffer = 0, []
+        # tokens this rank put into rows, per source (BOS and padding are no source's), and the sources
+        # of the buffer's tokens as [source, count] runs
+        self.source_tokens, self.buffer_sources = [0] * len(docs.names), []
+        self._skipped = 0  # chat examples whose prompt fills a row
         # the ranks take turns over the global indices from `offset` on, less those in `skip` (both
         # non-trivial only after a resharded resume); False: each rank indexes its own shards
         self.offset, self.skip = 0, []
@@ -296,7 +558,25 @@ class PackedLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "last": self.last, "documents": self.consumed, "buffer": list(self.buffer),
                 "rank": self.rank, "world_size": self.world_size, "offset": self.offset, "skip": list(self.skip),
-                "interleaved": self.interleaved, "num_documents": self.num_documents}
+                "interleaved": self.interleaved, "num_documents": self.num_documents,
+                "source_tokens": list(self.source_tokens), "buffer_sources": [list(r) for r in self.buffer_sources],
+                **self._mixture_state()}
+
+    def _mixture_state(self) -> dict:
+        if not isinstance(self.docs, MixtureDocuments):
+            return {}
+        return {"mixture": self.docs.position(), "source_num_documents": list(self.docs.num_documents)}
+
+    def _load_mixture_state(self, states: list[dict]) -> None:
+        """The draw position to read on from: the earliest of `states` (every rank reads at or after it)."""
+        if isinstance(self.docs, MixtureDocuments) != ("mixture" in states[0]):
+            raise ValueError(f"the checkpoint's data position is not one of the data {self.cfg.source!r}: "
+                             "resume with the data source the run started with")
+        if isinstance(self.docs, MixtureDocuments):
+            self.docs.anchor = copy.deepcopy(min((s["mixture"] for s in states), key=lambda m: m["index"]))
+            lengths = zip(*(s["source_num_documents"] for s in states), strict=True)
+            self.docs.num_documents = [next((n for n in ns if n), None) for ns in lengths]
+            self.docs._live = None
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
@@ -313,6 +593,10 @@ class PackedLoader:
         self.offset, self.skip = state.get("offset", 0), list(state.get("skip", []))
         self.interleaved, self.num_documents = state.get("interleaved", True), state.get("num_documents")
         self.epoch, self.last, self._empty_run, self._it = state["epoch"], state.get("last", -1), 0, None
+        self.source_tokens = list(state.get("source_tokens", [0] * len(self.docs.names)))
+        # positions saved before sources were counted: the buffer's tokens are the one source's
+        self.buffer_sources = [list(r) for r in state.get("buffer_sources", [[0, len(self.buffer)]] * bool(self.buffer))]
+        self._load_mixture_state([state])
 
     def load_resharded(self, states: list[dict]) -> None:
         """Continue from the positions of every rank of a run with len(states) processes.
@@ -337,7 +621,14 @@ class PackedLoader:
         self.interleaved, self.consumed, self._empty_run, self._it = True, 0, 0, None
         self.last = self.offset - 1
         self.epoch = max(self.last, 0) // self.num_documents if self.num_documents else 0
-        self.buffer = [t for r, s in enumerate(states) if r % self.world_size == self.rank for t in s["buffer"]]
+        mine = [s for r, s in enumerate(states) if r % self.world_size == self.rank]
+        self.buffer = [t for s in mine for t in s["buffer"]]
+        self.buffer_sources = [list(run) for s in mine
+                               for run in s.get("buffer_sources", [[0, len(s["buffer"])]] * bool(s["buffer"]))]
+        # the old counts are summed by the new ranks that took their buffers: the global sums stay
+        self.source_tokens = [sum(c) for c in zip(*(s.get("source_tokens", [0] * len(self.docs.names)) for s in mine),
+                                                  strict=True)] if mine else [0] * len(self.docs.names)
+        self._load_mixture_state(states)
 
     def _check_position_format(self, state: dict) -> None:
         """Positions saved before documents were numbered across passes hold only within the first pass."""
@@ -349,11 +640,11 @@ class PackedLoader:
     def check_readable(self) -> None:
         """Build one row now, then rewind: an empty or unreadable source fails before training."""
         state = self.state_dict()
-        self.next_row()
+        self.next_chat_row() if self.cfg.format == "chat" else self.next_row()
         self.load_state_dict(state)
 
-    def _documents(self) -> Iterator[list[int]]:
-        """Token ids of this rank's documents from its `consumed`-th on, pass after pass."""
+    def _documents(self) -> Iterator[tuple[int, list[int] | ChatTokens]]:
+        """(source, token ids) of this rank's documents from its `consumed`-th on, pass after pass."""
         rank, world = (self.rank, self.world_size) if self.interleaved else (0, 1)
         skip = set(self.skip)
         first = _nth_kept(self.offset, self.skip, rank + self.consumed * world)
@@ -361,58 +652,99 @@ class PackedLoader:
         for g, example in itertools.islice(kept, 0, None, world):
             n = self.num_documents
             self.last, self.epoch = g, g // n if n else 0
-            yield self.docs.tokens(example, g % n if n else g)
+            yield self.docs.source_of(example), self.docs.tokens(example, g % n if n else g)
 
     def _passes(self, first: int) -> Iterator[tuple[int, Any]]:
         """(global index, example) from global index `first` on; a finite source is read pass after pass."""
         node = None if self.interleaved else (self.rank, self.world_size)
-        n = self.num_documents
-        # base: the global index of the pass's first document. A finite source's first pass is read
-        # from its start, since its end tells the pass length
-        if n:
-            base, start = first - first % n, first % n
-        else:
-            base, start = 0, first if isinstance(self.docs, SyntheticDocuments) else 0
-        while True:
-            end = start
-            for end, example in enumerate(self.docs.read(start, node), start + 1):
-                if base + end > first:
-                    yield base + end - 1, example
-            if end == start:
-                raise ValueError(f"data source {self.cfg.source!r} yields no documents for rank {self.rank}")
-            self.num_documents = end
-            base, start = base + end, 0
 
-    def _next_document(self) -> list[int]:
+        def record(n: int) -> None:
+            self.num_documents = n
+
+        return read_passes(self.docs, first, self.num_documents, record, node, f" for rank {self.rank}")
+
+    def _next_document(self) -> tuple[int, list[int] | ChatTokens]:
         if self._it is None:
             self._it = self._documents()
-        doc = next(self._it)
+        source, doc = next(self._it)
         self.consumed += 1
-        self._check_not_all_empty(doc)
-        return doc
+        return source, doc
 
-    def _check_not_all_empty(self, doc: list[int]) -> None:
-        """Fail instead of looping forever when every document this rank will ever read is empty."""
+    def _check_not_all_empty(self, usable: bool, what: str = "is empty: no text to train on") -> None:
+        """Fail instead of looping forever when every document this rank will ever read is unusable."""
         # past the skipped indices, this rank's documents recur with a period of at most one pass:
-        # one pass worth of empty ones in a row means no text will ever come
-        if doc or self.last <= max(self.skip, default=-1):
+        # one pass worth of unusable ones in a row means no usable one will ever come
+        if usable or self.last <= max(self.skip, default=-1):
             self._empty_run = 0
             return
         self._empty_run += 1
         if self.num_documents is not None and self._empty_run >= self.num_documents:
             whose = "" if self.world_size == 1 else f" that rank {self.rank} of {self.world_size} reads"
-            raise ValueError(f"every document of data source {self.cfg.source!r}{whose} is empty: no text to train on")
+            raise ValueError(f"every document of data source {self.cfg.source!r}{whose} {what}")
 
     def next_row(self) -> list[int]:
         need = self.cfg.seq_len - 1
         while len(self.buffer) < need:
-            doc = self._next_document()
+            source, doc = self._next_document()
+            self._check_not_all_empty(bool(doc))
             if doc:  # an empty document adds nothing, not even its EOS
                 self.buffer += [*doc, self.eos_id]
+                self.buffer_sources.append([source, len(doc) + 1])
         row, self.buffer = [self.bos_id, *self.buffer[:need]], self.buffer[need:]
+        self._count_taken(need)
         return row
 
+    def _count_taken(self, n: int) -> None:
+        """Credit the first `n` tokens of the buffer's source runs to their sources."""
+        while n:
+            run = self.buffer_sources[0]
+            take = min(n, run[1])
+            self.source_tokens[run[0]] += take
+            run[1] -= take
+            n -= take
+            if run[1] == 0:
+                self.buffer_sources.pop(0)
+
+    def next_chat_row(self) -> tuple[list[int], int]:
+        """One instruction example: [BOS] + prompt + answer, cut at seq_len, and its known length (BOS and
+        prompt). An example whose prompt leaves no room for an answer token is skipped (logged)."""
+        while True:
+            source, example = self._next_document()
+            known = 1 + len(example.prompt)
+            self._check_not_all_empty(known < self.cfg.seq_len, f"has a prompt of data.seq_len={self.cfg.seq_len} "
+                                      "tokens or more: no answer fits")
+            if known < self.cfg.seq_len:
+                row = [self.bos_id, *example.prompt, *example.answer][: self.cfg.seq_len]
+                self.source_tokens[source] += len(row) - 1
+                return row, known
+            self._skipped += 1
+            if self._skipped == 1:
+                logging.getLogger(__name__).warning(
+                    "data %r: skipping instruction examples whose prompt fills data.seq_len=%d (rank %d's document %d "
+                    "is the first)", self.cfg.source, self.cfg.seq_len, self.rank, self.last)
+
+    def next_chat_batch(self) -> dict[str, torch.Tensor]:
+        """Rows of one example each, right-padded to the longest: input_ids, attention_mask, labels (-100
+        on BOS, prompt and padding) and known_mask (BOS and prompt: the context of every grouping) [B, N].
+
+        Never packed: the two-stream attention lets a token see every earlier group of its row, so an
+        example sharing a row would see another's tokens.
+        """
+        rows = [self.next_chat_row() for _ in range(self.cfg.micro_batch_size)]
+        B, N = len(rows), max(len(row) for row, _ in rows)
+        ids = torch.full((B, N), self.eos_id, dtype=torch.long)
+        mask, known_mask = torch.zeros_like(ids), torch.zeros((B, N), dtype=torch.bool)
+        labels = torch.full_like(ids, -100)
+        for b, (row, known) in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+            known_mask[b, :known] = True
+            labels[b, known : len(row)] = ids[b, known : len(row)]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "known_mask": known_mask}
+
     def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.cfg.format == "chat":
+            return self.next_chat_batch()
         ids = torch.tensor([self.next_row() for _ in range(self.cfg.micro_batch_size)], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

@@ -18,14 +18,13 @@ from a3lm.training.config import TrainConfig
 
 def check_sources(cfg: TrainConfig) -> None:
     """Fail now, before anything loads or is written, on a missing model, tokenizer or data file."""
-    from a3lm.data.loader import SYNTHETIC, resolve_local_files
+    from a3lm.data.loader import check_source_files
 
     if cfg.model.path is not None:
         check_model_path(cfg.model.path)
     if cfg.model.tokenizer is not None:
         check_model_path(cfg.model.tokenizer, "tokenizer")
-    if cfg.data.source != SYNTHETIC:
-        resolve_local_files(cfg.data.source)
+    check_source_files(cfg.data)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Any:

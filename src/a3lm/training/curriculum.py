@@ -128,11 +128,17 @@ def _known_around_random_span(n: int, generator: torch.Generator) -> torch.Tenso
     return known
 
 
-def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator: torch.Generator,
+                   known_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Group ids [B, N] for one micro-batch; every sample draws its own grouping (stage 3).
 
     BOS (each row's first real token) is always the earliest group, so it is context only.
+    known_mask [B, N] (instruction data: BOS and the prompt): those tokens come first as left-to-right
+    singletons, and the policy's order groups the rest (the answer); an infilling-shaped sample also
+    knows the answer's tokens around one random span.
     """
+    if known_mask is not None:
+        return _known_first_groups(policy, attention_mask, known_mask, generator)
     if policy.order in ("ar", "contiguous"):
         return groups.contiguous(attention_mask, policy.size)
     if policy.order != "random":
@@ -150,6 +156,29 @@ def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator:
         else:
             blocks = u < policy.infill_share + policy.block_share
             rows.append(groups.random_order(mask, size, generator, blocks=blocks))
+    return torch.cat(rows, dim=0)
+
+
+def _known_first_groups(policy: GroupPolicy, attention_mask: torch.Tensor, known_mask: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+    """`draw_group_ids` with `known_mask` tokens first: the same orders, sizes and shares over the rest."""
+    if policy.order in ("ar", "contiguous"):
+        return groups.infill_groups(known_mask, attention_mask, policy.size, order="left-to-right")
+    if policy.order != "random":
+        raise ValueError(f"unknown grouping order {policy.order!r}")
+    rows = []
+    for b in range(attention_mask.shape[0]):
+        mask, known = attention_mask[b : b + 1], known_mask[b : b + 1].bool()
+        rest = mask.bool() & ~known
+        m = int(rest.sum())
+        size = int(torch.randint(1, policy.size + 1, (1,), generator=generator))
+        u = float(torch.rand((), generator=generator))
+        order = "random-blocks" if policy.infill_share <= u < policy.infill_share + policy.block_share else "random"
+        if u < policy.infill_share and m >= 1:  # the answer's tokens around one blank span are known too
+            known = known.clone()
+            known[rest] = _known_around_random_span(m + 1, generator)[1:].to(mask.device)  # [0]: a stand-in BOS
+            order = "random"
+        rows.append(groups.infill_groups(known, mask, size, order=order, generator=generator))
     return torch.cat(rows, dim=0)
 
 

@@ -254,19 +254,26 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------------
 
     def _micro_loss(self, batch: dict[str, torch.Tensor], policy: GroupPolicy) -> tuple[torch.Tensor, int]:
-        """(mean loss over the micro-batch's targets, number of targets); batch input_ids [B, N]."""
+        """(mean loss over the micro-batch's targets, number of targets); batch input_ids [B, N].
+
+        Instruction batches carry labels (-100 off the answers) and known_mask (BOS and prompt, the
+        first groups); packed rows have every token after BOS as a target.
+        """
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
+        labels = batch["labels"].to(self.device) if "labels" in batch else ids
         amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         if policy.order == "ar":
             with amp:
                 logits = self.ddp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            # next-token loss in fp32 (HF's label shift): rows are packed, every position is real
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            return loss, ids[:, 1:].numel()
-        group_ids = draw_group_ids(policy, batch["attention_mask"], self.group_gen).to(self.device)
+            # next-token loss in fp32 (HF's label shift); -100 marks no target (instruction data)
+            targets = labels[:, 1:].flatten()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
+            return loss, int((targets != -100).sum())
+        group_ids = draw_group_ids(policy, batch["attention_mask"], self.group_gen, batch.get("known_mask"))
         with amp:
-            out = self.ddp_model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids)
+            out = self.ddp_model(input_ids=ids, group_ids=group_ids.to(self.device), attention_mask=mask,
+                                 labels=labels)
         return out.loss, int(out.num_targets)
 
     def _no_sync(self, last: bool) -> Any:
@@ -289,9 +296,11 @@ class Trainer:
 
     def _backward(self, batches: list[dict[str, torch.Tensor]], policy: GroupPolicy) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradient of the global per-target mean loss; (loss sum, global target count)."""
-        # Rows are packed (no padding) and every grouping puts BOS alone first, so each row has
-        # seq_len - 1 targets under both objectives: known before the forward, for exact weighting.
-        counts = [b["input_ids"][:, 1:].numel() for b in batches]
+        # Every grouping puts BOS (and an instruction's prompt) first, so the targets are known before
+        # the forward, for exact weighting: every token after BOS of a packed row, the answer's tokens
+        # (labels != -100) of an instruction row, under both objectives.
+        counts = [int((b["labels"][:, 1:] != -100).sum()) if "labels" in b else b["input_ids"][:, 1:].numel()
+                  for b in batches]
         total = self.dist.all_reduce(torch.tensor(float(sum(counts)), device=self.device))
         loss_sum = torch.zeros((), device=self.device)
         for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
@@ -326,12 +335,19 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        tokens = sum(b["input_ids"].numel() for b in batches) * self.dist.world_size
+        real = torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches)), device=self.device)
+        tokens = int(self.dist.all_reduce(real))  # padding of instruction rows is not counted
         self.step += 1
         self.tokens_seen += tokens
         loss = float(self.dist.all_reduce(loss_sum) / total)
         return {"step": self.step, "stage": policy.stage, "group_size": policy.size, "order": policy.order,
-                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen, "step_tokens": tokens}
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen, "step_tokens": tokens,
+                "source_tokens": self._source_tokens()}
+
+    def _source_tokens(self) -> dict[str, int]:
+        """Tokens of each data source put into rows so far, over every rank (BOS and padding not counted)."""
+        counts = self.dist.all_reduce(torch.tensor(self.loader.source_tokens, dtype=torch.long, device=self.device))
+        return dict(zip(self.loader.docs.names, counts.tolist(), strict=True))
 
     # -- the loop -------------------------------------------------------------------------------
 
