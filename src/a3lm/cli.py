@@ -250,6 +250,8 @@ def _train_config_class() -> type:
     return TrainConfig
 
 
+_DATA_HELP = ("Hub dataset name, local .txt/.jsonl/.parquet files, a glob or a folder, or a mixture "
+              "'a:0.7,b@config:0.3'; none: the synthetic HMM corpus. --data.format chat: instruction records.")
 _SET_HELP = "Config override key=value, repeatable, applied last: -s optim.lr=3e-4 -s curriculum.stages=3"
 
 
@@ -257,8 +259,7 @@ _SET_HELP = "Config override key=value, repeatable, applied last: -s optim.lr=3e
 @config_options(_train_config_class(), skip=("output", "model.path", "data.source"), panel="Training config")
 def train_command(
     model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
-    data: str | None = typer.Option(None, help="Hub dataset name, or local .txt/.jsonl/.parquet files, a glob or a folder, or a mixture "
-                             "'a:0.7,b@config:0.3'; none: the synthetic HMM corpus. --data.format chat: instruction records.")),
+    data: str | None = typer.Option(None, help=_DATA_HELP),
     output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
     preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only (default: tiny without --model, base with)."),
     scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 16 minutes on 2 quiet cores)."),

@@ -46,14 +46,20 @@ def two_sources(tmp_path):
 def test_mixture_specs_are_parsed_and_bad_ones_are_clear_errors(tmp_path):
     parts = mixture_parts("HuggingFaceFW/fineweb@sample-10BT:0.7,cerebras/SlimPajama-627B:0.3")
     assert [(p.source, p.name, p.weight) for p in parts] == [
-        ("HuggingFaceFW/fineweb", "sample-10BT", 0.7), ("cerebras/SlimPajama-627B", None, 0.3)]
+        ("HuggingFaceFW/fineweb", "sample-10BT", 0.7),
+        ("cerebras/SlimPajama-627B", None, 0.3),
+    ]
     assert [(p.source, p.weight) for p in mixture_parts("fortunes:heldout")] == [("fortunes:heldout", 1.0)]
     assert [(p.source, p.weight) for p in mixture_parts("a.jsonl:3,fortunes:heldout:1")] == [
-        ("a.jsonl", 0.75), ("fortunes:heldout", 0.25)]
-    for bad, message in (("a.jsonl:0.5,b.jsonl", "'b.jsonl' of the mixture .* has no weight"),
-                         ("a.jsonl:0,b.jsonl:1", "weight must be a positive number"),
-                         ("a.jsonl:1,a.jsonl:2", "names a source twice"),
-                         ("synthetic:1,a.jsonl:1", "synthetic corpus .* cannot be mixed")):
+        ("a.jsonl", 0.75),
+        ("fortunes:heldout", 0.25),
+    ]
+    for bad, message in (
+        ("a.jsonl:0.5,b.jsonl", "'b.jsonl' of the mixture .* has no weight"),
+        ("a.jsonl:0,b.jsonl:1", "weight must be a positive number"),
+        ("a.jsonl:1,a.jsonl:2", "names a source twice"),
+        ("synthetic:1,a.jsonl:1", "synthetic corpus .* cannot be mixed"),
+    ):
         with pytest.raises(ValueError, match=message):
             DataConfig(source=bad).validate()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -103,7 +109,10 @@ def test_a_resumed_mixture_continues_with_the_same_rows(two_sources, tmp_path):
         first.next_batch()
     state = first.state_dict()
     # the draw stands right after the last document read: a resume redraws nothing before it
-    assert state["mixture"]["index"] == state["last"] + 1 > 400 and sum(state["mixture"]["counts"]) == state["last"] + 1
+    assert (
+        state["mixture"]["index"] == state["last"] + 1 > 400
+        and sum(state["mixture"]["counts"]) == state["last"] + 1
+    )
     torch.save(state, tmp_path / "data.pt")  # as checkpoints store it
     expected = [first.next_batch()["input_ids"] for _ in range(5)]
     resumed = build_loader(cfg, TOK)
@@ -111,7 +120,9 @@ def test_a_resumed_mixture_continues_with_the_same_rows(two_sources, tmp_path):
     assert all(torch.equal(x, resumed.next_batch()["input_ids"]) for x in expected)
     assert resumed.source_tokens == first.source_tokens
     with pytest.raises(ValueError, match="not one of the data"):
-        build_loader(DataConfig(source=a, seq_len=9, micro_batch_size=3), TOK).load_state_dict(first.state_dict())
+        build_loader(DataConfig(source=a, seq_len=9, micro_batch_size=3), TOK).load_state_dict(
+            first.state_dict()
+        )
 
 
 @pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])

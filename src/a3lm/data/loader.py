@@ -85,7 +85,7 @@ class DataConfig:
     synthetic_length: int = 16  # words per synthetic document (L); seq_len = L + 2 aligns rows
     synthetic_seed: int | None = None  # the corpus stream; None: the run's `seed` (0 outside a run)
     hmm_seed: int = 0  # the HMM's probabilities
-    format: str = "text"  # text: packed documents | chat: instruction records, one per row, answers as targets
+    format: str = "text"  # text: packed documents | chat: instruction records, one a row, answers as targets
     mixture_seed: int | None = None  # the draw of a mixture's sources; None: the run's `seed`
 
     def validate(self) -> None:
@@ -99,7 +99,7 @@ class DataConfig:
             raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         parts = mixture_parts(self.source)
         if any(p.source == SYNTHETIC for p in parts) and (len(parts) > 1 or self.format != "text"):
-            raise ValueError("the synthetic corpus is plain text on its own: it cannot be mixed nor read as chat")
+            raise ValueError("the synthetic corpus is plain text alone: it cannot be mixed nor read as chat")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class MixturePart:
 
 
 def _weight_of(entry: str) -> float | None:
-    """The weight after the last ':' of "source:weight"; None when the tail is no number ("fortunes:heldout")."""
+    """The weight after the last ':' of "source:weight"; None when the tail is no number ("x:heldout")."""
     head, _, tail = entry.rpartition(":")
     try:
         return float(tail) if head else None
@@ -133,7 +133,8 @@ def mixture_parts(spec: str, name: str | None = None) -> list[MixturePart]:
     for entry in entries:
         weight = _weight_of(entry)
         if weight is None:
-            raise ValueError(f"data source {entry!r} of the mixture {spec!r} has no weight: write each as source:weight")
+            raise ValueError(f"data source {entry!r} of the mixture {spec!r} has no weight: "
+                             "write each as source:weight")
         if not 0 < weight < float("inf"):
             raise ValueError(f"data source {entry!r}: its weight must be a positive number")
         source, config = entry.rpartition(":")[0], None
@@ -170,7 +171,7 @@ def chat_messages(example: dict[str, Any], where: str) -> list[dict[str, str]]:
                                                      for m in messages):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} records")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's answer, after at least one other")
+            raise ValueError(f"{where}: the last message must be the assistant's answer, after another")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     prompt, answer = example.get("prompt"), example.get("response", example.get("completion"))
     if isinstance(prompt, str) and isinstance(answer, str):
@@ -187,13 +188,14 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> C
     A leading BOS text is dropped: the loader starts every row with the row start itself.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.format=chat renders records with the tokenizer's chat template, and this tokenizer "
-                         "has none: use a tokenizer with one (model.tokenizer) or set tokenizer.chat_template")
+        raise ValueError("data.format=chat renders records with the tokenizer's chat template, and this "
+                         "tokenizer has none: use a tokenizer with one (model.tokenizer) or set "
+                         "tokenizer.chat_template")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
-        raise ValueError(f"{where}: the chat template does not render the conversation as its prompt followed by "
-                         "the answer, so the answer's tokens cannot be told apart")
+        raise ValueError(f"{where}: the chat template does not render the conversation as its prompt "
+                         "followed by the answer, so the answer's tokens cannot be told apart")
     answer = full[len(prompt):]
     if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
         prompt = prompt[len(tokenizer.bos_token):]
@@ -438,7 +440,8 @@ class MixtureDocuments:
     def __init__(self, cfg: DataConfig, tokenizer: Any, parts: list[MixturePart]):
         self.cfg, self.parts = cfg, parts
         self.names = [p.label for p in parts]
-        self.sources = [HFDocuments(replace(cfg, source=p.source, name=p.name), tokenizer, p.label) for p in parts]
+        self.sources = [HFDocuments(replace(cfg, source=p.source, name=p.name), tokenizer, p.label)
+                        for p in parts]
         self.num_documents: list[int | None] = [None] * len(parts)  # pass lengths, once known
         self.anchor = self.start()
         self._live: dict[str, Any] | None = None  # the draw dataset and position being read
@@ -498,6 +501,11 @@ class MixtureDocuments:
         return example.source
 
 
+def _one_run(buffer: list[int]) -> list[list[int]]:
+    """The source runs of a buffer saved before sources were counted: all of it the one source's."""
+    return [[0, len(buffer)]] if buffer else []
+
+
 def _nth_kept(offset: int, skip: list[int], j: int) -> int:
     """The global index of the j-th document from `offset` on that is not in the sorted `skip`."""
     i = offset + j
@@ -538,7 +546,8 @@ class PackedLoader:
     state_dict() is the position after the last batch returned; load_state_dict() seeks there.
     """
 
-    def __init__(self, docs: Documents, cfg: DataConfig, bos_id: int, eos_id: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, docs: Documents, cfg: DataConfig, bos_id: int, eos_id: int, rank: int = 0,
+                 world_size: int = 1):
         self.docs, self.cfg, self.bos_id, self.eos_id = docs, cfg, bos_id, eos_id
         self.rank, self.world_size = rank, world_size
         self.consumed, self.buffer = 0, []
@@ -559,7 +568,8 @@ class PackedLoader:
         return {"epoch": self.epoch, "last": self.last, "documents": self.consumed, "buffer": list(self.buffer),
                 "rank": self.rank, "world_size": self.world_size, "offset": self.offset, "skip": list(self.skip),
                 "interleaved": self.interleaved, "num_documents": self.num_documents,
-                "source_tokens": list(self.source_tokens), "buffer_sources": [list(r) for r in self.buffer_sources],
+                "source_tokens": list(self.source_tokens),
+                "buffer_sources": [list(r) for r in self.buffer_sources],
                 **self._mixture_state()}
 
     def _mixture_state(self) -> dict:
@@ -595,7 +605,7 @@ class PackedLoader:
         self.epoch, self.last, self._empty_run, self._it = state["epoch"], state.get("last", -1), 0, None
         self.source_tokens = list(state.get("source_tokens", [0] * len(self.docs.names)))
         # positions saved before sources were counted: the buffer's tokens are the one source's
-        self.buffer_sources = [list(r) for r in state.get("buffer_sources", [[0, len(self.buffer)]] * bool(self.buffer))]
+        self.buffer_sources = [list(r) for r in state.get("buffer_sources", _one_run(state["buffer"]))]
         self._load_mixture_state([state])
 
     def load_resharded(self, states: list[dict]) -> None:
@@ -623,11 +633,10 @@ class PackedLoader:
         self.epoch = max(self.last, 0) // self.num_documents if self.num_documents else 0
         mine = [s for r, s in enumerate(states) if r % self.world_size == self.rank]
         self.buffer = [t for s in mine for t in s["buffer"]]
-        self.buffer_sources = [list(run) for s in mine
-                               for run in s.get("buffer_sources", [[0, len(s["buffer"])]] * bool(s["buffer"]))]
+        self.buffer_sources = [list(run) for s in mine for run in s.get("buffer_sources", _one_run(s["buffer"]))]
         # the old counts are summed by the new ranks that took their buffers: the global sums stay
-        self.source_tokens = [sum(c) for c in zip(*(s.get("source_tokens", [0] * len(self.docs.names)) for s in mine),
-                                                  strict=True)] if mine else [0] * len(self.docs.names)
+        zero = [0] * len(self.docs.names)
+        self.source_tokens = [sum(c) for c in zip(zero, *(s.get("source_tokens", zero) for s in mine), strict=True)]
         self._load_mixture_state(states)
 
     def _check_position_format(self, state: dict) -> None:
@@ -711,8 +720,8 @@ class PackedLoader:
         while True:
             source, example = self._next_document()
             known = 1 + len(example.prompt)
-            self._check_not_all_empty(known < self.cfg.seq_len, f"has a prompt of data.seq_len={self.cfg.seq_len} "
-                                      "tokens or more: no answer fits")
+            self._check_not_all_empty(known < self.cfg.seq_len, f"has a prompt of data.seq_len="
+                                      f"{self.cfg.seq_len} tokens or more: no answer fits")
             if known < self.cfg.seq_len:
                 row = [self.bos_id, *example.prompt, *example.answer][: self.cfg.seq_len]
                 self.source_tokens[source] += len(row) - 1
@@ -720,8 +729,8 @@ class PackedLoader:
             self._skipped += 1
             if self._skipped == 1:
                 logging.getLogger(__name__).warning(
-                    "data %r: skipping instruction examples whose prompt fills data.seq_len=%d (rank %d's document %d "
-                    "is the first)", self.cfg.source, self.cfg.seq_len, self.rank, self.last)
+                    "data %r: skipping instruction examples whose prompt fills data.seq_len=%d (rank %d's "
+                    "document %d is the first)", self.cfg.source, self.cfg.seq_len, self.rank, self.last)
 
     def next_chat_batch(self) -> dict[str, torch.Tensor]:
         """Rows of one example each, right-padded to the longest: input_ids, attention_mask, labels (-100

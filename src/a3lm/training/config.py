@@ -117,7 +117,8 @@ class TrainConfig:
 
 
 # (section, field) of the seeds of one part of a run; None takes the run's `seed` (`TrainConfig.seeded`)
-SUB_SEEDS = (("model", "init_seed"), ("curriculum", "seed"), ("data", "synthetic_seed"), ("data", "mixture_seed"))
+SUB_SEEDS = (("model", "init_seed"), ("curriculum", "seed"), ("data", "synthetic_seed"),
+             ("data", "mixture_seed"))
 # fields that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE_FIELDS = ("output", "checkpoint", "log", "stop_after")
 # how the rows of a step are split over processes and micro-batches: free to change on resume (e.g.

@@ -173,10 +173,12 @@ def _known_first_groups(policy: GroupPolicy, attention_mask: torch.Tensor, known
         m = int(rest.sum())
         size = int(torch.randint(1, policy.size + 1, (1,), generator=generator))
         u = float(torch.rand((), generator=generator))
-        order = "random-blocks" if policy.infill_share <= u < policy.infill_share + policy.block_share else "random"
+        blocks = policy.infill_share <= u < policy.infill_share + policy.block_share
+        order = "random-blocks" if blocks else "random"
         if u < policy.infill_share and m >= 1:  # the answer's tokens around one blank span are known too
             known = known.clone()
-            known[rest] = _known_around_random_span(m + 1, generator)[1:].to(mask.device)  # [0]: a stand-in BOS
+            # [0] stands for a BOS: the span may start at the answer's first token
+            known[rest] = _known_around_random_span(m + 1, generator)[1:].to(mask.device)
             order = "random"
         rows.append(groups.infill_groups(known, mask, size, order=order, generator=generator))
     return torch.cat(rows, dim=0)

@@ -341,12 +341,13 @@ class Trainer:
         self.tokens_seen += tokens
         loss = float(self.dist.all_reduce(loss_sum) / total)
         return {"step": self.step, "stage": policy.stage, "group_size": policy.size, "order": policy.order,
-                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen, "step_tokens": tokens,
-                "source_tokens": self._source_tokens()}
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                "step_tokens": tokens, "source_tokens": self._source_tokens()}
 
     def _source_tokens(self) -> dict[str, int]:
         """Tokens of each data source put into rows so far, over every rank (BOS and padding not counted)."""
-        counts = self.dist.all_reduce(torch.tensor(self.loader.source_tokens, dtype=torch.long, device=self.device))
+        counts = torch.tensor(self.loader.source_tokens, dtype=torch.long, device=self.device)
+        counts = self.dist.all_reduce(counts)
         return dict(zip(self.loader.docs.names, counts.tolist(), strict=True))
 
     # -- the loop -------------------------------------------------------------------------------
