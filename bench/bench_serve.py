@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from a3lm.debug import tiny_a3_model, tiny_bpe_tokenizer
+from a3lm.model.debug import tiny_a3_model, tiny_bpe_tokenizer
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "a", "big", "red", "is", "and", "to"]
 
 
 def save_model(folder: Path, smollm2: bool, quick: bool) -> None:
     if smollm2:
-        from a3lm.convert import convert
+        from a3lm.model.convert import convert
 
         convert("smollm2", str(folder), seed=0)
         return

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -44,6 +43,8 @@ def test_serve_exits_cleanly_on_sigterm(model_dir):
         str(port),
         "--name",
         "tiny",
+        "--graceful",
+        "60",
     ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy()
@@ -51,22 +52,21 @@ def test_serve_exits_cleanly_on_sigterm(model_dir):
     try:
         wait_ready(url, proc)
         body = json.dumps(
-            {"model": "tiny", "prompt": "the cat", "max_tokens": 60, "ignore_eos": True}
+            {"model": "tiny", "prompt": "the cat", "max_tokens": 40, "ignore_eos": True, "stream": True}
         ).encode()
-        reply: dict = {}
-
-        def ask() -> None:
-            req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as r:
-                reply.update(json.loads(r.read()))
-
-        thread = threading.Thread(target=ask)
-        thread.start()
-        time.sleep(0.3)  # the request is in flight
-        proc.send_signal(signal.SIGTERM)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            data = sock.recv(4096)
+            while b'"event": "fill"' not in data:  # decoding has begun: the request is in flight
+                data += sock.recv(4096)
+            proc.send_signal(signal.SIGTERM)
+            while chunk := sock.recv(65536):
+                data += chunk
         assert proc.wait(30) == 0, proc.stderr.read()
-        thread.join(30)
-        assert len(reply["choices"][0]["a3"]["token_ids"]) == 60  # finished, not cut
+        assert b"data: [DONE]" in data  # the in-flight request was finished, not cut
+        end = next(json.loads(line[6:]) for line in data.decode().splitlines() if '"event": "end"' in line)
+        assert len(end["choices"][0]["a3"]["token_ids"]) == 40
     finally:
         if proc.poll() is None:
             proc.kill()

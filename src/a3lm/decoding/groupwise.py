@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from a3lm.decoding.canvas import Canvas, GenerationOutput, StepForward, StepHook, StepLogits, compact, mask_to_cols
+from a3lm.decoding.canvas import (
+    Canvas,
+    GenerationOutput,
+    StepForward,
+    StepHook,
+    StepLogits,
+    compact,
+    mask_to_cols,
+)
 from a3lm.decoding.config import DecodingConfig
 from a3lm.decoding.tokens import choose_tokens, criterion_scores, scoring_probs
 

@@ -351,6 +351,7 @@ def serve(
     port: int = 8000,
     name: str | None = None,
     limits: Limits | None = None,
+    graceful_s: int = 5,
 ) -> None:
     """Load the A3 checkpoint and serve it until SIGINT / SIGTERM (in-flight requests get
     `graceful_s` seconds to finish, then are cancelled; the process exits with status 0)."""
@@ -361,4 +362,4 @@ def serve(
     # uvicorn re-raises the signal it stopped on once it is done: handlers that return make that a clean exit
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info")
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_s, log_level="info")
