@@ -14,6 +14,7 @@ SCRIPTS = {
     "bench_speculative.py": (["--samples", "2", "--ks", "2"], "--output"),
     "bench_sampling.py": (["--quick", "--repeats", "1", "--threads", "1", "--no-speculative"], "--output"),
     "bench_model.py": (["--quick"], "--output"),
+    "bench_serve.py": (["--quick", "--requests", "4", "--tokens", "2"], "--output"),
 }
 
 
@@ -32,6 +33,9 @@ def test_bench_script_runs_quick(script, tmp_path):
         for r in rows:
             assert set(r["time_ratio"]) == set(r["memory_ratio"]) >= {"a3 (own slot)", "a3 (no mlp recompute)"}
             assert all(v > 0 for v in [*r["time_ratio"].values(), *r["memory_ratio"].values()])
+    elif script == "bench_serve.py":  # the sequential baseline, then 1, 4, 16 clients as ratios to it
+        assert [r["row"] for r in rows] == ["sequential", "1 concurrent", "4 concurrent", "16 concurrent"]
+        assert all(r["tokens_per_s"] > 0 and r["throughput_ratio"] > 0 and r["p95_s"] >= r["p50_s"] > 0 for r in rows[1:])
     else:
         assert {r["row"] for r in rows} >= {"group-wise s=1 / AR", "group-wise s=4 / AR", "dynamic k=4 / AR"}
         assert all(r["ratio"] > 0 for r in rows)

@@ -408,5 +408,22 @@ def infill_command(
     _run_decoding(infill_text, model, text, show_order, config)
 
 
+@app.command("serve")
+def serve_command(
+    model: str = _MODEL,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    name: str | None = typer.Option(None, help="Model name clients ask for (default: the model folder's name)."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="The most tokens one request may generate."),
+    max_batch_rows: int = typer.Option(64, "--max-batch-rows", help="The most rows one shared decoding call holds."),
+    graceful: int = typer.Option(5, "--graceful", help="Seconds in-flight requests get to finish on SIGTERM before they are cancelled."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (completions with suffix infilling, chat), and the page at /."""
+    from a3lm.serving.app import serve
+    from a3lm.serving.engine import Limits
+
+    serve(model, host, port, name, Limits(max_tokens=max_tokens, max_batch_rows=max_batch_rows), graceful)
+
+
 if __name__ == "__main__":
     app()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from a3lm.decoding.canvas import Canvas, GenerationOutput
+from a3lm.decoding.canvas import Canvas, GenerationOutput, StepHook
 from a3lm.decoding.config import DecodingConfig
 from a3lm.decoding.groupwise import decode_groups
 from a3lm.files import require_a3
@@ -53,7 +53,7 @@ def pad_id_of(model: A3ForCausalLM, cfg: DecodingConfig) -> int:
 
 
 def _run(model, canvas: Canvas, cfg: DecodingConfig, generator, eos_ids, output_logits,
-         order_generators: Sequence[torch.Generator] | None) -> GenerationOutput:  # fmt: skip
+         order_generators: Sequence[torch.Generator] | None, on_step: StepHook | None = None) -> GenerationOutput:  # fmt: skip
     generator = generator if generator is not None else cfg.make_generator(model.device)
     if order_generators is not None and len(order_generators) != canvas.ids.shape[0]:
         raise ValueError(f"order_generators needs one generator per row: got {len(order_generators)} for {canvas.ids.shape[0]} rows")
@@ -62,10 +62,10 @@ def _run(model, canvas: Canvas, cfg: DecodingConfig, generator, eos_ids, output_
     if cfg.speculative:
         from a3lm.decoding.speculative import decode_speculative
 
-        return decode_speculative(model, canvas, cfg, generator, eos_ids, pad, output_logits, order_source)
+        return decode_speculative(model, canvas, cfg, generator, eos_ids, pad, output_logits, order_source, on_step)
     blank = canvas.real & ~canvas.known
     fill_group = None if cfg.dynamic else fill_groups(blank, cfg.order, cfg.group_size, order_source)
-    return decode_groups(model, canvas, fill_group, cfg, generator, eos_ids, pad, output_logits)
+    return decode_groups(model, canvas, fill_group, cfg, generator, eos_ids, pad, output_logits, on_step)
 
 
 def sample(
@@ -79,6 +79,7 @@ def sample(
     order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
     on_commit: Callable[[Canvas], None] | None = None,
+    on_step: StepHook | None = None,
     **options,
 ) -> GenerationOutput:
     """Continue each prompt by `length` tokens.
@@ -95,6 +96,7 @@ def sample(
     dynamic decoding's choices) still come from `generator` and depend on the batch.
     on_commit: called with the canvas after every commit of tokens (streaming: `canvas.filled` and
     `canvas.ids` say what is filled so far; tokens after a row's first EOS may still be committed).
+    on_step: a `StepHook` called after every step (streaming; see StepHook).
     Returns a canvas [B, N], N = max prompt length + length: row b holds its prompt then its
     continuation, left-aligned (position = column), padding on the right. With stop_at_eos, a row stops
     once a generated EOS has every earlier position filled, and every position after its first
@@ -125,7 +127,7 @@ def sample(
     ids[rows[prompt_real], rank[prompt_real]] = input_ids[prompt_real]
     canvas = Canvas.start(ids, cols < (lengths_B + length)[:, None], cols < lengths_B[:, None], cols.contiguous())
     canvas.on_commit = on_commit
-    return _run(model, canvas, cfg, generator, eos_ids, output_logits, order_generators)
+    return _run(model, canvas, cfg, generator, eos_ids, output_logits, order_generators, on_step)
 
 
 def infill(
@@ -139,6 +141,7 @@ def infill(
     order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
     on_commit: Callable[[Canvas], None] | None = None,
+    on_step: StepHook | None = None,
     **options,
 ) -> GenerationOutput:
     """Fill the blanks (real & ~known) of each row; known tokens (prefix, suffix) are kept.
@@ -163,7 +166,7 @@ def infill(
     positions = (real.long().cumsum(1) - 1).clamp(min=0)  # counted over real tokens, as in the model
     canvas = Canvas.start(input_ids.to(device), real, known, positions)
     canvas.on_commit = on_commit
-    return _run(model, canvas, cfg, generator, None, output_logits, order_generators)
+    return _run(model, canvas, cfg, generator, None, output_logits, order_generators, on_step)
 
 
 

@@ -20,6 +20,11 @@ class StepLogits:
     logits_BQV: torch.Tensor
 
 
+# called after every decoding step with the canvas, the step number and that step's scored logits (a
+# server streams fills from it; setting canvas.finished[b] stops filling row b, raising aborts the run)
+StepHook = Callable[["Canvas", int, StepLogits], None]
+
+
 @dataclass
 class GenerationOutput:
     """What a decoding run returns; every tensor is [B, N] over the canvas.

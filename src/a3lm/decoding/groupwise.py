@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from a3lm.decoding.canvas import Canvas, GenerationOutput, StepForward, StepLogits, compact, mask_to_cols
+from a3lm.decoding.canvas import (
+    Canvas,
+    GenerationOutput,
+    StepForward,
+    StepHook,
+    StepLogits,
+    compact,
+    mask_to_cols,
+)
 from a3lm.decoding.config import DecodingConfig
 from a3lm.decoding.tokens import choose_tokens, criterion_scores, scoring_probs
 
@@ -60,8 +68,8 @@ def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tu
     if step == len(schedule):
         return None
     cols, valid = schedule[step]
-    if not stops_at_eos:  # no row stops early, and every step of the schedule has a group to fill
-        return cols, valid
+    if not stops_at_eos:  # no row stops early (unless a step hook finished it): every step has a group
+        return cols, valid & ~canvas.finished[:, None]
     if not bool(canvas.unfilled().any()):
         return None
     # a row may have nothing to fill this step (its group lies after its EOS) and more before its EOS later
@@ -70,7 +78,7 @@ def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tu
 
 @torch.no_grad()
 def decode_groups(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator, eos_ids, pad_token_id,
-            output_logits: bool) -> GenerationOutput:  # fmt: skip
+            output_logits: bool, on_step: StepHook | None = None) -> GenerationOutput:  # fmt: skip
     """Group-wise (fill_group_BN: relative group of every blank) or dynamic (None) decoding."""
     forward = StepForward(model, canvas.ids.shape[0], cfg.use_cache)
     step_logits: list[StepLogits] | None = [] if output_logits else None
@@ -96,4 +104,6 @@ def decode_groups(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, gen
             chosen_BQ, content_cols, content_valid = query_valid, query_cols, query_valid
         canvas.commit(query_cols, tokens_BQ, chosen_BQ, g_next, step)
         canvas.stop_at_eos(eos_ids)
+        if on_step is not None:
+            on_step(canvas, step, StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV))
     return canvas.output(eos_ids, pad_token_id, step, step_logits=step_logits)

@@ -36,6 +36,7 @@ from a3lm.decoding.canvas import (
     Canvas,
     GenerationOutput,
     StepForward,
+    StepHook,
     StepLogits,
     mask_to_cols,
     scatter_where,
@@ -116,7 +117,7 @@ def _verify(canvas: Canvas, forward: StepForward, d: _Drafts, p_BDV, groups_BD, 
 @torch.no_grad()
 def decode_speculative(
     model: A3ForCausalLM, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator, eos_ids: torch.Tensor | None,
-    pad_token_id: int, output_logits: bool, order_generator: Generators = None,
+    pad_token_id: int, output_logits: bool, order_generator: Generators = None, on_step: StepHook | None = None,
 ) -> GenerationOutput:  # fmt: skip
     """Speculative decoding of the canvas's blanks in the singleton order cfg.order, windows of
     k = cfg.speculative positions (adapted after each forward under the heuristic schedule).
@@ -161,6 +162,8 @@ def decode_speculative(
         canvas.stop_at_eos(eos_ids)
         d, done_B = _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, steps,
                                  generator, eos_ids)  # fmt: skip
+        if on_step is not None:  # every token committed this step was scored by this forward
+            on_step(canvas, steps, StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV))
     return canvas.output(eos_ids, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted)
 
 
