@@ -22,7 +22,7 @@ canvas every step (the reference: same tokens, same logits up to float rounding)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -78,7 +78,6 @@ def sample(
     generator: torch.Generator | None = None,
     order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
-    on_commit: Callable[[Canvas], None] | None = None,
     on_step: StepHook | None = None,
     **options,
 ) -> GenerationOutput:
@@ -94,9 +93,9 @@ def sample(
     random-blocks; group-wise and speculative) from its own blanks alone, so that a row's order, and
     its greedy output, do not depend on its batch or padding; token draws at temperature > 0 (and
     dynamic decoding's choices) still come from `generator` and depend on the batch.
-    on_commit: called with the canvas after every commit of tokens (streaming: `canvas.filled` and
-    `canvas.ids` say what is filled so far; tokens after a row's first EOS may still be committed).
-    on_step: a `StepHook` called after every step (streaming; see StepHook).
+    on_step: a `StepHook` called after every step with the canvas, the step and its logits (streaming:
+    `canvas.filled` and `canvas.ids` say what is filled so far; tokens after a row's first EOS may still
+    be committed; a row the hook marks `finished` is filled no further).
     Returns a canvas [B, N], N = max prompt length + length: row b holds its prompt then its
     continuation, left-aligned (position = column), padding on the right. With stop_at_eos, a row stops
     once a generated EOS has every earlier position filled, and every position after its first
@@ -126,7 +125,6 @@ def sample(
     rows = torch.arange(B, device=device)[:, None].expand_as(rank)
     ids[rows[prompt_real], rank[prompt_real]] = input_ids[prompt_real]
     canvas = Canvas.start(ids, cols < (lengths_B + length)[:, None], cols < lengths_B[:, None], cols.contiguous())
-    canvas.on_commit = on_commit
     return _run(model, canvas, cfg, generator, eos_ids, output_logits, order_generators, on_step)
 
 
@@ -140,7 +138,6 @@ def infill(
     generator: torch.Generator | None = None,
     order_generators: Sequence[torch.Generator] | None = None,
     output_logits: bool = False,
-    on_commit: Callable[[Canvas], None] | None = None,
     on_step: StepHook | None = None,
     **options,
 ) -> GenerationOutput:
@@ -148,7 +145,7 @@ def infill(
 
     input_ids, known_mask, attention_mask: [B, N] (ids at blanks are ignored). Every known token comes
     first (left-to-right singletons), so the blanks see both the prefix and the suffix. Options as in
-    `sample` (generator, order_generators, on_commit too); a custom `order` is, per row, a permutation of that
+    `sample` (generator, order_generators, on_step too); a custom `order` is, per row, a permutation of that
     row's blank ranks. No EOS handling (the EOS options are ignored): each blank has the length it was
     given. Returns the canvas [B, N].
     """
@@ -165,7 +162,6 @@ def infill(
     real, known = real.to(device), known_mask.bool().to(device)
     positions = (real.long().cumsum(1) - 1).clamp(min=0)  # counted over real tokens, as in the model
     canvas = Canvas.start(input_ids.to(device), real, known, positions)
-    canvas.on_commit = on_commit
     return _run(model, canvas, cfg, generator, None, output_logits, order_generators, on_step)
 
 

@@ -74,7 +74,6 @@ class Canvas:
     fill_step: torch.Tensor
     finished: torch.Tensor  # [B]: stopped at EOS
     after_eos: torch.Tensor  # [B, N]: after a row's first generated EOS (dropped from the output)
-    on_commit: Callable[[Canvas], None] | None = None  # called after every commit (streaming)
 
     @classmethod
     def start(cls, ids_BN, real_BN, known_BN, positions_BN) -> Canvas:
@@ -111,8 +110,6 @@ class Canvas:
 
         self.ids, self.group, self.fill_step = put(self.ids, tokens_BQ), put(self.group, groups_BQ), put(self.fill_step, step)
         self.filled = self.filled | hit_BN
-        if self.on_commit is not None:
-            self.on_commit(self)
 
     def stop_at_eos(self, eos_ids: torch.Tensor | None) -> None:
         """Mark what follows each row's first generated EOS, and the rows with nothing left before it."""

@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 
 from a3lm.decoding.api import sample
-from a3lm.decoding.canvas import Canvas
+from a3lm.decoding.canvas import Canvas, StepLogits
 from a3lm.decoding.config import DecodingConfig
 from a3lm.model.modeling import A3ForCausalLM
 
@@ -159,7 +159,7 @@ class _StreamFeed:
     def __init__(self, streamer: BaseStreamer, start: int, end: int, eos_ids: set[int]):
         self.streamer, self.next_col, self.end, self.eos_ids = streamer, start, end, eos_ids
 
-    def __call__(self, canvas: Canvas) -> None:
+    def __call__(self, canvas: Canvas, step: int, logits: StepLogits) -> None:
         if self.next_col >= self.end:
             return
         filled = canvas.filled[0, self.next_col : self.end].tolist()
@@ -281,7 +281,7 @@ def generate(
             set(cfg.eos_token_id) if stops else set(),
         )
     out = sample(
-        model, input_ids, attention_mask, length=max_new, config=cfg, generator=generator, on_commit=feed
+        model, input_ids, attention_mask, length=max_new, config=cfg, generator=generator, on_step=feed
     )
     if streamer is not None:
         streamer.end()
