@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from a3lm.data.loader import DataConfig, build_loader
+from a3lm.data.config import DataConfig
+from a3lm.data.loader import build_loader
 from a3lm.decoding import text as decoding_text
 from a3lm.decoding.text import encode_with_blanks, infill_text, sample_text
 from a3lm.evaluation.continuations import encode_pair

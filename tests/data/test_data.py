@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from a3lm.data import synthetic
-from a3lm.data.loader import DataConfig, build_loader, resolve_local_files
+from a3lm.data.config import DataConfig
+from a3lm.data.loader import build_loader
+from a3lm.data.sources import resolve_local_files
 from a3lm.demo import exact
 from a3lm.tokenizer import word_tokenizer
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from a3lm.data import synthetic
-from a3lm.data.loader import DataConfig, build_loader, mixture_parts
+from a3lm.data.config import DataConfig, mixture_parts
+from a3lm.data.loader import build_loader
 from a3lm.tokenizer import word_tokenizer
 
 HMM = synthetic.default_hmm(0)

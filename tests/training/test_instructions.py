@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from a3lm.data import synthetic
-from a3lm.data.loader import DataConfig, build_loader
+from a3lm.data.config import DataConfig
+from a3lm.data.loader import build_loader
 from a3lm.model.debug import tiny_base_model
 from a3lm.model.modeling import A3ForCausalLM
 from a3lm.tokenizer import word_tokenizer

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemWriter
 
-from a3lm.data.loader import DataConfig, build_loader
+from a3lm.data.config import DataConfig
+from a3lm.data.loader import build_loader
 from a3lm.files import TMP_PREFIX
 from a3lm.training import build
 from a3lm.training import checkpoint as ckpt

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from a3lm.data.loader import DataConfig
+from a3lm.data.config import DataConfig
 from a3lm.files import AR_DIR
 from a3lm.training.config import (
     CheckpointConfig,

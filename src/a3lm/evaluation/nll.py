@@ -113,7 +113,8 @@ def ar_nll(model: nn.Module, ids: torch.Tensor, n_targets: int, batch: int = 256
 def heldout_rows(tokenizer: Any, source: str, seq_len: int, rows: int) -> torch.Tensor:
     """Up to `rows` packed rows [R, seq_len] of `source` (a local file, a named corpus split), built as
     training rows are, from one pass over the text."""
-    from a3lm.data.loader import DataConfig, PackedLoader, documents, special_ids
+    from a3lm.data.config import DataConfig
+    from a3lm.data.loader import PackedLoader, documents, special_ids
 
     cfg = DataConfig(source=source, seq_len=seq_len, micro_batch_size=1)
     cfg.validate()

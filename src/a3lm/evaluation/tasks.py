@@ -114,7 +114,7 @@ def check_local_file(task: HarnessTask, path: Path) -> None:
     """An empty file, a line that is not a JSON object, one without a field the task reads or with an
     answer value the harness would misread: one error naming the file, the line and the problem (not a
     template error deep in the harness, nor a silent wrong score)."""
-    from a3lm.data.loader import local_file_problem
+    from a3lm.data.sources import local_file_problem
 
     problem = local_file_problem(path)
     if problem:

@@ -18,7 +18,7 @@ from a3lm.training.config import TrainConfig
 
 def check_sources(cfg: TrainConfig) -> None:
     """Fail now, before anything loads or is written, on a missing model, tokenizer or data file."""
-    from a3lm.data.loader import check_source_files
+    from a3lm.data.sources import check_source_files
 
     if cfg.model.path is not None:
         check_model_path(cfg.model.path)

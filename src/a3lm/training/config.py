@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from a3lm.data.loader import SYNTHETIC, DataConfig
+from a3lm.data.config import SYNTHETIC, DataConfig
 from a3lm.training.curriculum import CurriculumConfig
 from a3lm.training.overrides import apply_overrides, assign
 
