@@ -43,6 +43,10 @@ def _sharp_model(family: str, **kwargs):
     return model
 
 
+# Gemma 2's debug weights are drawn at std 0.1 (so that its soft-caps bite): float32 error near 1e-5
+FAMILY_ATOL = {"gemma2": 5e-5}
+
+
 def _assert_same_run(a, b, atol=1e-5):
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.fill_step, b.fill_step)
@@ -75,7 +79,7 @@ def _cached_and_uncached(model, mode: str):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cached_equals_uncached(family, mode):
     runs = _cached_and_uncached(_sharp_model(family), mode)
-    _assert_same_run(*runs)
+    _assert_same_run(*runs, atol=FAMILY_ATOL.get(family, 1e-5))
     assert bool((runs[0].fill_step[runs[0].attention_mask.bool()] >= 0).all())
 
 
@@ -95,7 +99,7 @@ def test_cached_equals_uncached_infill(family, mode):
         infill(model, ids, known, mask, temperature=0, seed=1, output_logits=True, use_cache=c, **MODES[mode])
         for c in (True, False)
     ]
-    _assert_same_run(*runs)
+    _assert_same_run(*runs, atol=FAMILY_ATOL.get(family, 1e-5))
 
 
 def test_cached_equals_uncached_when_sampling():

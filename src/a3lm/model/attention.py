@@ -250,14 +250,16 @@ def a3_attention(
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         bias = additive_mask(attention_mask, query.dtype)
         # a windowed query row may see only its own slot: the kernel needs telling (its lse there is 0)
-        blind = (bias[:, :, -n_self:] == float("-inf")).all(-1) if sliding_window is not None and n_self else None
+        blind = None
+        if sliding_window is not None and n_self:
+            blind = (bias[:, :, -n_self:] == float("-inf")).all(-1)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale, a3_row_chunks, blind) if needs_grad else (
-            two_stream_flash(query, key, value, bias, n_self, scale, a3_row_chunks, blind)[0]
-        )
+        args = (query, key, value, bias, n_self, scale, a3_row_chunks, blind)
+        out = TwoStreamAttention.apply(*args) if needs_grad else two_stream_flash(*args)[0]
     else:
         if torch.is_autocast_enabled(query.device.type):  # the explicit matmuls take one dtype
-            query, key, value = (t.to(torch.get_autocast_dtype(query.device.type)) for t in (query, key, value))
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = (t.to(dtype) for t in (query, key, value))
         out = dense_two_stream_reference(query, key, value, attention_mask, n_self, scaling, dropout, softcap)
     out = out.transpose(1, 2)
     if skipped:
@@ -289,8 +291,9 @@ def dense_two_stream_reference(
                                    None, None, mask[:, :, :rows_content], scaling, dropout, softcap)]
         if n_self:
             parts.append(_attend_with_self(
-                query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content], key[:, :, n_content:],
-                value[:, :, n_content:], mask[:, :, rows_content:], scaling, dropout, softcap,
+                query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
+                key[:, :, n_content:], value[:, :, n_content:], mask[:, :, rows_content:],
+                scaling, dropout, softcap,
             ))  # fmt: skip
         return torch.cat(parts, dim=2)
     if n_self == 0:

@@ -99,7 +99,7 @@ class ContentCache:
         return self.key_groups_BK.shape[1]
 
     def append(self, groups_BC: torch.Tensor, valid_BC: torch.Tensor, positions_BC: torch.Tensor) -> None:
-        """Record the group ids, validity and positions of C new content slots (their K/V come from the forward)."""
+        """Record the group ids, validity and positions of C new content slots (K/V come from the forward)."""
         self.key_groups_BK = torch.cat([self.key_groups_BK, groups_BC], dim=1)
         self.key_valid_BK = torch.cat([self.key_valid_BK, valid_BC.bool()], dim=1)
         self.key_positions_BK = torch.cat([self.key_positions_BK, positions_BC.long()], dim=1)

@@ -37,9 +37,11 @@ _FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # weights at std 0.1: attention logits large enough for a cap of 0.5 to change them
     "gemma2": (Gemma2Config, {"sliding_window": DEBUG_WINDOW, "attn_logit_softcapping": 0.5,
                               "final_logit_softcapping": 1.0, "initializer_range": 0.1}),
-    "gemma3": (Gemma3TextConfig, {"sliding_window": DEBUG_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
-                                  "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "gemma3": (Gemma3TextConfig, {
+        "sliding_window": DEBUG_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    }),
     "olmo2": (Olmo2Config, {}),
     "phi3": (Phi3Config, {}),
     "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,

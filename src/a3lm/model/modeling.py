@@ -31,7 +31,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     GenerationConfig,
-    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
