@@ -75,8 +75,8 @@ GGUF_FAMILIES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {"head_dim": 128}),  # transformers reads no key_length for qwen3: its default
     "phi3": ("phi3", {}),
-    "gemma2": ("gemma2", {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256,
-                          "initializer_range": 0.02}),
+    "gemma2": ("gemma2", {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                          "query_pre_attn_scalar": 256, "initializer_range": 0.02}),
     "gemma3": ("gemma3", {"query_pre_attn_scalar": 256, "layer_types": None, "rope_parameters": None}),
 }
 

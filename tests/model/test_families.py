@@ -36,7 +36,8 @@ def reference_masks(group_ids, mask, positions, window, query_self=True) -> torc
     query = (g[:, None, :] < g[:, :, None]) & valid[:, None, :]
 
     def build(win: int | None) -> torch.Tensor:
-        near = (positions[:, :, None] - positions[:, None, :]).abs() < win if win else torch.ones_like(content)
+        distance = (positions[:, :, None] - positions[:, None, :]).abs()
+        near = distance < win if win else torch.ones_like(content)
         c, q = content & near, query & near
         if win:  # a blind windowed row keeps its unwindowed keys (only without the own slot)
             q = torch.where(q.any(-1, keepdim=True) | query_self, q, query)
@@ -45,7 +46,8 @@ def reference_masks(group_ids, mask, positions, window, query_self=True) -> torc
         bottom = torch.cat([q, eye & query_self], dim=2)
         full = torch.cat([top, bottom], dim=1)
         full |= ~full.any(-1, keepdim=True) & torch.eye(2 * N, dtype=torch.bool)
-        return torch.zeros(full.shape, dtype=torch.float64).masked_fill(~full, torch.finfo(torch.float64).min)[:, None]
+        additive = torch.zeros(full.shape, dtype=torch.float64)
+        return additive.masked_fill(~full, torch.finfo(torch.float64).min)[:, None]
 
     return (build(None), build(window))
 
@@ -55,8 +57,8 @@ def reference_query_logits(a3: A3ForCausalLM, ids, group_ids, mask) -> torch.Ten
     """The query stream's logits [B, N, V] from the base family's own model in float64, eager attention."""
     text = copy.deepcopy(a3.config.text_config)  # from_config sets the attention on the config it gets
     base = AutoModelForCausalLM.from_config(text, attn_implementation="eager").double().eval()
-    missing, unexpected = base.load_state_dict({k: v for k, v in a3.state_dict().items() if k != "query_embed"},
-                                               strict=False)  # fmt: skip
+    weights = {k: v for k, v in a3.state_dict().items() if k != "query_embed"}
+    missing, unexpected = base.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied heads only
     N = ids.shape[1]
     positions = default_position_ids(mask)
@@ -96,7 +98,8 @@ def windowed_config(pattern: str) -> tuple[str, dict]:
         "all-window (Phi-3)": ("phi3", {"sliding_window": DEBUG_WINDOW}),
         "alternating (Gemma 2)": ("gemma2", {"sliding_window": DEBUG_WINDOW}),
         "local-local-global (Gemma 3)": ("gemma3", {
-            "sliding_window": DEBUG_WINDOW, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+            "sliding_window": DEBUG_WINDOW,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
         "first layers full (Qwen2 max_window_layers)": ("qwen2", {
             "use_sliding_window": True, "sliding_window": DEBUG_WINDOW, "max_window_layers": 1}),
         "first layers full (Qwen3 max_window_layers)": ("qwen3", {
@@ -104,16 +107,18 @@ def windowed_config(pattern: str) -> tuple[str, dict]:
     }[pattern]  # fmt: skip
 
 
-@pytest.mark.parametrize("pattern", ["all-window (Mistral)", "all-window (Phi-3)", "alternating (Gemma 2)",
-                                     "local-local-global (Gemma 3)", "first layers full (Qwen2 max_window_layers)",
-                                     "first layers full (Qwen3 max_window_layers)"])  # fmt: skip
+@pytest.mark.parametrize("pattern", [
+    "all-window (Mistral)", "all-window (Phi-3)", "alternating (Gemma 2)", "local-local-global (Gemma 3)",
+    "first layers full (Qwen2 max_window_layers)", "first layers full (Qwen3 max_window_layers)",
+])  # fmt: skip
 def test_content_stream_equals_the_windowed_base_past_the_window(pattern):
     """Under left-to-right singletons the content stream is the windowed base model on rows 3 windows
     long (padding included), and the window matters: the same weights with full attention differ."""
     family, overrides = windowed_config(pattern)
     base = tiny_base_model(family, num_hidden_layers=3, **overrides)
     if family in ("qwen2", "qwen3"):
-        assert base.config.layer_types[0] == "full_attention" and "sliding_attention" in base.config.layer_types
+        types = base.config.layer_types
+        assert types[0] == "full_attention" and "sliding_attention" in types
     a3 = A3ForCausalLM.from_base(base).eval()
     ids, mask = random_batch(n=3 * DEBUG_WINDOW)
     with torch.no_grad():
@@ -199,7 +204,8 @@ def test_granite_multipliers_and_logits_scaling_reach_the_query_stream():
     model = tiny_a3_model("granite")
     logits = model(input_ids=ids, group_ids=group_ids, attention_mask=mask).logits
     model.config.text_config.logits_scaling = 1.0
-    torch.testing.assert_close(model(input_ids=ids, group_ids=group_ids, attention_mask=mask).logits, 2.0 * logits)
+    unscaled = model(input_ids=ids, group_ids=group_ids, attention_mask=mask).logits
+    torch.testing.assert_close(unscaled, 2.0 * logits)
 
 
 def test_every_family_is_in_the_registry_and_others_get_one_line():

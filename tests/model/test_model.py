@@ -228,7 +228,8 @@ def test_last_layer_runs_its_content_rows_only_through_k_and_v(a3_model):
     layers = a3_model.model.layers
     # Phi-3's fused qkv_proj computes every row (k and v need them); its o_proj and MLP are skipped
     k_proj = "self_attn.k_proj" if hasattr(layers[0].self_attn, "k_proj") else "self_attn.qkv_proj"
-    names = (*(("self_attn.q_proj",) if hasattr(layers[0].self_attn, "q_proj") else ()), k_proj, "self_attn.o_proj", "mlp")
+    q_proj = ("self_attn.q_proj",) if hasattr(layers[0].self_attn, "q_proj") else ()
+    names = (*q_proj, k_proj, "self_attn.o_proj", "mlp")
     # forward hooks, not pre-hooks: they see the arguments the module ran on
     handles = [
         layers[i].get_submodule(n).register_forward_hook(lambda m, a, o, key=f"{i}.{n}": rows.__setitem__(key, a[0].shape[1]))
@@ -248,7 +249,9 @@ def test_last_layer_runs_its_content_rows_only_through_k_and_v(a3_model):
 
 
 @pytest.mark.parametrize("query_self", [True, False])
-def test_cpu_attention_by_row_chunks_over_sorted_positions_changes_nothing(core_a3_model, query_self, monkeypatch):
+def test_cpu_attention_by_row_chunks_over_sorted_positions_changes_nothing(
+    core_a3_model, query_self, monkeypatch
+):
     """From 64 positions on, the CPU forward sorts positions by group and runs attention by chunks of
     rows over their key prefixes: the loss, logits and gradients of the plain path, padding included."""
     import a3lm.model.modeling as model_module
@@ -261,7 +264,8 @@ def test_cpu_attention_by_row_chunks_over_sorted_positions_changes_nothing(core_
 
     def step():
         core_a3_model.zero_grad(set_to_none=True)
-        out = core_a3_model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        labels = ids.masked_fill(mask == 0, -100)
+        out = core_a3_model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         return out, {n: p.grad.clone() for n, p in core_a3_model.named_parameters() if p.grad is not None}
 
@@ -369,7 +373,8 @@ def test_query_behind_bos_alone_knows_its_position(family, query_self):
     two_groups = groups.left_to_right(torch.ones_like(ids), size=5)  # BOS, then everything at once
     logits = model.eval()(input_ids=ids, group_ids=two_groups).logits[0, 1:]
     spread = (logits - logits[:1]).abs().amax()
-    assert (spread > 1e-5) if query_self else (spread < 1e-6)  # Granite's multipliers keep its spread near 1e-4
+    # Granite's multipliers keep its spread near 1e-4
+    assert (spread > 1e-5) if query_self else (spread < 1e-6)
     # that probabilities still chain to one and nothing leaks, with or without the own slot, is
     # test_probabilities_sum_to_one and test_no_leakage, parametrised over query_self
 

@@ -44,8 +44,8 @@ _FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     }),
     "olmo2": (Olmo2Config, {}),
     "phi3": (Phi3Config, {}),
-    "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
-                                "logits_scaling": 2.0}),
+    "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "attention_multiplier": 0.3,
+                                "residual_multiplier": 0.5, "logits_scaling": 2.0}),
     "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]}),  # 1 = RoPE: the second layer has none
 }
 FAMILIES = tuple(_FAMILY_CONFIGS)

@@ -36,7 +36,7 @@ SUPPORTED: dict[str, Family] = {
         Family("qwen2", "Qwen2", "QKV biases; windows on the layers from max_window_layers on"),
         Family("qwen3", "Qwen3", "per-head Q/K RMSNorm"),
         Family("gemma", "Gemma", "embeddings scaled by sqrt(hidden); GELU-tanh gated MLP; (1 + w) RMSNorm"),
-        Family("gemma2", "Gemma 2", "attention and final logit soft-capping; alternating local/global; post-norms"),
+        Family("gemma2", "Gemma 2", "attention and final soft-caps; alternating local/global; post-norms"),
         Family("gemma3_text", "Gemma 3 (text)", "Q/K norms; local/global layers with their own RoPE bases"),
         Family("olmo2", "OLMo 2", "post-norms; Q/K RMSNorm over all heads"),
         Family("phi3", "Phi-3", "fused qkv_proj and gate_up_proj"),
@@ -45,16 +45,17 @@ SUPPORTED: dict[str, Family] = {
     )
 }
 
+_SEQUENTIAL = "layers read tokens in sequence order: no attention mask can give them a group order"
 # One line each for families a user is likely to try; anything else gets the generic line.
 REFUSED: dict[str, str] = {
     "gemma3": "the Gemma 3 vision-language wrapper: convert its text decoder (model_type gemma3_text)",
     "gemma3n": "per-layer token embeddings and AltUp streams have no value for a query-stream slot",
-    "mamba": "a state-space model reads tokens in sequence order: no attention mask can give it a group order",
-    "mamba2": "a state-space model reads tokens in sequence order: no attention mask can give it a group order",
-    "jamba": "its Mamba layers read tokens in sequence order: no attention mask can give them a group order",
-    "falcon_h1": "its Mamba layers read tokens in sequence order: no attention mask can give them a group order",
-    "granitemoehybrid": "its Mamba layers read tokens in sequence order: no attention mask can give them a group order",
-    "qwen3_next": "its linear-attention layers read tokens in sequence order: a two-stream mask cannot express them",
+    "mamba": f"its state-space {_SEQUENTIAL}",
+    "mamba2": f"its state-space {_SEQUENTIAL}",
+    "jamba": f"its Mamba {_SEQUENTIAL}",
+    "falcon_h1": f"its Mamba {_SEQUENTIAL}",
+    "granitemoehybrid": f"its Mamba {_SEQUENTIAL}",
+    "qwen3_next": f"its linear-attention {_SEQUENTIAL}",
     "gpt2": "absolute learned position embeddings and a Conv1D attention a3lm does not test",
     "mixtral": "mixture-of-experts MLPs: routing over doubled two-stream rows is not tested",
     "qwen2_moe": "mixture-of-experts MLPs: routing over doubled two-stream rows is not tested",
@@ -77,7 +78,7 @@ def check_supported(text_config: PretrainedConfig) -> None:
     if line is not None:
         raise ValueError(line)
     if getattr(text_config, "use_bidirectional_attention", False):
-        raise ValueError(f"{text_config.model_type} with use_bidirectional_attention is an encoder, not a decoder")
+        raise ValueError(f"{text_config.model_type} with use_bidirectional_attention is a bidirectional encoder")
 
 
 def sliding_window(text_config: PretrainedConfig) -> int | None:

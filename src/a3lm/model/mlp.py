@@ -74,7 +74,8 @@ def recompute_gated_mlps(decoder: nn.Module):
     """Gated MLPs keep gate and up only for backward while the context is open (hooks on a module,
     such as the last-layer skip, still run around it). Other MLP classes are left as they are, and so
     is an MLP whose forward is already replaced on the instance (accelerate's offloading hooks)."""
-    forwards = {**dict.fromkeys(GATED_MLPS, _recomputing_forward), **dict.fromkeys(FUSED_GATED_MLPS, _recomputing_fused_forward)}
+    forwards = dict.fromkeys(GATED_MLPS, _recomputing_forward)
+    forwards.update(dict.fromkeys(FUSED_GATED_MLPS, _recomputing_fused_forward))
     mlps = [
         m for m in decoder.modules()
         if type(m).__name__ in forwards and "forward" not in vars(m) and type(m.down_proj) is nn.Linear

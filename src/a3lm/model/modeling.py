@@ -299,12 +299,14 @@ class A3ForCausalLM(A3PreTrainedModel):
         unfit = sliding_window(text) is not None or getattr(text, "attn_logit_softcapping", None)
         if unfit and backend == "flex":
             raise ValueError(
-                f"attention_backend 'flex' does not run {text.model_type}'s sliding windows or soft-capping: use 'sdpa'"
+                f"attention_backend 'flex' does not run {text.model_type}'s sliding windows or soft-capping: "
+                "use 'sdpa'"
             )
         return not unfit and (backend == "flex" or (backend == "auto" and device.type == "cuda"))
 
     def _window_kwargs(
-        self, mask: torch.Tensor, query_positions_BQ: torch.Tensor, key_positions_BK: torch.Tensor, query_rows: int
+        self, mask: torch.Tensor, query_positions_BQ: torch.Tensor, key_positions_BK: torch.Tensor,
+        query_rows: int,
     ) -> dict[str, torch.Tensor]:
         """{"a3_window_mask": the bool mask [B, 1, Q, K] cut to the sliding window} for a windowed decoder
         (the last `query_rows` rows are query slots, with an own slot when query_self_attention); {} else."""
@@ -312,8 +314,9 @@ class A3ForCausalLM(A3PreTrainedModel):
         if window is None:
             return {}
         Q = query_positions_BQ.shape[1]
-        own = (torch.arange(Q, device=mask.device) >= Q - query_rows) & self.config.query_self_attention
-        return {"a3_window_mask": windowed_mask(mask, query_positions_BQ, key_positions_BK, window, own.expand_as(query_positions_BQ))}
+        own_Q = (torch.arange(Q, device=mask.device) >= Q - query_rows) & self.config.query_self_attention
+        own_BQ = own_Q.expand_as(query_positions_BQ)
+        return {"a3_window_mask": windowed_mask(mask, query_positions_BQ, key_positions_BK, window, own_BQ)}
 
     def _run_decoder(
         self,
@@ -382,7 +385,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         for name, m in masks.items():
             if self.config.query_self_attention and Q:
                 m = torch.cat([m, own_slot_mask(C, Q, device=m.device).expand(B, 1, -1, -1)], dim=-1)
-            if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
+            if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, once, not per layer
                 m = additive_mask(m, self.get_input_embeddings().weight.dtype)
             masks[name] = m
         mask = masks.pop("attention_mask")
