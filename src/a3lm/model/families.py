@@ -78,7 +78,7 @@ def check_supported(text_config: PretrainedConfig) -> None:
     if line is not None:
         raise ValueError(line)
     if getattr(text_config, "use_bidirectional_attention", False):
-        raise ValueError(f"{text_config.model_type} with use_bidirectional_attention is a bidirectional encoder")
+        raise ValueError(f"{text_config.model_type}: use_bidirectional_attention makes it an encoder")
 
 
 def sliding_window(text_config: PretrainedConfig) -> int | None:
