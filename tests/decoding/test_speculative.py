@@ -65,8 +65,8 @@ def test_samples_follow_the_singleton_order_joint(temperature, top_k):
 
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("order", ["left-to-right", "random", "per-row"])
-def test_greedy_equals_one_token_steps(family, order, k):
-    model = _sharp_model(family)
+def test_greedy_equals_one_token_steps(core_family, order, k):
+    model = _sharp_model(core_family)
     if order == "per-row":
         order = [torch.tensor([5, 0, 3, 1, 4, 2]), torch.tensor([2, 3, 4, 5, 0, 1])]
     kw = dict(length=6, order=order, temperature=0, seed=4, stop_at_eos=False)
