@@ -43,6 +43,10 @@ def _sharp_model(family: str, **kwargs):
     return model
 
 
+# Gemma 2's debug weights are drawn at std 0.1 (so that its soft-caps bite): float32 error near 1e-5
+FAMILY_ATOL = {"gemma2": 5e-5}
+
+
 def _assert_same_run(a, b, atol=1e-5):
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.fill_step, b.fill_step)
@@ -75,7 +79,7 @@ def _cached_and_uncached(model, mode: str):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cached_equals_uncached(family, mode):
     runs = _cached_and_uncached(_sharp_model(family), mode)
-    _assert_same_run(*runs)
+    _assert_same_run(*runs, atol=FAMILY_ATOL.get(family, 1e-5))
     assert bool((runs[0].fill_step[runs[0].attention_mask.bool()] >= 0).all())
 
 
@@ -95,7 +99,7 @@ def test_cached_equals_uncached_infill(family, mode):
         infill(model, ids, known, mask, temperature=0, seed=1, output_logits=True, use_cache=c, **MODES[mode])
         for c in (True, False)
     ]
-    _assert_same_run(*runs)
+    _assert_same_run(*runs, atol=FAMILY_ATOL.get(family, 1e-5))
 
 
 def test_cached_equals_uncached_when_sampling():
@@ -168,8 +172,8 @@ def test_seed_reproducible():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_infill_keeps_known_tokens(family, dynamic):
-    model = _sharp_model(family)
+def test_infill_keeps_known_tokens(core_family, dynamic):
+    model = _sharp_model(core_family)
     ids, known, mask = _infill_batch()
     options = dict(dynamic=True, per_step=2) if dynamic else dict(group_size=2, order="random")
     out = infill(model, ids, known, mask, seed=0, **options)
@@ -189,8 +193,8 @@ def test_infill_keeps_known_tokens(family, dynamic):
 
 
 @pytest.mark.parametrize("criterion", ["confidence", "margin", "entropy"])
-def test_dynamic_commits_k_best_by_criterion(family, criterion):
-    model = _sharp_model(family)
+def test_dynamic_commits_k_best_by_criterion(core_family, criterion):
+    model = _sharp_model(core_family)
     k, length = 3, 10
     out = sample(model, PROMPTS, PROMPT_MASK, length=length, dynamic=True, criterion=criterion, per_step=k,
                  temperature=0, stop_at_eos=False, output_logits=True)  # fmt: skip
@@ -236,8 +240,8 @@ def test_dynamic_random_is_seeded():
 
 
 @pytest.mark.parametrize("mode", ["s1-ltr", "s2-ltr", "dyn-confidence", "dyn-threshold", "spec3-ltr"])
-def test_batched_equals_one_by_one(family, mode):
-    model = _sharp_model(family)
+def test_batched_equals_one_by_one(core_family, mode):
+    model = _sharp_model(core_family)
     prompts = [[1, 4], [1, 5, 6, 7, 8], [1, 9, 10]]
     right_padded = torch.tensor([p + [0] * (5 - len(p)) for p in prompts])
     batched = sample(model, right_padded, (right_padded != 0).long(), length=7, temperature=0,

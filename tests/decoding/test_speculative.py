@@ -8,6 +8,7 @@ import torch
 from a3lm.decoding.api import infill, sample
 from a3lm.decoding.tokens import filter_logits
 from a3lm.model.debug import tiny_a3_model
+from a3lm.model.families import sliding_window
 
 PROMPTS = torch.tensor([[0, 0, 1, 7, 9], [1, 4, 5, 6, 8]])  # left-padded
 PROMPT_MASK = (PROMPTS != 0).long()
@@ -64,8 +65,8 @@ def test_samples_follow_the_singleton_order_joint(temperature, top_k):
 
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("order", ["left-to-right", "random", "per-row"])
-def test_greedy_equals_one_token_steps(family, order, k):
-    model = _sharp_model(family)
+def test_greedy_equals_one_token_steps(core_family, order, k):
+    model = _sharp_model(core_family)
     if order == "per-row":
         order = [torch.tensor([5, 0, 3, 1, 4, 2]), torch.tensor([2, 3, 4, 5, 0, 1])]
     kw = dict(length=6, order=order, temperature=0, seed=4, stop_at_eos=False)
@@ -73,7 +74,10 @@ def test_greedy_equals_one_token_steps(family, order, k):
     spec = sample(model, PROMPTS, PROMPT_MASK, speculative=k, **kw)
     assert torch.equal(spec.sequences, plain.sequences)
     assert torch.equal(spec.group_ids, plain.group_ids)  # the singleton order's factorization
-    assert spec.num_steps < plain.num_steps  # greedy drafts of this model are mostly right
+    # greedy drafts of this model are mostly right; with the debug window (4 tokens) a draft's context
+    # is cut short, so the windowed families' speed-up is not assured (their exactness above is)
+    if sliding_window(model.config.text_config) is None:
+        assert spec.num_steps < plain.num_steps
 
 
 def test_greedy_infill_equals_one_token_steps():

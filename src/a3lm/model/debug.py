@@ -6,15 +6,52 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GraniteConfig,
     LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
 )
 
 from a3lm.model.modeling import A3ForCausalLM
 
-FAMILIES = ("llama", "qwen2")
+DEBUG_WINDOW = 4  # the windowed debug families' sliding window: shorter than most test rows
+
+# Each family's own config class, with what makes its traps show on a tiny model: a window shorter
+# than the test rows, soft-caps small enough to bite on tiny logits, multipliers other than 1, a
+# layer without RoPE, local layers with their own RoPE base.
+_FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {}),
+    "mistral": (MistralConfig, {"sliding_window": DEBUG_WINDOW}),
+    "gemma": (GemmaConfig, {}),
+    # weights at std 0.1: attention logits large enough for a cap of 0.5 to change them
+    "gemma2": (Gemma2Config, {"sliding_window": DEBUG_WINDOW, "attn_logit_softcapping": 0.5,
+                              "final_logit_softcapping": 1.0, "initializer_range": 0.1}),
+    "gemma3": (Gemma3TextConfig, {
+        "sliding_window": DEBUG_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    }),
+    "olmo2": (Olmo2Config, {}),
+    "phi3": (Phi3Config, {}),
+    "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "attention_multiplier": 0.3,
+                                "residual_multiplier": 0.5, "logits_scaling": 2.0}),
+    "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]}),  # 1 = RoPE: the second layer has none
+}
+FAMILIES = tuple(_FAMILY_CONFIGS)
+# The families whose costlier tests (every sequence enumerated, training paths) run: one per kind of
+# trap (plain, biases, sliding windows + soft-capping, fused projections, multipliers).
+CORE_FAMILIES = ("llama", "qwen2", "gemma2", "phi3", "granite")
 
 
 def tiny_base_config(
@@ -28,10 +65,17 @@ def tiny_base_config(
     max_position_embeddings: int = 128,
     **kwargs,
 ) -> PretrainedConfig:
-    """A decoder config of the given family (GQA on by default, as in Llama 3 / Qwen2)."""
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(family)
-    if cls is None:
+    """A decoder config of the given family (GQA on by default, as in Llama 3 / Qwen2); `kwargs` override
+    the family's debug settings."""
+    if family not in _FAMILY_CONFIGS:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    cls, family_kwargs = _FAMILY_CONFIGS[family]
+    kwargs = {**family_kwargs, **kwargs}
+    head_dim = hidden_size // num_attention_heads
+    fields = cls.__dataclass_fields__
+    for name in ("head_dim", "query_pre_attn_scalar"):  # Gemma's and Qwen3's defaults are not hidden / heads
+        if name in fields:
+            kwargs.setdefault(name, head_dim)
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -35,6 +35,29 @@ def group_attention_mask(
     return allowed[:, None]
 
 
+def windowed_mask(
+    mask_B1QK: torch.Tensor,
+    query_positions_BQ: torch.Tensor,
+    key_positions_BK: torch.Tensor,
+    window: int,
+    has_own_slot_BQ: torch.Tensor,
+) -> torch.Tensor:
+    """A group mask [B, 1, Q, K] cut to the keys within a sliding window: |pos_q - pos_k| < window.
+
+    Under left-to-right singletons every visible key lies at or left of its query, so this is the
+    base model's own window (pos_q - pos_k < window). In other orders a query also sees keys to its
+    right (tokens of earlier groups): the window is symmetric so that a windowed layer still only
+    relates tokens at distances its pretraining saw (|i - j| < window), on either side. A row left
+    with no key and no own slot (a query slot whose earlier-group keys all lie outside the window,
+    without `query_self_attention`) keeps its unwindowed keys: attention over nothing is undefined,
+    and those keys leak nothing (the group rule allows them).
+    """
+    distance_BQK = (query_positions_BQ[:, :, None] - key_positions_BK[:, None, :]).abs()
+    inside = mask_B1QK & (distance_BQK < window)[:, None]
+    blind = ~inside.any(dim=-1, keepdim=True) & ~has_own_slot_BQ[:, None, :, None]
+    return torch.where(blind, mask_B1QK, inside)
+
+
 def row_chunks(mask_B1RK: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
     """(start row, end row, n_keys) for each chunk of `rows` rows: no row of the chunk sees a key at or
     after n_keys, in any sample. Over group-sorted positions (`sort_by_group`) every row sees a key

@@ -13,7 +13,13 @@ from torch import nn
 if TYPE_CHECKING:
     pass
 
-GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")  # forward = down_proj(act_fn(gate_proj(x)) * up_proj(x))
+# forward = down_proj(act_fn(gate_proj(x)) * up_proj(x)) (SiLU, or GELU-tanh in the Gemmas)
+GATED_MLPS = (
+    "LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP", "Olmo2MLP",
+    "GraniteMLP", "SmolLM3MLP",
+)  # fmt: skip
+# forward: gate, up = gate_up_proj(x).chunk(2); down_proj(up * activation_fn(gate))
+FUSED_GATED_MLPS = ("Phi3MLP",)
 
 
 class GatedDown(torch.autograd.Function):
@@ -56,17 +62,26 @@ def _recomputing_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return GatedDown.apply(mlp.gate_proj(x), mlp.up_proj(x), down.weight, down.bias, mlp.act_fn)
 
 
+def _recomputing_fused_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Phi-3's MLP (one gate_up_proj product, split in halves) with act(gate) * up rebuilt in backward."""
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    down = mlp.down_proj
+    return GatedDown.apply(gate, up, down.weight, down.bias, mlp.activation_fn)
+
+
 @contextlib.contextmanager
 def recompute_gated_mlps(decoder: nn.Module):
     """Gated MLPs keep gate and up only for backward while the context is open (hooks on a module,
     such as the last-layer skip, still run around it). Other MLP classes are left as they are, and so
     is an MLP whose forward is already replaced on the instance (accelerate's offloading hooks)."""
+    forwards = dict.fromkeys(GATED_MLPS, _recomputing_forward)
+    forwards.update(dict.fromkeys(FUSED_GATED_MLPS, _recomputing_fused_forward))
     mlps = [
         m for m in decoder.modules()
-        if type(m).__name__ in GATED_MLPS and "forward" not in vars(m) and type(m.down_proj) is nn.Linear
+        if type(m).__name__ in forwards and "forward" not in vars(m) and type(m.down_proj) is nn.Linear
     ]
     for mlp in mlps:
-        mlp.forward = functools.partial(_recomputing_forward, mlp)
+        mlp.forward = functools.partial(forwards[type(mlp).__name__], mlp)
     try:
         yield
     finally:

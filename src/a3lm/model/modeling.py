@@ -31,7 +31,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     GenerationConfig,
-    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
@@ -41,6 +40,7 @@ from a3lm.files import check_model_path
 from a3lm.groups import left_to_right, predictable, validate_group_ids
 from a3lm.model.attention import ATTN_IMPLEMENTATION, zeros_before
 from a3lm.model.config import A3Config
+from a3lm.model.families import check_supported, sliding_window
 from a3lm.model.masks import (
     BlockMaskCache,
     additive_mask,
@@ -50,6 +50,7 @@ from a3lm.model.masks import (
     row_chunks,
     sort_by_group,
     two_stream_mask,
+    windowed_mask,
 )
 from a3lm.model.mlp import recompute_gated_mlps
 
@@ -166,21 +167,6 @@ class A3PreTrainedModel(PreTrainedModel):
         return ATTN_IMPLEMENTATION
 
 
-def _check_full_attention(text_config: PretrainedConfig) -> None:
-    """The two-stream masks span every key: a decoder whose layers attend within a sliding window
-    (Mistral v0.1, Qwen2 with use_sliding_window) would silently stop being its base model."""
-    window = getattr(text_config, "sliding_window", None)
-    if getattr(text_config, "use_sliding_window", True) is False:
-        window = None
-    sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or [])
-    max_pos = getattr(text_config, "max_position_embeddings", None)
-    if sliding or (window is not None and (max_pos is None or window < max_pos)):
-        raise ValueError(
-            f"{text_config.model_type} attends within a sliding window of {window} tokens, which A3's two-stream "
-            "attention does not model: use a decoder with full attention (or set sliding_window to None)"
-        )
-
-
 class A3ForCausalLM(A3PreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -190,7 +176,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         config = copy.deepcopy(config)
         super().__init__(config)
         text = config.text_config
-        _check_full_attention(text)
+        check_supported(text)
         self.model = AutoModel.from_config(text, attn_implementation=ATTN_IMPLEMENTATION)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
@@ -284,14 +270,53 @@ class A3ForCausalLM(A3PreTrainedModel):
     # -- forward ---------------------------------------------------------------------------------
 
     def stream_embeds(self, input_ids_BN: torch.Tensor, query_positions: int) -> torch.Tensor:
-        """[content embeds of input_ids ; w repeated query_positions times]  [B, N + Q, H]."""
-        content = self.get_input_embeddings()(input_ids_BN)
-        query = self.query_embed.to(content.dtype).expand(content.shape[0], query_positions, -1)
-        return torch.cat([content, query], dim=1)
+        """[content embeds of input_ids ; w repeated query_positions times]  [B, N + Q, H].
+
+        w enters as an embedding row does: an embedding that scales its rows (Gemma's sqrt(hidden))
+        scales w too, so w, drawn at the embedding weights' std, sits at the content rows' scale.
+        """
+        embed = self.get_input_embeddings()
+        content = embed(input_ids_BN)
+        query = self.query_embed.to(content.dtype)
+        if (scale := getattr(embed, "embed_scale", None)) is not None:
+            query = query * scale.to(content.dtype)
+        return torch.cat([content, query.expand(content.shape[0], query_positions, -1)], dim=1)
+
+    def logits(self, hidden_BNH: torch.Tensor) -> torch.Tensor:
+        """The base model's logits [B, N, V] from final states: its lm_head, then what its `*ForCausalLM`
+        does after it (Granite's logits_scaling, Gemma 2/3's final soft-capping)."""
+        text = self.config.text_config
+        logits = self.lm_head(hidden_BNH)
+        if (scaling := getattr(text, "logits_scaling", None)) is not None:
+            logits = logits / scaling
+        if cap := getattr(text, "final_logit_softcapping", None):
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def uses_flex(self, device: torch.device) -> bool:
         backend = self.config.attention_backend
-        return backend == "flex" or (backend == "auto" and device.type == "cuda")
+        text = self.config.text_config
+        unfit = sliding_window(text) is not None or getattr(text, "attn_logit_softcapping", None)
+        if unfit and backend == "flex":
+            raise ValueError(
+                f"attention_backend 'flex' does not run {text.model_type}'s sliding windows or soft-capping: "
+                "use 'sdpa'"
+            )
+        return not unfit and (backend == "flex" or (backend == "auto" and device.type == "cuda"))
+
+    def _window_kwargs(
+        self, mask: torch.Tensor, query_positions_BQ: torch.Tensor, key_positions_BK: torch.Tensor,
+        query_rows: int,
+    ) -> dict[str, torch.Tensor]:
+        """{"a3_window_mask": the bool mask [B, 1, Q, K] cut to the sliding window} for a windowed decoder
+        (the last `query_rows` rows are query slots, with an own slot when query_self_attention); {} else."""
+        window = sliding_window(self.config.text_config)
+        if window is None:
+            return {}
+        Q = query_positions_BQ.shape[1]
+        own_Q = (torch.arange(Q, device=mask.device) >= Q - query_rows) & self.config.query_self_attention
+        own_BQ = own_Q.expand_as(query_positions_BQ)
+        return {"a3_window_mask": windowed_mask(mask, query_positions_BQ, key_positions_BK, window, own_BQ)}
 
     def _run_decoder(
         self,
@@ -350,24 +375,30 @@ class A3ForCausalLM(A3PreTrainedModel):
                 raise ValueError(f"{name} must be [B, {width}] = {(B, width)}, got {tuple(t.shape)}")
         if cache.num_keys + C == 0:
             raise ValueError("the first cache step needs content to attend to (at least one known token)")
-        cache.append(content_groups_BC, content_valid_BC)
+        cache.append(content_groups_BC, content_valid_BC, content_positions_BC)
         strict = torch.arange(C + Q, device=content_ids_BC.device) >= C  # query slots: earlier groups only
         mask = group_attention_mask(
             torch.cat([content_groups_BC, query_groups_BQ], dim=1), strict.expand(B, -1), cache.key_groups_BK, cache.key_valid_BK
         )
-        if self.config.query_self_attention and Q:
-            mask = torch.cat([mask, own_slot_mask(C, Q, device=mask.device).expand(B, 1, -1, -1)], dim=-1)
-        if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
-            mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
+        masks = {"attention_mask": mask, **self._window_kwargs(mask, positions, cache.key_positions_BK, Q)}
+        for name, m in masks.items():
+            if self.config.query_self_attention and Q:
+                m = torch.cat([m, own_slot_mask(C, Q, device=m.device).expand(B, 1, -1, -1)], dim=-1)
+            if content_ids_BC.device.type == "cpu":  # the fused CPU kernel's form, once, not per layer
+                m = additive_mask(m, self.get_input_embeddings().weight.dtype)
+            masks[name] = m
+        mask = masks.pop("attention_mask")
         cache_kwarg = {_cache_argument(type(self.model)): cache.kv}
         # Skipping the last layer's content rows pays for many rows (a prompt): for a few, the products
         # cost what they did and the hooks' overhead shows (4% of a one-token step).
         full_last_layer = C < MIN_SKIPPED_ROWS or Q == 0  # no query row: nothing left to skip to
-        hidden = self._run_decoder(content_ids_BC, Q, mask, positions, full_last_layer, use_cache=True, **cache_kwarg)
+        hidden = self._run_decoder(
+            content_ids_BC, Q, mask, positions, full_last_layer, use_cache=True, **cache_kwarg, **masks
+        )
         if Q:
             cache.kv.crop(-Q)
-        return self.lm_head(hidden[:, C:])
+        return self.logits(hidden[:, C:])
 
     def two_stream_hidden_states(
         self,
@@ -401,8 +432,13 @@ class A3ForCausalLM(A3PreTrainedModel):
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
             if perm is not None:  # 16 chunks over the 2N rows: fewer calls lose the prefixes' savings, more add overhead
                 kwargs["a3_row_chunks"] = row_chunks(mask, max(MIN_ROW_CHUNK, 2 * N // 16))
+            positions_2N = torch.cat([position_ids_BN, position_ids_BN], dim=1)
+            kwargs.update(self._window_kwargs(mask, positions_2N, position_ids_BN, N))
             if device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
-                mask = additive_mask(mask, self.get_input_embeddings().weight.dtype)
+                dtype = self.get_input_embeddings().weight.dtype
+                mask = additive_mask(mask, dtype)
+                if "a3_window_mask" in kwargs:
+                    kwargs["a3_window_mask"] = additive_mask(kwargs["a3_window_mask"], dtype)
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the last layer whole then.
         full_last_layer = keep_content or self.model.is_activation_checkpointing
         position_ids = torch.cat([position_ids_BN, position_ids_BN], dim=1)
@@ -448,7 +484,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         hidden = self.two_stream_hidden_states(
             input_ids, group_ids, attention_mask, position_ids, keep_content=output_content_hidden_states, **kwargs
         )
-        logits = self.lm_head(hidden[:, N:])  # the lm_head runs on the query half only
+        logits = self.logits(hidden[:, N:])  # the lm_head runs on the query half only
 
         loss = num_targets = None
         if labels is not None:
