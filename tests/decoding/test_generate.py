@@ -11,6 +11,7 @@ from a3lm.decoding.api import load_pretrained
 from a3lm.decoding.canvas import Canvas
 from a3lm.decoding.generation import A3GenerateOutput
 from a3lm.model.debug import tiny_a3_model, tiny_bpe_tokenizer
+from a3lm.model.modeling import A3PreTrainedModel
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -217,7 +218,7 @@ def test_max_length_no_prompt_and_num_return_sequences(model):
 
 
 def test_generate_needs_a3lm_decoding_registered(model, monkeypatch):
-    monkeypatch.setattr(A3ForCausalLM, "_generate_fn", None)
+    monkeypatch.setattr(A3PreTrainedModel, "_generate_fn", None)
     with pytest.raises(RuntimeError, match="import a3lm"):
         model.generate(torch.tensor([[1, 2]]))
 

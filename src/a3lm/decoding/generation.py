@@ -30,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from a3lm.decoding.api import sample
 from a3lm.decoding.canvas import Canvas, StepLogits
 from a3lm.decoding.config import DecodingConfig
-from a3lm.model.modeling import A3ForCausalLM
+from a3lm.model.modeling import A3ForCausalLM, A3PreTrainedModel
 
 A3_OPTIONS = (
     "order", "group_size", "dynamic", "criterion", "per_step", "threshold", "speculative", "speculative_schedule", "seed",
@@ -302,6 +302,6 @@ def generate(
     )
 
 
-A3ForCausalLM._generate_fn = generate
+A3PreTrainedModel._generate_fn = generate
 
 __all__ = ["A3_OPTIONS", "A3GenerateOutput", "decoding_config", "generate", "resolve_generation_config"]

@@ -147,6 +147,10 @@ def _cache_argument(decoder_class: type) -> str:
 
 
 class A3PreTrainedModel(PreTrainedModel):
+    """The Hugging Face side of an A3 model: its config class, attention choice, loading (an A3 checkpoint
+    or a plain decoder), building from an in-memory base, weight init, embedding accessors and the
+    generate() hook. `A3ForCausalLM` below holds the two-stream model itself."""
+
     config_class = A3Config
     config: A3Config
     base_model_prefix = "model"
@@ -166,24 +170,6 @@ class A3PreTrainedModel(PreTrainedModel):
             )
         return ATTN_IMPLEMENTATION
 
-
-class A3ForCausalLM(A3PreTrainedModel):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: A3Config):
-        # The decoder is built with the two-stream attention (and the config's dtype): on a copy, so the
-        # caller's config, and any plain model later built from it, keeps its own attention.
-        config = copy.deepcopy(config)
-        super().__init__(config)
-        text = config.text_config
-        check_supported(text)
-        self.model = AutoModel.from_config(text, attn_implementation=ATTN_IMPLEMENTATION)
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
-        # Reuses the BlockMask of a grouping every sample shares (stages 1-2, fixed-order scoring).
-        self.block_masks = BlockMaskCache()
-        self.post_init()
-
     # -- Hugging Face plumbing ---------------------------------------------------------------------
 
     # generate() runs a3lm's decoding, which registers itself here (a3lm.decoding.generation): the model layer
@@ -196,9 +182,9 @@ class A3ForCausalLM(A3PreTrainedModel):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """A3 decoding behind Hugging Face's generate() API: see `a3lm.decoding.generation.generate`."""
-        if A3ForCausalLM._generate_fn is None:
+        if A3PreTrainedModel._generate_fn is None:
             raise RuntimeError("A3ForCausalLM.generate() needs a3lm's decoding: `import a3lm` first")
-        return A3ForCausalLM._generate_fn(self, *args, **kwargs)
+        return A3PreTrainedModel._generate_fn(self, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -255,7 +241,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         self.query_embed.copy_(w.to(self.query_embed))
 
     @classmethod
-    def from_base(cls, base: PreTrainedModel, query_init_std: float | None = None) -> A3ForCausalLM:
+    def from_base(cls, base: PreTrainedModel, query_init_std: float | None = None) -> A3PreTrainedModel:
         """Wrap an in-memory `*ForCausalLM` (weights copied, query vector fresh)."""
         text = base.config.to_dict()
         text.pop("quantization_config", None)  # a GGUF-loaded base holds dequantized floats
@@ -266,6 +252,24 @@ class A3ForCausalLM(A3PreTrainedModel):
         model.tie_weights()
         model._init_weights(model)  # the embeddings now hold the base's weights: rescale w to them
         return model.to(dtype=base.dtype, device=base.device)
+
+
+class A3ForCausalLM(A3PreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: A3Config):
+        # The decoder is built with the two-stream attention (and the config's dtype): on a copy, so the
+        # caller's config, and any plain model later built from it, keeps its own attention.
+        config = copy.deepcopy(config)
+        super().__init__(config)
+        text = config.text_config
+        check_supported(text)
+        self.model = AutoModel.from_config(text, attn_implementation=ATTN_IMPLEMENTATION)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.query_embed = nn.Parameter(torch.empty(text.hidden_size))
+        # Reuses the BlockMask of a grouping every sample shares (stages 1-2, fixed-order scoring).
+        self.block_masks = BlockMaskCache()
+        self.post_init()
 
     # -- forward ---------------------------------------------------------------------------------
 
