@@ -63,6 +63,42 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) on the decoder's linear layers; the query vector trains in full, every other
+    weight stays frozen. rank 0 = off (full fine-tuning). Stages 1-3 only: stage 0 pretrains in full."""
+
+    rank: int = 0
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 * rank (scale 2)
+    dropout: float = 0.05  # on the adapters' input
+    target_modules: list[str] = field(default_factory=list)  # module names; empty: every linear layer of
+    # the decoder's blocks (attention and MLP projections), never the embeddings or the LM head
+    load_in_4bit: bool = False  # QLoRA: the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def validate(self, stages: list[int]) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = off), got {self.rank}")
+        if not self.enabled:
+            if self.load_in_4bit:
+                raise ValueError("lora.load_in_4bit quantizes the frozen base under LoRA: set lora.rank > 0")
+            return
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if 0 in stages:
+            raise ValueError("lora adapts a pretrained decoder: drop stage 0 (plain AR pretraining trains every "
+                             "weight) from curriculum.stages, or set lora.rank=0")
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     progress: bool = True  # tqdm bar on rank 0
@@ -78,6 +114,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | bf16 | fp32
@@ -99,6 +136,7 @@ class TrainConfig:
     def validate(self) -> None:
         self.curriculum.validate()
         self.data.validate()
+        self.lora.validate(self.curriculum.stages)
         o = self.optim
         if o.lr <= 0 or o.stage0_lr <= 0:
             raise ValueError("optim.lr and optim.stage0_lr must be > 0")
@@ -215,7 +253,7 @@ def make_config(
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "curriculum": CurriculumConfig, "optim": OptimConfig,
-            "checkpoint": CheckpointConfig, "log": LogConfig}
+            "lora": LoRAConfig, "checkpoint": CheckpointConfig, "log": LogConfig}
 
 
 def config_from_dict(d: dict) -> TrainConfig:
