@@ -261,7 +261,7 @@ def train_command(
     model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
     data: str | None = typer.Option(None, help=_DATA_HELP),
     output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
-    preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only (default: tiny without --model, base with)."),
+    preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only, or a paper recipe such as llama-3.1-8b, llama-3.1-8b-2b, llama-3.1-8b-lora (docs/training.md) (default: tiny without --model, base with)."),
     scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 16 minutes on 2 quiet cores)."),
     overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),

@@ -120,7 +120,7 @@ class Trainer:
         self.dist = init_distributed(device_kind(cfg.device))
         self.device = pick_device(cfg.device, self.dist)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        lora.check_4bit(cfg.lora, self.device)
+        lora.check_4bit(cfg.lora)
         # read-only checks first: nothing is written until the model and the data are known to load
         check_run_folder(self.out, cfg, write=False)
         build.check_sources(cfg)
