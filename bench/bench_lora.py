@@ -76,13 +76,13 @@ def main() -> None:
         results[mode] = json.loads(out.strip().splitlines()[-1])
         print(f"{mode}: {results[mode]}", flush=True)
     nll_json = Path(args.out) / "nll.json"
-    cmd = ["a3lm", "nll", *(x for m in modes for x in ("--model", results[m]["final"])), "--rows", str(args.rows),
-           "--output", str(nll_json), "--no-progress"]
+    models = [x for m in modes for x in ("--model", results[m]["final"])]
+    cmd = ["a3lm", "nll", *models, "--rows", str(args.rows), "--output", str(nll_json), "--no-progress"]
     table = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     print(table)
     full = results["full"]
-    print(f"{'mode':<10} {'step s':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'ckpt MiB':>9} {'x full':>7} "
-          f"{'adapter MiB':>11}")
+    print(f"{'mode':<10} {'step s':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'ckpt MiB':>9} "
+          f"{'x full':>7} {'adapter MiB':>11}")
     for mode in modes:
         r = results[mode]
         adapter = f"{r['adapter_mib']:.1f}" if r["adapter_mib"] is not None else "-"

@@ -88,7 +88,8 @@ def _logits(model, batch) -> torch.Tensor:
 def test_lora_settings_from_overrides_and_typed_options():
     cfg = make_config(preset="tiny", overrides=["lora.rank=16", "lora.target_modules=q_proj,v_proj",
                                                 "curriculum.stages=1,2,3"])
-    assert cfg.lora.rank == 16 and cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.lora.scale_alpha == 32
+    assert cfg.lora.rank == 16 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora.scale_alpha == 32
     assert TrainConfig().lora.rank == 0 and not TrainConfig().lora.enabled  # off by default
     res = CliRunner().invoke(app, ["train", "--lora.rank", "-1", "--output", "unused"])
     assert res.exit_code != 0 and "lora.rank must be >= 0" in res.output
@@ -200,7 +201,8 @@ def test_final_is_a_merged_a3_model_and_the_adapter_loads_in_peft(tmp_path, base
 
     adapter = tmp_path / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(base_dir)
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["base_model_name_or_path"] == str(base_dir)
     peft_model = PeftModel.from_pretrained(A3ForCausalLM.from_pretrained(base_dir), str(adapter))
     via_peft = _logits(peft_model, batch)
     assert torch.allclose(via_peft, got, atol=1e-5), (via_peft - got).abs().max()
@@ -212,12 +214,13 @@ def test_commands_open_the_merged_final_model(tmp_path, base_dir):
     words = default_hmm(0).words
     text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(8)))
     runner = CliRunner()
-    res = runner.invoke(app, ["nll", "--model", str(final), "--text", str(text), "--seq-len", "10", "--rows", "4",
-                              "--output", str(tmp_path / "nll.json"), "--no-progress"])
+    res = runner.invoke(app, ["nll", "--model", str(final), "--text", str(text), "--seq-len", "10",
+                              "--rows", "4", "--output", str(tmp_path / "nll.json"), "--no-progress"])
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "nll.json").read_text())
     assert results and "left" in res.output.lower()
-    res = runner.invoke(app, ["sample", "--model", str(final), "--prompt", words[0], "--length", "4", "--seed", "0"])
+    res = runner.invoke(app, ["sample", "--model", str(final), "--prompt", words[0], "--length", "4",
+                              "--seed", "0"])
     assert res.exit_code == 0, res.output
 
 

@@ -1,4 +1,5 @@
-"""The paper's recipe presets: they build, their numbers are the documented ones, a scaled-down copy trains."""
+"""The paper's recipe presets: they build, their numbers are the documented ones, a scaled-down
+copy trains."""
 
 import dataclasses
 from pathlib import Path
@@ -38,13 +39,13 @@ def recipe_row(name: str, cfg: TrainConfig) -> str:
         f"-/-/{cur.stage3_steps}")
     how = f"LoRA r{cfg.lora.rank}, 1 GPU" if cfg.lora.enabled else f"FSDP2 + ckpt, {preset_gpus(cfg)} GPUs"
     micro = f"{cfg.data.micro_batch_size}x{o.grad_accum}x{preset_gpus(cfg)}"
-    return (f"| `{name}` | {m.hub_id} | {tokens / 1e9:.2f}B | {cur.total_steps} | {stages} | {micro} | {o.lr:g} | "
-            f"{how} | {gpu_hours(m, cfg):,.0f} |")
+    return (f"| `{name}` | {m.hub_id} | {tokens / 1e9:.2f}B | {cur.total_steps} | {stages} | {micro} | "
+            f"{o.lr:g} | {how} | {gpu_hours(m, cfg):,.0f} |")
 
 
 def command_line(name: str, cfg: TrainConfig) -> str:
     gpus = preset_gpus(cfg)
-    return f"torchrun --nproc_per_node {gpus} -m a3lm.cli train --preset {name} --output runs/{name}"
+    return f"torchrun --nproc-per-node {gpus} -m a3lm.cli train --preset {name} --output runs/{name}"
 
 
 def test_every_paper_preset_builds_with_the_papers_budget():
@@ -65,7 +66,8 @@ def test_every_paper_preset_builds_with_the_papers_budget():
         else:
             assert not cfg.lora.enabled and cfg.parallel == "fsdp"
         if name.endswith("stage3-only"):  # the ablation's control: as many steps, stage 3 alone
-            assert cur.stages == [3] and cur.total_steps == table[name.removesuffix("-stage3-only")].curriculum.total_steps
+            whole = table[name.removesuffix("-stage3-only")].curriculum
+            assert cur.stages == [3] and cur.total_steps == whole.total_steps
         else:
             assert cur.stages == [1, 2, 3] and cur.stage1_steps < cur.stage2_steps < cur.stage3_steps
 
@@ -99,8 +101,10 @@ def test_a_scaled_down_copy_of_a_preset_trains_a_few_steps(tmp_path, base_dir, n
     small = dataclasses.replace(
         cfg, output=str(tmp_path / name), device="cpu", precision="fp32",
         model=dataclasses.replace(cfg.model, path=str(base_dir)),
-        data=dataclasses.replace(cfg.data, source=SYNTHETIC, seq_len=10, micro_batch_size=2, synthetic_length=8),
-        curriculum=dataclasses.replace(cur, stage1_steps=1, stage2_steps=1, stage3_steps=2 if cur.stages != [3] else 4),
+        data=dataclasses.replace(cfg.data, source=SYNTHETIC, seq_len=10, micro_batch_size=2,
+                                 synthetic_length=8),
+        curriculum=dataclasses.replace(cur, stage1_steps=1, stage2_steps=1,
+                                       stage3_steps=2 if cur.stages != [3] else 4),
         optim=dataclasses.replace(cfg.optim, grad_accum=2, warmup_steps=1),
     )
     small.log.progress = False

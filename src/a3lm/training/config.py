@@ -94,8 +94,8 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if 0 in stages:
-            raise ValueError("lora adapts a pretrained decoder: drop stage 0 (plain AR pretraining trains every "
-                             "weight) from curriculum.stages, or set lora.rank=0")
+            raise ValueError("lora adapts a pretrained decoder: drop stage 0 (plain AR pretraining trains "
+                             "every weight) from curriculum.stages, or set lora.rank=0")
 
 
 @dataclass
@@ -265,7 +265,8 @@ def paper_presets() -> dict[str, TrainConfig]:
     for m in PAPER_MODELS:
         two = paper_preset(m, ABLATION_TOKENS)
         table |= {m.key: paper_preset(m, PAPER_TOKENS), f"{m.key}-2b": two,
-                  f"{m.key}-2b-stage3-only": stage3_only(two), f"{m.key}-lora": paper_preset(m, PAPER_TOKENS, True)}
+                  f"{m.key}-2b-stage3-only": stage3_only(two),
+                  f"{m.key}-lora": paper_preset(m, PAPER_TOKENS, True)}
     return table
 
 

@@ -1,7 +1,7 @@
 """LoRA adapters through peft: the A3 model's decoder adapted, the query vector trained in full.
 
     add_adapters(model, cfg.lora)            # in place: peft LoRA layers, everything else frozen
-    tuner = restore(fresh_base, state, cfg.lora)   # state: what trains, gathered   # an unsharded copy of the run's model
+    tuner = restore(fresh_base, state, cfg.lora)   # state: what trains, gathered; an unsharded copy
     save_adapter(folder, tuner.model, base_path)   # peft's format: PeftModel.from_pretrained opens it
     tuner.merge_and_unload()                 # a plain A3ForCausalLM with the adapters merged in
 
@@ -41,12 +41,12 @@ def peft_config(model: nn.Module, cfg: LoRAConfig) -> LoraConfig:
     from peft import LoraConfig
 
     targets = list(cfg.target_modules) or decoder_linear_names(model)
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.scale_alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      bias="none")
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.scale_alpha, lora_dropout=cfg.dropout,
+                      target_modules=targets, bias="none")
 
 
 def add_adapters(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Put LoRA layers into `model` in place (peft's `LoraModel`); freeze all but them and the query vector."""
+    """LoRA layers put into `model` in place (peft's `LoraModel`); all but them and `w` frozen."""
     from peft.tuners.lora import LoraModel
 
     lora_cfg = peft_config(model, cfg)
@@ -73,8 +73,9 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load the adapters and query vector into an adapted `model`; every one of them must be there."""
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != wanted:
-        raise ValueError(f"adapter state does not match the model: missing {sorted(wanted - set(state))[:4]}, "
-                         f"unexpected {sorted(set(state) - wanted)[:4]}")
+        missing, unexpected = sorted(wanted - set(state))[:4], sorted(set(state) - wanted)[:4]
+        raise ValueError(f"adapter state does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
     model.load_state_dict(state, strict=False)
 
 

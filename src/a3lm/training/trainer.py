@@ -223,7 +223,8 @@ class Trainer:
             atomic_dir(self.out / name, lambda folder: self._save_pretrained(folder, state))
         self.dist.barrier()
 
-    def _save_pretrained(self, folder: Path, state_dict: dict | None = None, model: nn.Module | None = None) -> None:
+    def _save_pretrained(self, folder: Path, state_dict: dict | None = None,
+                         model: nn.Module | None = None) -> None:
         with quiet_transformers():
             (model or self.model).save_pretrained(folder, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
@@ -233,7 +234,8 @@ class Trainer:
         fresh full-precision copy of the frozen base). Every rank calls it (FSDP gathers what trains)."""
         state = trainable_state_dict(self.model, self.fsdp)
         if self.dist.main:
-            with torch.random.fork_rng(devices=[]), quiet_transformers():  # a base from scratch draws its init
+            # a base from scratch draws its init from the global RNG
+            with torch.random.fork_rng(devices=[]), quiet_transformers():
                 base = build.initial_a3_model(self.cfg, self.tokenizer)
             tuner = lora.restore(base, state, self.cfg.lora)
             atomic_dir(self.out / ADAPTER_DIR,
