@@ -38,12 +38,13 @@ LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    """A tiny plain Llama with the synthetic corpus's word tokenizer, saved as a model folder."""
+    """A tiny plain Llama with the synthetic corpus's word tokenizer, saved as a model folder; its LM head
+    tied to the embeddings, as in SmolLM2 and Llama-3.2."""
     path = tmp_path_factory.mktemp("base")
     tok = word_tokenizer(default_hmm(0).words, model_max_length=32)
     tiny_base_model("llama", seed=3, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                     max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id).save_pretrained(path)
+                    pad_token_id=tok.pad_token_id, tie_word_embeddings=True).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -60,15 +60,22 @@ class ModelState:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model, options=self._options())
+        state = get_model_state_dict(self.model, options=self._options())
+        if self.trainable_only:  # DCP drops frozen parameters by their first name only: a tied lm_head stays
+            frozen = self._frozen()
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
+
+    def _frozen(self) -> set[str]:
+        named = self.model.named_parameters(remove_duplicate=False)  # tied names (lm_head) too
+        return {n for n, p in named if not p.requires_grad}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         result = set_model_state_dict(self.model, state, options=self._options())
         if self.trainable_only:  # not strict: the frozen weights are missing by design, nothing else may be
-            named = self.model.named_parameters(remove_duplicate=False)  # tied names (lm_head) too
-            frozen = {n for n, p in named if not p.requires_grad}
+            frozen = self._frozen()
             missing = [k for k in result.missing_keys if k not in frozen]
             if missing or result.unexpected_keys:
                 raise ValueError(f"checkpoint does not match the adapted model: missing {missing[:4]}, "
