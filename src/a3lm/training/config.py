@@ -208,7 +208,7 @@ PAPER_MODELS = (
     PaperModel("qwen3-0.6b", "Qwen/Qwen3-0.6B", 0.60e9, 8),
     PaperModel("qwen3-1.7b", "Qwen/Qwen3-1.7B", 1.72e9, 8),
 )
-PAPER_MIXTURE = "HuggingFaceFW/fineweb:0.7,cerebras/SlimPajama-627B:0.3"  # weights: a3lm's choice
+PAPER_MIXTURE = "HuggingFaceFW/fineweb@sample-10BT:0.7,cerebras/SlimPajama-627B:0.3"  # weights: a3lm's choice
 PAPER_TOKENS = 8_000_000_000  # the paper's adaptation budget; its curriculum ablation used 2B
 ABLATION_TOKENS = 2_000_000_000
 PAPER_SEQ_LEN = 2048
