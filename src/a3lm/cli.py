@@ -255,13 +255,18 @@ _DATA_HELP = ("Hub dataset name, local .txt/.jsonl/.parquet files, a glob or a f
 _SET_HELP = "Config override key=value, repeatable, applied last: -s optim.lr=3e-4 -s curriculum.stages=3"
 
 
+_PRESET_HELP = ("tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only, or a paper recipe such as "
+                "llama-3.1-8b, llama-3.1-8b-2b, llama-3.1-8b-lora (docs/training.md) (default: tiny without "
+                "--model, base with).")
+
+
 @app.command("train")
 @config_options(_train_config_class(), skip=("output", "model.path", "data.source"), panel="Training config")
 def train_command(
     model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
     data: str | None = typer.Option(None, help=_DATA_HELP),
     output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
-    preset: str | None = typer.Option(None, help="tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only (default: tiny without --model, base with)."),
+    preset: str | None = typer.Option(None, help=_PRESET_HELP),
     scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 16 minutes on 2 quiet cores)."),
     overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),

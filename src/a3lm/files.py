@@ -12,6 +12,7 @@ from transformers import AutoConfig
 # A training run folder (`a3lm train --output`): see `a3lm.training.run_folder` for what each holds.
 AR_DIR = "ar_final"
 FINAL_DIR = "final"
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapters in peft's format, beside final/ (merged)
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -63,6 +63,42 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) on the decoder's linear layers; the query vector trains in full, every other
+    weight stays frozen. rank 0 = off (full fine-tuning). Stages 1-3 only: stage 0 pretrains in full."""
+
+    rank: int = 0
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 * rank (scale 2)
+    dropout: float = 0.05  # on the adapters' input
+    target_modules: list[str] = field(default_factory=list)  # module names; empty: every linear layer of
+    # the decoder's blocks (attention and MLP projections), never the embeddings or the LM head
+    load_in_4bit: bool = False  # QLoRA (4-bit base): refused in this version, see docs/training.md
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def validate(self, stages: list[int]) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = off), got {self.rank}")
+        if not self.enabled:
+            if self.load_in_4bit:
+                raise ValueError("lora.load_in_4bit quantizes the frozen base under LoRA: set lora.rank > 0")
+            return
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if 0 in stages:
+            raise ValueError("lora adapts a pretrained decoder: drop stage 0 (plain AR pretraining trains "
+                             "every weight) from curriculum.stages, or set lora.rank=0")
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     progress: bool = True  # tqdm bar on rank 0
@@ -78,6 +114,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | bf16 | fp32
@@ -99,6 +136,7 @@ class TrainConfig:
     def validate(self) -> None:
         self.curriculum.validate()
         self.data.validate()
+        self.lora.validate(self.curriculum.stages)
         o = self.optim
         if o.lr <= 0 or o.stage0_lr <= 0:
             raise ValueError("optim.lr and optim.stage0_lr must be > 0")
@@ -152,6 +190,91 @@ def stage3_only(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, curriculum=cur)
 
 
+@dataclass(frozen=True)
+class PaperModel:
+    """A decoder of the paper's recipe: its Hub id, parameter count (for the FLOPs estimate) and the
+    per-GPU micro-batch that fits an 80 GB GPU at 2048 tokens with activation checkpointing."""
+
+    key: str
+    hub_id: str
+    params: float
+    micro_batch: int
+
+
+PAPER_MODELS = (
+    PaperModel("llama-3.2-1b", "meta-llama/Llama-3.2-1B", 1.24e9, 8),
+    PaperModel("llama-3.2-3b", "meta-llama/Llama-3.2-3B", 3.21e9, 4),
+    PaperModel("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 8.03e9, 2),
+    PaperModel("qwen3-0.6b", "Qwen/Qwen3-0.6B", 0.60e9, 8),
+    PaperModel("qwen3-1.7b", "Qwen/Qwen3-1.7B", 1.72e9, 8),
+)
+PAPER_MIXTURE = "HuggingFaceFW/fineweb@sample-10BT:0.7,cerebras/SlimPajama-627B:0.3"  # weights: a3lm's choice
+PAPER_TOKENS = 8_000_000_000  # the paper's adaptation budget; its curriculum ablation used 2B
+ABLATION_TOKENS = 2_000_000_000
+PAPER_SEQ_LEN = 2048
+PAPER_ROWS_PER_STEP = 128  # rows of PAPER_SEQ_LEN per optimizer step, over all GPUs (262k tokens)
+PAPER_GPUS = 8  # full fine-tuning: FSDP2 over one node of 8 GPUs; LoRA: one GPU
+STAGE_SHARES = (1 / 12, 3 / 12, 8 / 12)  # stages 1, 2, 3: the cpu preset's 20 : 60 : 160
+
+
+def paper_preset(model: PaperModel, tokens: int, lora: bool = False) -> TrainConfig:
+    """The recipe for `model` at a budget of `tokens`: stages 1-3 over the FineWeb + SlimPajama
+    mixture, 2048-token rows, 128 rows per step, cosine LR with 1% warmup. Full fine-tuning shards
+    over PAPER_GPUS GPUs (FSDP2, activation checkpointing, bf16); `lora` trains rank-64 adapters on one
+    GPU (gradient accumulation makes up the same 128 rows)."""
+    gpus = 1 if lora else PAPER_GPUS
+    accum = PAPER_ROWS_PER_STEP // (model.micro_batch * gpus)
+    steps = round(tokens / (PAPER_ROWS_PER_STEP * PAPER_SEQ_LEN))
+    s1, s2 = (round(steps * share) for share in STAGE_SHARES[:2])
+    return TrainConfig(
+        output=f"runs/{model.key}{'-lora' if lora else ''}",
+        model=ModelConfig(path=model.hub_id, gradient_checkpointing=True),
+        data=DataConfig(source=PAPER_MIXTURE, seq_len=PAPER_SEQ_LEN, micro_batch_size=model.micro_batch),
+        curriculum=CurriculumConfig(stages=[1, 2, 3], stage1_steps=s1, stage2_steps=s2,
+                                    stage3_steps=steps - s1 - s2, infill_share=0.1),
+        optim=OptimConfig(lr=2e-4 if lora else 2e-5, warmup_steps=max(1, steps // 100), grad_accum=accum,
+                          weight_decay=0.0 if lora else 0.1, decay="cosine", min_lr_ratio=0.1),
+        lora=LoRAConfig(rank=64, dropout=0.05) if lora else LoRAConfig(),
+        checkpoint=CheckpointConfig(every=500, keep=3),
+        log=LogConfig(every=10),
+        precision="bf16",
+        parallel="ddp" if lora else "fsdp",
+        device="cuda",
+    )
+
+
+# GPU-hour estimate (docs/training.md): 6 N FLOPs per token trained in full (forward 2N, backward 4N),
+# 4 N under LoRA (the frozen weights get no weight gradient), times the A3 / AR step-time ratio,
+# over an H100's dense bf16 peak at an assumed model-FLOPs utilisation.
+A3_STEP_RATIO = 1.7  # A3 step / AR step, measured (bench/bench_model.py, README "Benchmarks": 1.69x)
+GPU_PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
+ASSUMED_MFU = 0.4
+
+
+def gpu_hours(model: PaperModel, cfg: TrainConfig) -> float:
+    """Estimated GPU-hours of a paper preset (all GPUs together); assumptions above."""
+    tokens = cfg.curriculum.total_steps * PAPER_ROWS_PER_STEP * cfg.data.seq_len
+    flops_per_token = (4 if cfg.lora.enabled else 6) * model.params * A3_STEP_RATIO
+    return tokens * flops_per_token / (GPU_PEAK_FLOPS * ASSUMED_MFU) / 3600
+
+
+def paper_presets() -> dict[str, TrainConfig]:
+    """Per model: the 8B-token recipe (`<key>`), the 2B-token curriculum ablation (`<key>-2b`) and its
+    stage-3-only control (`<key>-2b-stage3-only`), and the one-GPU LoRA recipe (`<key>-lora`)."""
+    table = {}
+    for m in PAPER_MODELS:
+        two = paper_preset(m, ABLATION_TOKENS)
+        table |= {m.key: paper_preset(m, PAPER_TOKENS), f"{m.key}-2b": two,
+                  f"{m.key}-2b-stage3-only": stage3_only(two),
+                  f"{m.key}-lora": paper_preset(m, PAPER_TOKENS, True)}
+    return table
+
+
+def preset_gpus(cfg: TrainConfig) -> int:
+    """The number of processes a paper preset is laid out for (its rows per step assume it)."""
+    return 1 if cfg.lora.enabled else PAPER_GPUS
+
+
 def presets(scale: float = 1.0) -> dict[str, TrainConfig]:
     """Named starting points; the CLI's `--preset`, then `--set key=value` overrides.
 
@@ -176,7 +299,7 @@ def presets(scale: float = 1.0) -> dict[str, TrainConfig]:
         tiny_cur, stages=[0, 3], stage3_steps=tiny_cur.stage1_steps + tiny_cur.stage2_steps + tiny_cur.stage3_steps))
     cpu = cpu_preset(scale)
     return {"tiny": tiny, "base": base, "stage3-only": stage3_only(base), "tiny-stage3-only": tiny_ablation,
-            "cpu": cpu, "cpu-stage3-only": stage3_only(cpu)}
+            "cpu": cpu, "cpu-stage3-only": stage3_only(cpu), **paper_presets()}
 
 
 def make_config(
@@ -215,7 +338,7 @@ def make_config(
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "curriculum": CurriculumConfig, "optim": OptimConfig,
-            "checkpoint": CheckpointConfig, "log": LogConfig}
+            "lora": LoRAConfig, "checkpoint": CheckpointConfig, "log": LogConfig}
 
 
 def config_from_dict(d: dict) -> TrainConfig:

@@ -101,3 +101,15 @@ def full_state_dict(model: nn.Module, fsdp: bool, all_ranks: bool = False) -> di
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
+
+
+def trainable_state_dict(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The parameters that train, whole and on the CPU (FSDP: gathered, a collective every rank calls)."""
+    if not fsdp:
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}  # buffers are not part of it

@@ -43,20 +43,43 @@ def set_rng_state(state: dict, group_gen: torch.Generator) -> None:
 
 
 class ModelState:
-    """The model's weights keyed by parameter name: DTensor shards under FSDP, whole tensors otherwise."""
+    """The model's weights keyed by parameter name: DTensor shards under FSDP, whole tensors otherwise.
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    trainable_only (LoRA): only what trains (adapters, query vector); the frozen rest is rebuilt from
+    the run's model, not saved.
+    """
+
+    def __init__(self, model: nn.Module, trainable_only: bool = False):
+        self.model, self.trainable_only = model, trainable_only
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model)
+        state = get_model_state_dict(self.model, options=self._options())
+        if self.trainable_only:  # DCP drops frozen parameters by their first name only: a tied lm_head stays
+            frozen = self._frozen()
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
+
+    def _frozen(self) -> set[str]:
+        named = self.model.named_parameters(remove_duplicate=False)  # tied names (lm_head) too
+        return {n for n, p in named if not p.requires_grad}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, state)
+        result = set_model_state_dict(self.model, state, options=self._options())
+        if self.trainable_only:  # not strict: the frozen weights are missing by design, nothing else may be
+            frozen = self._frozen()
+            missing = [k for k in result.missing_keys if k not in frozen]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"checkpoint does not match the adapted model: missing {missing[:4]}, "
+                                 f"unexpected {list(result.unexpected_keys)[:4]}")
 
 
 class DataPosition:

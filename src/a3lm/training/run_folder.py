@@ -5,7 +5,8 @@
     wandb_id            the run's wandb id (log.wandb), drawn once: a resume continues the same wandb run
     checkpoints/step_N  see `checkpoint.CheckpointManager`
     ar_final/           stage 0 only: the plain AR model after pretraining (+ tokenizer)
-    final/              the A3 model (+ tokenizer), `save_pretrained`
+    final/              the A3 model (+ tokenizer), `save_pretrained` (LoRA: the adapters merged in)
+    adapter/            LoRA runs: the adapters and query vector in peft's format (`lora.save_adapter`)
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from a3lm.data.loader import PackedLoader, build_loader
-from a3lm.files import atomic_dir
+from a3lm.files import ADAPTER_DIR, atomic_dir
 from a3lm.model.modeling import A3ForCausalLM, max_positions
 from a3lm.quiet import quiet_transformers
-from a3lm.training import build, optim
+from a3lm.training import build, lora, optim
 from a3lm.training import checkpoint as ckpt
 from a3lm.training.callbacks import Callback
 from a3lm.training.config import TrainConfig
@@ -44,6 +44,7 @@ from a3lm.training.distributed import (
     full_state_dict,
     init_distributed,
     pick_device,
+    trainable_state_dict,
     wrap,
 )
 from a3lm.training.metrics import MetricsLog, ProgressBar
@@ -119,6 +120,7 @@ class Trainer:
         self.dist = init_distributed(device_kind(cfg.device))
         self.device = pick_device(cfg.device, self.dist)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        lora.check_4bit(cfg.lora)
         # read-only checks first: nothing is written until the model and the data are known to load
         check_run_folder(self.out, cfg, write=False)
         build.check_sources(cfg)
@@ -185,6 +187,9 @@ class Trainer:
     def _enter_phase(self, phase: Phase, model: nn.Module) -> None:
         """Put `model` (already the phase's kind) on the device with a fresh optimizer and schedule."""
         self.phase = phase
+        adapt = self.cfg.lora.enabled and phase.kind == "a3"
+        if adapt:
+            lora.add_adapters(model, self.cfg.lora)
         model.train().to(self.device)
         if self.cfg.model.gradient_checkpointing:
             build.enable_gradient_checkpointing(model)
@@ -192,7 +197,7 @@ class Trainer:
         self.ddp_model = wrap(model, self.dist, self.device, self.fsdp)
         self.optimizer, self.schedule = optim.for_phase(model, self.cfg.optim, self.cfg.curriculum, phase.kind,
                                                         phase.start, phase.end)
-        self.checkpoints.register("model", ModelState(model))
+        self.checkpoints.register("model", ModelState(model, trainable_only=adapt))
         self.checkpoints.register("optimizer", optim.OptimizerState(model, self.optimizer))
         self.checkpoints.register("schedule", self.schedule)
 
@@ -210,15 +215,34 @@ class Trainer:
 
     def _save_model_dir(self, name: str) -> None:
         """run/<name> = model + tokenizer, atomically; every rank calls it (FSDP gathers)."""
+        if name == FINAL_DIR and lora.is_adapted(self.model):
+            self._save_merged()
+            return
         state = full_state_dict(self.model, self.fsdp)
         if self.dist.main:
             atomic_dir(self.out / name, lambda folder: self._save_pretrained(folder, state))
         self.dist.barrier()
 
-    def _save_pretrained(self, folder: Path, state_dict: dict | None = None) -> None:
+    def _save_pretrained(self, folder: Path, state_dict: dict | None = None,
+                         model: nn.Module | None = None) -> None:
         with quiet_transformers():
-            self.model.save_pretrained(folder, state_dict=state_dict)
+            (model or self.model).save_pretrained(folder, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
+
+    def _save_merged(self) -> None:
+        """LoRA: run/adapter (peft's format), then run/final (a plain A3 model, the adapters merged into a
+        fresh full-precision copy of the frozen base). Every rank calls it (FSDP gathers what trains)."""
+        state = trainable_state_dict(self.model, self.fsdp)
+        if self.dist.main:
+            # a base from scratch draws its init from the global RNG
+            with torch.random.fork_rng(devices=[]), quiet_transformers():
+                base = build.initial_a3_model(self.cfg, self.tokenizer)
+            tuner = lora.restore(base, state, self.cfg.lora)
+            atomic_dir(self.out / ADAPTER_DIR,
+                            lambda folder: lora.save_adapter(folder, tuner.model, self.cfg.model.path))
+            merged = tuner.merge_and_unload()
+            atomic_dir(self.out / FINAL_DIR, lambda folder: self._save_pretrained(folder, model=merged))
+        self.dist.barrier()
 
     def rows_per_step(self) -> int:
         return self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum * self.dist.world_size
@@ -249,6 +273,8 @@ class Trainer:
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         # the phase the saved model belongs to (the step may sit exactly at its end)
         phase = next(p for p in self.phases if p.kind == meta["phase"] and p.start < self.step <= p.end)
+        if self.cfg.lora.enabled:  # the checkpoint holds what trains; the frozen rest is the run's model
+            return phase, build.initial_model(self.cfg, phase.kind, self.tokenizer)
         return phase, build.skeleton(meta["model_config"])
 
     # -- one optimizer step ---------------------------------------------------------------------
