@@ -132,7 +132,7 @@ def test_only_the_adapters_and_the_query_vector_train(tmp_path, base_dir):
     policy = trainer.cfg.curriculum
     from a3lm.training.curriculum import policy_at
 
-    trainer._backward([trainer.loader.next_batch()], policy_at(policy, 4))
+    trainer.gradients.accumulate([trainer.loader.next_batch()], policy_at(policy, 4), trainer.group_gen, trainer.step)
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(grads[n] is None for n in frozen_before)  # frozen weights get no gradient at all
     assert all(grads[n] is not None for n in trainable)

@@ -34,7 +34,8 @@ from a3lm.training.optim import Schedule, lr_factor
 from a3lm.training.overrides import apply_overrides
 from a3lm.training.run import train
 from a3lm.training.run_folder import final_model_dir
-from a3lm.training.trainer import NonFiniteLossError, Trainer
+from a3lm.training.step import NonFiniteLossError
+from a3lm.training.trainer import Trainer
 
 
 def tiny_cfg(out: Path, **curriculum) -> TrainConfig:

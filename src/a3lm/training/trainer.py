@@ -19,35 +19,32 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from a3lm.data.loader import PackedLoader, build_loader
-from a3lm.files import ADAPTER_DIR, atomic_dir
 from a3lm.model.modeling import A3ForCausalLM, max_positions
-from a3lm.quiet import quiet_transformers
 from a3lm.training import build, lora, optim
 from a3lm.training import checkpoint as ckpt
 from a3lm.training.callbacks import Callback
 from a3lm.training.config import TrainConfig
-from a3lm.training.curriculum import CurriculumConfig, GroupPolicy, describe, draw_group_ids, policy_at
+from a3lm.training.curriculum import CurriculumConfig, policy_at
 from a3lm.training.distributed import (
     autocast_dtype,
     device_kind,
     full_state_dict,
     init_distributed,
     pick_device,
-    trainable_state_dict,
     wrap,
 )
 from a3lm.training.metrics import MetricsLog, ProgressBar
+from a3lm.training.outputs import save_lora_outputs, save_model_folder
 from a3lm.training.parts import DataPosition, ModelState, RNGState, seed_everything
 from a3lm.training.run_folder import (
     AR_DIR,
@@ -58,10 +55,7 @@ from a3lm.training.run_folder import (
     check_run_folder,
     discard_run,
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) was NaN/inf: the step was not taken."""
+from a3lm.training.step import GradientStep
 
 
 @dataclass
@@ -197,6 +191,8 @@ class Trainer:
         self.ddp_model = wrap(model, self.dist, self.device, self.fsdp)
         self.optimizer, self.schedule = optim.for_phase(model, self.cfg.optim, self.cfg.curriculum, phase.kind,
                                                         phase.start, phase.end)
+        self.gradients = GradientStep(model, self.ddp_model, self.optimizer, self.dist, self.device, self.amp_dtype,
+                                      self.fsdp, self.cfg.optim.grad_clip)
         self.checkpoints.register("model", ModelState(model, trainable_only=adapt))
         self.checkpoints.register("optimizer", optim.OptimizerState(model, self.optimizer))
         self.checkpoints.register("schedule", self.schedule)
@@ -214,35 +210,11 @@ class Trainer:
     # -- saving ---------------------------------------------------------------------------------
 
     def _save_model_dir(self, name: str) -> None:
-        """run/<name> = model + tokenizer, atomically; every rank calls it (FSDP gathers)."""
+        """run/<name> = model + tokenizer (under LoRA, run/final merged and run/adapter); every rank calls it."""
         if name == FINAL_DIR and lora.is_adapted(self.model):
-            self._save_merged()
-            return
-        state = full_state_dict(self.model, self.fsdp)
-        if self.dist.main:
-            atomic_dir(self.out / name, lambda folder: self._save_pretrained(folder, state))
-        self.dist.barrier()
-
-    def _save_pretrained(self, folder: Path, state_dict: dict | None = None,
-                         model: nn.Module | None = None) -> None:
-        with quiet_transformers():
-            (model or self.model).save_pretrained(folder, state_dict=state_dict)
-        self.tokenizer.save_pretrained(folder)
-
-    def _save_merged(self) -> None:
-        """LoRA: run/adapter (peft's format), then run/final (a plain A3 model, the adapters merged into a
-        fresh full-precision copy of the frozen base). Every rank calls it (FSDP gathers what trains)."""
-        state = trainable_state_dict(self.model, self.fsdp)
-        if self.dist.main:
-            # a base from scratch draws its init from the global RNG
-            with torch.random.fork_rng(devices=[]), quiet_transformers():
-                base = build.initial_a3_model(self.cfg, self.tokenizer)
-            tuner = lora.restore(base, state, self.cfg.lora)
-            atomic_dir(self.out / ADAPTER_DIR,
-                            lambda folder: lora.save_adapter(folder, tuner.model, self.cfg.model.path))
-            merged = tuner.merge_and_unload()
-            atomic_dir(self.out / FINAL_DIR, lambda folder: self._save_pretrained(folder, model=merged))
-        self.dist.barrier()
+            save_lora_outputs(self.model, self.tokenizer, self.out, self.cfg, self.dist, self.fsdp)
+        else:
+            save_model_folder(self.model, self.tokenizer, self.out / name, self.dist, self.fsdp)
 
     def rows_per_step(self) -> int:
         return self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum * self.dist.world_size
@@ -279,84 +251,12 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------
 
-    def _micro_loss(self, batch: dict[str, torch.Tensor], policy: GroupPolicy) -> tuple[torch.Tensor, int]:
-        """(mean loss over the micro-batch's targets, number of targets); batch input_ids [B, N].
-
-        Instruction batches carry labels (-100 off the answers) and known_mask (BOS and prompt, the
-        first groups); packed rows have every token after BOS as a target.
-        """
-        ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device)
-        labels = batch["labels"].to(self.device) if "labels" in batch else ids
-        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        if policy.order == "ar":
-            with amp:
-                logits = self.ddp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            # next-token loss in fp32 (HF's label shift); -100 marks no target (instruction data)
-            targets = labels[:, 1:].flatten()
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
-            return loss, int((targets != -100).sum())
-        group_ids = draw_group_ids(policy, batch["attention_mask"], self.group_gen, batch.get("known_mask"))
-        with amp:
-            out = self.ddp_model(input_ids=ids, group_ids=group_ids.to(self.device), attention_mask=mask,
-                                 labels=labels)
-        return out.loss, int(out.num_targets)
-
-    def _no_sync(self, last: bool) -> Any:
-        """Gradients are reduced once per step, after the last micro-batch."""
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(last)
-        elif self.dist.enabled and not last:
-            return self.ddp_model.no_sync()
-        return nullcontext()
-
-    def _check_finite(self, loss: torch.Tensor, policy: GroupPolicy) -> None:
-        finite = self.dist.all_reduce(torch.isfinite(loss.detach()).float(), dist.ReduceOp.MIN)
-        if not bool(finite):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite loss ({float(loss.detach()):.4g} on rank {self.dist.rank}) at step {self.step} "
-                f"({describe(policy)}): the optimizer did not step, so the weights are those after step "
-                f"{self.step - 1}; the last checkpoint is intact. Lower optim.lr or use precision=fp32"
-            )
-
-    def _backward(self, batches: list[dict[str, torch.Tensor]], policy: GroupPolicy) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate the gradient of the global per-target mean loss; (loss sum, global target count)."""
-        # Every grouping puts BOS (and an instruction's prompt) first, so the targets are known before
-        # the forward, for exact weighting: every token after BOS of a packed row, the answer's tokens
-        # (labels != -100) of an instruction row, under both objectives.
-        counts = [int((b["labels"][:, 1:] != -100).sum()) if "labels" in b else b["input_ids"][:, 1:].numel()
-                  for b in batches]
-        total = self.dist.all_reduce(torch.tensor(float(sum(counts)), device=self.device))
-        loss_sum = torch.zeros((), device=self.device)
-        for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
-            with self._no_sync(i == len(batches) - 1):
-                loss, n_targets = self._micro_loss(batch, policy)
-                if n_targets != n:
-                    raise RuntimeError(f"expected {n} targets in micro-batch, the model counted {n_targets}")
-                self._check_finite(loss, policy)
-                # DDP averages gradients over ranks: scale so the result is the global per-token mean
-                (loss * (n * self.dist.world_size / total)).backward()
-            loss_sum += loss.detach() * n
-        return loss_sum, total
-
-    def _clipped_grad_norm(self, policy: GroupPolicy) -> float:
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"non-finite gradient norm at step {self.step} ({describe(policy)}): the optimizer "
-                                     "did not step. Lower optim.lr or use precision=fp32")
-        return float(grad_norm)
-
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches, loss weighted per target token globally."""
         policy = policy_at(self.cfg.curriculum, self.step)
         batches = [self.loader.next_batch() for _ in range(self.cfg.optim.grad_accum)]
-        loss_sum, total = self._backward(batches, policy)
-        grad_norm = self._clipped_grad_norm(policy)
+        loss_sum, total = self.gradients.accumulate(batches, policy, self.group_gen, self.step)
+        grad_norm = self.gradients.clipped_grad_norm(policy, self.step)
         lr = self.schedule.lr()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
