@@ -181,9 +181,8 @@ def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from a3lm.evaluation.runner import model_fingerprint
     from a3lm.files import require_a3
-    from a3lm.model.convert import load_base, resolve_source
+    from a3lm.model.convert import load_base, model_fingerprint, resolve_source
 
     output = None if output is None else check_output_file(output)
     cfg.validate()

@@ -22,11 +22,10 @@ from a3lm.evaluation.rocstories import evaluate_rocstories, find_stories_file, r
 from a3lm.evaluation.tasks import HARNESS_TASKS, MissingDataError, missing_files_message, run_harness
 from a3lm.files import check_output_file, model_name, write_json_atomic
 from a3lm.groups import ORDERS, check_order
-from a3lm.model.convert import SMOLLM2, ConversionError, resolve_source, smollm2_gguf
+from a3lm.model.convert import ConversionError, model_fingerprint, resolve_source
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
-MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf")  # what a model's fingerprint covers
 
 
 @dataclass
@@ -138,15 +137,6 @@ class Row:
     @property
     def label(self) -> str:
         return f"{self.name} (AR)" if self.kind == "base" else f"{self.name} [{self.order}]"
-
-
-def model_fingerprint(path: str) -> dict[str, list[int]]:
-    """{file name: [size, mtime_ns]} of the files that make a model: config.json and the weight files
-    of a folder, or a .gguf file itself ('smollm2': the package's). Empty for a Hub id, which its name
-    identifies: a rerun cannot tell that a Hub model changed."""
-    p = smollm2_gguf() if path == SMOLLM2 else Path(path).expanduser()
-    files = [p] if p.is_file() else sorted(f for pattern in MODEL_FILES for f in p.glob(pattern)) if p.is_dir() else []
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def data_fingerprint(cfg: EvalConfig) -> dict[str, list[int]]:

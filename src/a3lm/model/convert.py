@@ -72,6 +72,19 @@ def gemma3_gguf() -> Path:
     return importlib.import_module(GEMMA3_PACKAGE).assemble()
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf")  # what a model's fingerprint covers
+
+
+def model_fingerprint(path: str) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of the files that make a model: config.json and the weight files
+    of a folder, or a .gguf file itself ('smollm2': the package's). Empty for a Hub id, which its name
+    identifies: a rerun cannot tell that a Hub model changed."""
+    p = smollm2_gguf() if path == SMOLLM2 else Path(path).expanduser()
+    in_folder = sorted(f for pattern in MODEL_FILES for f in p.glob(pattern)) if p.is_dir() else []
+    files = [p] if p.is_file() else in_folder
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
 def resolve_source(src: str, gguf_file: str | None = None) -> Source:
     """A GGUF file, a folder (with a GGUF inside, or an HF checkpoint), the smollm2 or gemma3-270m
     shortcut, or a Hub id."""
