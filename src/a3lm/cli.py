@@ -235,11 +235,10 @@ def nll_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Held-out NLL per token under each factorization (left to right ... middle infilling), base AR beside."""
-    from a3lm.evaluation.nll import NLLConfig, evaluate, render_table, write_json
+    from a3lm.evaluation.nll import NLLConfig, evaluate, render_table
 
     cfg = NLLConfig(text=text, seq_len=seq_len, rows=rows, batch_size=batch_size, seed=seed)
-    res = evaluate(model, base, cfg, progress=progress)
-    write_json(res, output)
+    res = evaluate(model, base, cfg, progress=progress, output=output)
     typer.echo(render_table(res))
     typer.echo(f"results written to {output}")
 
@@ -375,7 +374,10 @@ def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config, **kwargs) -> None:
     from a3lm.decoding.api import load_pretrained
+    from a3lm.decoding.limits import limits_of_folder
+    from a3lm.decoding.text import check_request, infill_text
 
+    check_request(text, limits_of_folder(model_dir), blanks=fn is infill_text)  # before any weight loads
     model, tokenizer = load_pretrained(model_dir)
     out, picture = fn(model, tokenizer, text, config=config, **kwargs)
     if show_order:

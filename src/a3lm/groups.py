@@ -41,8 +41,8 @@ def check_order(order: Order, named: bool = False) -> None:
     """
     choices = ", ".join(ORDERS) + ("" if named else " or give a custom order")
     if isinstance(order, str):
-        if order not in ORDERS:
-            raise ValueError(f"unknown order {order!r}; choose one of {choices}")
+        if order not in ORDERS:  # text names an order: a permutation is never text (the CLI has none)
+            raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     elif named:
         raise ValueError(f"order must be one of {choices}, got a {type(order).__name__}")
     elif not isinstance(order, torch.Tensor | Sequence):

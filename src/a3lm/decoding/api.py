@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from a3lm.decoding.canvas import Canvas, GenerationOutput, StepHook
 from a3lm.decoding.config import DecodingConfig
 from a3lm.decoding.groupwise import decode_groups
-from a3lm.files import require_a3
+from a3lm.files import check_tokenizer_files, require_a3
 from a3lm.groups import fill_groups
 from a3lm.model.modeling import A3ForCausalLM, max_positions
 
@@ -171,4 +171,6 @@ def load_pretrained(path: str) -> tuple[A3ForCausalLM, PreTrainedTokenizerBase]:
     """An A3 checkpoint directory with a tokenizer saved in it: (model in eval, tokenizer). A plain
     decoder is refused: its query vector would be random (`a3lm convert` or train it first)."""
     require_a3(path)
-    return A3ForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    check_tokenizer_files(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return A3ForCausalLM.from_pretrained(path).eval(), tokenizer

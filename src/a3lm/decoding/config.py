@@ -13,6 +13,7 @@ apply to the chosen mode is an error rather than silently ignored. Three modes:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -85,11 +86,11 @@ class DecodingConfig:
             raise ValueError(
                 f"unknown speculative_schedule {self.speculative_schedule!r}; choose one of {', '.join(SPECULATIVE_SCHEDULES)}"
             )
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # nan < 0 is False: checked apart
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # nan fails this too
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
     def _check_mode(self) -> None:

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from a3lm.decoding.api import infill, sample
 from a3lm.decoding.canvas import GenerationOutput
 from a3lm.decoding.config import DecodingConfig
+from a3lm.decoding.limits import Limits, limits_for
 from a3lm.model.modeling import A3ForCausalLM, max_positions
 from a3lm.tokenizer import encode_chat, encode_row
 
@@ -40,9 +41,11 @@ def parse_blanks(text: str) -> list[str | int]:
     return [p for p in pieces if p != ""]
 
 
-def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str,
+                       limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize text with [BLANK:n] spans: input_ids [1, N] (the row start first, blanks hold pad ids)
-    and known_mask [1, N] (False at blanks).
+    and known_mask [1, N] (False at blanks). `limits`: the text's size and the blanks' lengths are
+    checked against them before anything is tokenized or built.
 
     One space just before a blank is dropped: "The cat [BLANK:8] on" must not encode "The cat " with
     a lone space token; in BPE vocabularies a word carries its leading space, so the blank's first
@@ -50,6 +53,7 @@ def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[t
     """
     ids, known = encode_row(tokenizer, ""), [True]
     filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    check_request(text, limits or Limits(positions=None), blanks=True)
     pieces = parse_blanks(text)
     for i, piece in enumerate(pieces):
         if isinstance(piece, int):
@@ -62,6 +66,15 @@ def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[t
         ids += toks
         known += [True] * len(toks)
     return torch.tensor([ids]), torch.tensor([known])
+
+
+def check_request(text: str, limits: Limits, blanks: bool) -> None:
+    """Everything about a text request that can be checked before the model loads: UTF-8, size, and
+    (blanks=True) the [BLANK:n] syntax and the blanks' total length against the model's positions."""
+    limits.check_text(text, "the text" if blanks else "the prompt")
+    if blanks:
+        pieces = parse_blanks(text)
+        limits.check_positions(sum(p for p in pieces if isinstance(p, int)), "the blanks")
 
 
 def render_fill_order(tokens: list[str], fill_step: list[int], blank: str = "_") -> str:
@@ -132,6 +145,7 @@ def sample_text(
 
     length None: DEFAULT_LENGTH tokens, or fewer if the model's positions end sooner after the prompt.
     """
+    limits_for(model).check_text(prompt, "the prompt")
     warn_unknown_words(tokenizer, prompt)
     input_ids = torch.tensor([encode_chat(tokenizer, prompt) if chat else encode_row(tokenizer, prompt)])
     if length is None:
@@ -151,5 +165,5 @@ def sample_text(
 def infill_text(model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> tuple[str, str]:
     """Fill the [BLANK:n] spans of one text (keywords as in `infill`); returns (text, fill-order picture)."""
     warn_unknown_words(tokenizer, _BLANK.sub(" ", text))
-    input_ids, known = encode_with_blanks(tokenizer, text)
+    input_ids, known = encode_with_blanks(tokenizer, text, limits_for(model))
     return _text_and_picture(tokenizer, infill(model, input_ids, known, **kwargs))

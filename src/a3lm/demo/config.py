@@ -90,6 +90,8 @@ class DemoConfig:
         for name in ("seeds", "eval_docs", "eval_points", "gen_samples", "bootstrap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (or left out for torch's default), got {self.threads}")
         if self.train.curriculum.stages != [0, 1, 2, 3]:
             raise ValueError("the demo trains stage 0, then stages 1-3 and the stage-3-only ablation: "
                              f"curriculum.stages must be [0, 1, 2, 3], got {self.train.curriculum.stages}")

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from a3lm.demo.config import MIN_A3_STEPS, MIN_EVAL_DOCS
+from a3lm.files import atomic_write, write_json_atomic
 
 
 def write_report(out: Path, result_json: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """Write results.json, results.md and the plot into `out`: (the markdown, {kind: file})."""
     md = render_markdown(result_json)
     files = {"markdown": str(out / "results.md"), "json": str(out / "results.json"), "plot": str(out / "nll_vs_step.png")}
-    Path(files["json"]).write_text(json.dumps(result_json, indent=2) + "\n")
-    Path(files["markdown"]).write_text(md)
+    write_json_atomic(files["json"], result_json)
+    atomic_write(files["markdown"], md)
     plot_curves(result_json, Path(files["plot"]))
     return md, files
 

@@ -48,7 +48,7 @@ from a3lm.demo.truth import (
     verdict,
 )
 from a3lm.evaluation.nll import a3_nlls, ar_nll
-from a3lm.files import CHECKPOINTS_DIR, FINAL_DIR
+from a3lm.files import CHECKPOINTS_DIR, FINAL_DIR, append_jsonl, write_json_atomic
 from a3lm.model.modeling import A3ForCausalLM
 from a3lm.quiet import quiet_transformers
 from a3lm.tokenizer import word_tokenizer
@@ -86,11 +86,19 @@ def _done_steps(run_dir: Path) -> int:
 def _open_output(cfg: DemoConfig) -> Path:
     """cfg.output, refused if it holds a demo of another configuration; the configuration recorded."""
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file: the demo writes a folder of runs and results")
     out.mkdir(parents=True, exist_ok=True)
     demo_json = out / "demo_config.json"
-    if demo_json.exists() and json.loads(demo_json.read_text()) | _free(cfg) != asdict(cfg):
-        raise ValueError(f"{out} holds a demo with a different configuration ({demo_json}); choose another --output")
-    demo_json.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if demo_json.exists():
+        try:
+            saved = json.loads(demo_json.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{demo_json} is not JSON ({e}): delete it or choose another --output") from e
+        if not isinstance(saved, dict) or saved | _free(cfg) != asdict(cfg):
+            raise ValueError(f"{out} holds a demo with a different configuration ({demo_json}); "
+                             "choose another --output")
+    write_json_atomic(demo_json, asdict(cfg))
     return out
 
 
@@ -206,8 +214,7 @@ class Evaluations(Callback):
         else:
             nll = a3_nlls(model, self.held.ids, self.held.facts)
         self.evals[step] = nll
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({"step": step, "nll": nll}) + "\n")
+        append_jsonl(self.path, {"step": step, "nll": nll})
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.evaluate(trainer.model, trainer.step)  # step 0, or a resumed step that is due

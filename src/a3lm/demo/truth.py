@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from a3lm.demo import exact
 from a3lm.demo.config import DemoConfig
 from a3lm.evaluation.nll import Factorization
 from a3lm.evaluation.nll import factorizations as row_factorizations
+from a3lm.files import read_jsonl
 from a3lm.model.likelihood import sequence_logprobs
 from a3lm.model.modeling import A3ForCausalLM
 
@@ -100,8 +100,7 @@ def doc_gaps(model_lp: torch.Tensor, true_lp: torch.Tensor, targets: torch.Tenso
 def _load_evals(path: Path) -> dict[int, dict[str, float]]:
     if not path.exists():
         return {}
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return {r["step"]: r["nll"] for r in rows}
+    return {r["step"]: r["nll"] for r in read_jsonl(path)}  # a torn last line (a kill mid-append) is dropped
 
 
 def _eval_steps(total: int, points: int) -> set[int]:

@@ -10,6 +10,7 @@ One option of our own, `--data_dir DATA`: offline, the harness tasks read `DATA/
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 
@@ -34,12 +35,20 @@ def local_data_args(argv: list[str], tmp: str) -> list[str]:
 
 
 def main() -> None:
+    """The harness's CLI; a failure is one `error:` line, as in `a3lm` (A3LM_DEBUG=1: the traceback)."""
     with tempfile.TemporaryDirectory(prefix="a3lm-tasks-") as tmp:
         try:
             sys.argv[1:] = local_data_args(sys.argv[1:], tmp)
-        except (ValueError, OSError) as err:
-            sys.exit(f"error: {err}")
-        cli_evaluate()
+            cli_evaluate()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:
+            if os.environ.get("A3LM_DEBUG"):
+                raise
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not isinstance(err, ValueError | OSError | KeyError):
+                text = f"{type(err).__name__}: {text} (set A3LM_DEBUG=1 for the traceback)"
+            sys.exit(f"error: {text}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def load_model(pretrained: str, device: str | None = None, dtype: str = "auto") 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     require_a3(pretrained)
     model = A3ForCausalLM.from_pretrained(pretrained, dtype=torch_dtype).to(resolve_device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -112,7 +112,9 @@ class A3LM(TemplateLM):
             self.model, loaded_tokenizer = self.load(str(pretrained), device, dtype)
             tokenizer = tokenizer or loaded_tokenizer
             self.model_path = str(pretrained)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        if isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+        self.tokenizer = tokenizer
         check_order(order, named=True)
         if gen_mode not in ("group", "dynamic"):
             raise ValueError(f"unknown gen_mode {gen_mode!r}; choose group or dynamic")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from a3lm import groups
-from a3lm.files import model_name
+from a3lm.files import check_output_file, model_name, write_json_atomic
 from a3lm.model.likelihood import sequence_logprobs
 from a3lm.model.modeling import A3ForCausalLM
 
@@ -138,26 +139,62 @@ class NLLConfig:
     batch_size: int = 4
     seed: int = 0
 
+    def validate(self) -> None:
+        for name, least in (("seq_len", 2), ("rows", 1), ("batch_size", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+
 
 def _check_same_rows(ids: torch.Tensor, tokenizer: Any, cfg: NLLConfig, who: str) -> None:
     if not torch.equal(heldout_rows(tokenizer, cfg.text, cfg.seq_len, ids.shape[0]), ids):
         raise ValueError(f"{who} tokenizes the text differently from the first model: their NLLs are not comparable")
 
 
-def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool = True) -> dict[str, Any]:
-    """NLL per token of every factorization for each A3 model (+ the base's left to right); a results dict."""
+def _finished(output: Path | None, cfg: NLLConfig) -> list[dict[str, Any]]:
+    """The results an earlier run with the same settings wrote to `output` (a rerun skips their
+    models); an unrelated file there is refused, never overwritten."""
+    if output is None or not output.is_file():
+        return []
+    refuse = f"{output} exists and is not an a3lm nll results file: choose another --output, or delete it"
+    try:
+        previous = json.loads(output.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{refuse} (not JSON: {e})") from e
+    if not (isinstance(previous, dict) and isinstance(previous.get("settings"), dict)
+            and isinstance(previous.get("results"), list)):
+        raise ValueError(refuse)
+    if {k: previous["settings"].get(k) for k in asdict(cfg)} != asdict(cfg):
+        if previous["results"]:
+            warnings.warn(f"{output} was written with other settings: its {len(previous['results'])} scored "
+                          "model(s) are discarded and scored again", stacklevel=2)
+        return []
+    return [r for r in previous["results"] if isinstance(r, dict) and {"model", "kind", "nll"} <= set(r)]
+
+
+def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool = True,
+             output: str | Path | None = None) -> dict[str, Any]:
+    """NLL per token of every factorization for each A3 model (+ the base's left to right); a results dict.
+
+    output: written (atomically) after every model, so an interrupted run keeps what it scored; a
+    rerun with the same settings skips the models already there (same path, same model files).
+    """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from a3lm.files import require_a3
-    from a3lm.model.convert import load_base, resolve_source
+    from a3lm.model.convert import load_base, model_fingerprint, resolve_source
 
+    output = None if output is None else check_output_file(output)
+    cfg.validate()
     if not models and base is None:
         raise ValueError("nothing to score: give --model (A3 checkpoints) and/or --base")
     for path in models:
         require_a3(path)
+    fingerprints = {p: model_fingerprint(p) for p in [*models, *([base] if base else [])]}
+    done = {(r["model"], r["kind"]): r for r in _finished(output, cfg)
+            if r.get("fingerprint") == fingerprints.get(r["model"])}
     t0 = time.perf_counter()
-    tokenizers = [AutoTokenizer.from_pretrained(p) for p in models]
+    tokenizers = [AutoTokenizer.from_pretrained(p, trust_remote_code=False) for p in models]
     base_model = base_tok = None
     if base is not None:
         base_model, base_tok = load_base(resolve_source(base))
@@ -171,26 +208,42 @@ def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool
     facts = factorizations(ids.shape[0], ids.shape[1], n_targets, cfg.seed)
     batches = -(-ids.shape[0] // cfg.batch_size)
     bar = tqdm(total=batches * (len(facts) * len(models) + (base is not None)), unit="batch", disable=not progress)
-    results = []
-    if base_model is not None:
+    results: list[dict[str, Any]] = []
+
+    def result() -> dict[str, Any]:
+        scored = {"rows_scored": ids.shape[0], "targets_per_order": ids.shape[0] * n_targets}
+        return {"settings": asdict(cfg) | scored,
+                "orders": [{"name": f.name, "description": f.description} for f in facts],
+                "results": results, "wall_time_s": time.perf_counter() - t0}
+
+    def add(path: str, kind: str, score: Any) -> None:
+        """One model's row: the earlier run's, or scored now; the file is rewritten after each."""
+        kept = done.get((path, kind))
+        nll = kept["nll"] if kept is not None else score()
+        results.append({"model": path, "kind": kind, "nll": nll, "fingerprint": fingerprints[path]})
+        if output is not None and kept is None:
+            write_json_atomic(output, result())
+
+    if base is not None:
         bar.set_description("base: left-to-right")
-        nll = ar_nll(base_model, ids, n_targets, cfg.batch_size)
+        add(base, "base AR", lambda: {"left-to-right": ar_nll(base_model, ids, n_targets, cfg.batch_size)})
         bar.update(batches)
-        results.append({"model": base, "kind": "base AR", "nll": {"left-to-right": nll}})
         del base_model
     for path in models:
-        model = A3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
         def tick(order: str, path: str = path) -> None:
             bar.set_description(f"{Path(path).name}: {order}")
             bar.update(1)
 
-        results.append({"model": path, "kind": "A3", "nll": a3_nlls(model, ids, facts, cfg.batch_size, tick)})
-        del model
+        def score(path: str = path) -> dict[str, float]:
+            model = A3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            return a3_nlls(model, ids, facts, cfg.batch_size, tick)
+
+        add(path, "A3", score)
     bar.close()
-    return {"settings": asdict(cfg) | {"rows_scored": ids.shape[0], "targets_per_order": ids.shape[0] * n_targets},
-            "orders": [{"name": f.name, "description": f.description} for f in facts],
-            "results": results, "wall_time_s": time.perf_counter() - t0}
+    if output is not None:
+        write_json_atomic(output, result())
+    return result()
 
 
 def render_table(res: dict[str, Any]) -> str:
@@ -207,9 +260,3 @@ def render_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(res: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(path)

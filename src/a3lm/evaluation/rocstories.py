@@ -43,24 +43,54 @@ def read_stories(path: str | Path) -> list[Story]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ROCStories / Story Cloze CSV at {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    header = set(rows[0]) if rows else set()
-    stories = []
-    if {f"sentence{i}" for i in range(1, 6)} <= header:
-        for r in rows:
-            stories.append(Story(r.get("storyid", ""), tuple(r[f"sentence{i}"].strip() for i in range(1, 6))))
-    elif {"InputSentence1", "RandomFifthSentenceQuiz1", "AnswerRightEnding"} <= header:
-        for r in rows:
-            right = r[f"RandomFifthSentenceQuiz{int(r['AnswerRightEnding'])}"]
-            given = tuple(r[f"InputSentence{i}"].strip() for i in range(1, 5))
-            stories.append(Story(r.get("InputStoryid", ""), (*given, right.strip())))
-    else:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = set(reader.fieldnames or [])
+            story = _row_reader(path, header)
+            stories = [story(r, reader.line_num) for r in reader]
+    except UnicodeDecodeError as e:
+        problem = f"{e.reason} at byte {e.start}"
+        raise ValueError(f"{path} is not UTF-8 text ({problem}): not a CSV of stories") from e
+    if not stories:
+        raise ValueError(f"{path} holds no stories (a header and no rows)")
+    return stories
+
+
+_ROC = tuple(f"sentence{i}" for i in range(1, 6))
+_CLOZE = (*(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2",
+          "AnswerRightEnding")
+
+
+def _row_reader(path: Path, header: set[str]) -> Any:
+    """A function (csv row, its line number) -> Story for the file's layout; a bad row is an error
+    naming the file, the line and the column."""
+    if not header:
+        raise ValueError(f"{path} is empty: expected a CSV header")
+    layout = _ROC if set(_ROC) <= header else _CLOZE if set(_CLOZE) <= header else None
+    if layout is None:
         raise ValueError(
             f"{path}: unknown CSV layout (header {sorted(header)}); expected ROCStories columns "
-            "sentence1..sentence5 or Story Cloze columns InputSentence1..4, RandomFifthSentenceQuiz1/2, AnswerRightEnding"
+            "sentence1..sentence5 or Story Cloze columns InputSentence1..4, RandomFifthSentenceQuiz1/2, "
+            "AnswerRightEnding"
         )
-    return stories  # type: ignore[return-value]
+
+    def story(r: dict[str, str | None], line: int) -> Story:
+        missing = [k for k in layout if r.get(k) is None]
+        if missing:
+            raise ValueError(f"{path} line {line}: no {missing[0]} "
+                             "(the row has fewer columns than the header)")
+        if layout is _ROC:
+            sentences = tuple(r[k].strip() for k in _ROC)  # type: ignore[union-attr]
+            return Story(r.get("storyid") or "", sentences)  # type: ignore[arg-type]
+        answer = (r["AnswerRightEnding"] or "").strip()
+        if answer not in ("1", "2"):
+            raise ValueError(f"{path} line {line}: AnswerRightEnding must be 1 or 2, got {answer!r}")
+        given = tuple(r[f"InputSentence{i}"].strip() for i in range(1, 5))  # type: ignore[union-attr]
+        right = r[f"RandomFifthSentenceQuiz{answer}"].strip()  # type: ignore[union-attr]
+        return Story(r.get("InputStoryid") or "", (*given, right))
+
+    return story
 
 
 def find_stories_file(data_dir: str | Path) -> Path:

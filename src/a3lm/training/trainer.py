@@ -52,6 +52,7 @@ from a3lm.training.run_folder import (
     CONFIG_FILE,
     FINAL_DIR,
     METRICS_FILE,
+    RunLock,
     check_run_folder,
     discard_run,
 )
@@ -117,6 +118,17 @@ class Trainer:
         lora.check_4bit(cfg.lora)
         # read-only checks first: nothing is written until the model and the data are known to load
         check_run_folder(self.out, cfg, write=False)
+        # one process trains in a folder at a time (the lock file is all a failed start leaves, and
+        # it is removed then)
+        self.lock = RunLock(self.out) if self.dist.main else None
+        try:
+            self._setup(cfg, callbacks)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release(clean=True)
+            raise
+
+    def _setup(self, cfg: TrainConfig, callbacks: Sequence[Callback]) -> None:
         build.check_sources(cfg)
         self.phases = phases(cfg.curriculum)
         self.total_steps = cfg.curriculum.total_steps
@@ -320,7 +332,15 @@ class Trainer:
         return path if at_stop and self.step < self.total_steps else None
 
     def fit(self) -> Path:
-        """Train to the end of the curriculum (or `stop_after`); returns run/final (or the checkpoint)."""
+        """Train to the end of the curriculum (or `stop_after`); returns run/final (or the checkpoint).
+        The run folder's lock is released when it returns or fails."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> Path:
         done = self._finished()
         if done is not None:
             return done
