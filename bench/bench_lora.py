@@ -45,13 +45,21 @@ def train_one(args: argparse.Namespace, mode: str) -> None:
     step_s = [step_tokens / m["tokens_per_s"] for m in lines[2:]]  # the first steps warm up
     last = ckpt.latest_checkpoint(out / "checkpoints")
     adapter = out / "adapter"
-    print(json.dumps({
-        "mode": mode, "final": str(final), "steps": len(lines), "step_s": statistics.median(step_s),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "checkpoint_mib": folder_mib(last), "final_mib": folder_mib(final),
-        "adapter_mib": folder_mib(adapter) if adapter.is_dir() else None,
-        "final_loss": lines[-1]["loss"],
-    }))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "final": str(final),
+                "steps": len(lines),
+                "step_s": statistics.median(step_s),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "checkpoint_mib": folder_mib(last),
+                "final_mib": folder_mib(final),
+                "adapter_mib": folder_mib(adapter) if adapter.is_dir() else None,
+                "final_loss": lines[-1]["loss"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -81,16 +89,24 @@ def main() -> None:
     table = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     print(table)
     full = results["full"]
-    print(f"{'mode':<10} {'step s':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'ckpt MiB':>9} "
-          f"{'x full':>7} {'adapter MiB':>11}")
+    print(
+        f"{'mode':<10} {'step s':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'ckpt MiB':>9} "
+        f"{'x full':>7} {'adapter MiB':>11}"
+    )
     for mode in modes:
         r = results[mode]
         adapter = f"{r['adapter_mib']:.1f}" if r["adapter_mib"] is not None else "-"
-        print(f"{mode:<10} {r['step_s']:8.3f} {r['step_s'] / full['step_s']:7.2f} {r['peak_rss_mib']:9.0f} "
-              f"{r['peak_rss_mib'] / full['peak_rss_mib']:7.2f} {r['checkpoint_mib']:9.1f} "
-              f"{r['checkpoint_mib'] / full['checkpoint_mib']:7.3f} {adapter:>11}")
-    summary = {"scale": args.scale, "lora_lr": args.lora_lr, "modes": results,
-               "nll": json.loads(nll_json.read_text())}
+        print(
+            f"{mode:<10} {r['step_s']:8.3f} {r['step_s'] / full['step_s']:7.2f} {r['peak_rss_mib']:9.0f} "
+            f"{r['peak_rss_mib'] / full['peak_rss_mib']:7.2f} {r['checkpoint_mib']:9.1f} "
+            f"{r['checkpoint_mib'] / full['checkpoint_mib']:7.3f} {adapter:>11}"
+        )
+    summary = {
+        "scale": args.scale,
+        "lora_lr": args.lora_lr,
+        "modes": results,
+        "nll": json.loads(nll_json.read_text()),
+    }
     (Path(args.out) / "bench_lora.json").write_text(json.dumps(summary, indent=2))
 
 

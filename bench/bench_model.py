@@ -32,10 +32,17 @@ from a3lm.model.debug import tiny_base_model
 from a3lm.model.mlp import recompute_gated_mlps
 
 CPU_CONFIG = dict(
-    vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
 )
-QUICK_CONFIG = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+QUICK_CONFIG = dict(
+    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def interleaved_times(fns: list, repeats: int, warmup: int = 2) -> list[float]:
@@ -77,8 +84,11 @@ def profile_top(fn: Callable[[], object], rows: int = 12) -> str:
 
 def a3_variant(base, query_self_attention: bool, recompute_mlp: bool = True) -> A3ForCausalLM:
     """An A3 model over `base`'s weights with the own-slot rule on or off, MLP recomputation on or off."""
-    config = A3Config(text_config=base.config.to_dict(), query_self_attention=query_self_attention,
-                      recompute_mlp=recompute_mlp)
+    config = A3Config(
+        text_config=base.config.to_dict(),
+        query_self_attention=query_self_attention,
+        recompute_mlp=recompute_mlp,
+    )
     model = A3ForCausalLM(config)
     model.load_state_dict(A3ForCausalLM.from_base(base).state_dict())
     return model.train()
@@ -106,7 +116,9 @@ def step_fns(base, models: dict, batch: int, seq_len: int, group_size: int) -> d
 
         return step
 
-    return {"ar": ar_step, "ar (mlp recompute)": ar_recompute_step} | {n: a3_step(m) for n, m in models.items()}
+    return {"ar": ar_step, "ar (mlp recompute)": ar_recompute_step} | {
+        n: a3_step(m) for n, m in models.items()
+    }
 
 
 def measure(base, models: dict, batch: int, seq_len: int, group_size: int, repeats: int) -> dict:
@@ -118,38 +130,64 @@ def measure(base, models: dict, batch: int, seq_len: int, group_size: int, repea
     rc = "ar (mlp recompute)"
     row["time_ratio"] = {n: times[n] / times["ar"] for n in [rc, *models]}
     row["memory_ratio"] = {n: memory[n] / memory["ar"] for n in [rc, *models]}
-    # like for like: both steps recompute the MLP (the A3 default), so the ratio is the two streams' cost alone
+    # like for like: both steps recompute the MLP (the A3 default), so the ratio is the two streams'
+    # cost alone
     row["time_ratio_vs_ar_recompute"] = {n: times[n] / times[rc] for n in models}
     row["memory_ratio_vs_ar_recompute"] = {n: memory[n] / memory[rc] for n in models}
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--family", default="llama")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--profile", action="store_true", help="print the top ops of one A3 step at the largest N")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top ops of one A3 step at the largest N"
+    )
     parser.add_argument("--output", default="bench/results/model.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     size = QUICK_CONFIG if args.quick else CPU_CONFIG
     base = tiny_base_model(args.family, **size).train()
     base.set_attn_implementation("sdpa")
-    models = {"a3 (own slot)": a3_variant(base, True), "a3 (xlnet)": a3_variant(base, False),
-              "a3 (no mlp recompute)": a3_variant(base, True, recompute_mlp=False)}
+    models = {
+        "a3 (own slot)": a3_variant(base, True),
+        "a3 (xlnet)": a3_variant(base, False),
+        "a3 (no mlp recompute)": a3_variant(base, True, recompute_mlp=False),
+    }
     shapes = [(2, 64)] if args.quick else [(2, 256), (2, 512)]
     rows = [measure(base, models, b, n, group_size=4, repeats=args.repeats) for b, n in shapes]
-    print(f"{'model':<22} {'B':>3} {'N':>5} {'time (s)':>9} {'time/AR':>8} {'/AR rc':>7} {'MiB':>8} {'mem/AR':>7} {'/AR rc':>7}")
+    print(
+        f"{'model':<22} {'B':>3} {'N':>5} {'time (s)':>9} {'time/AR':>8} {'/AR rc':>7} "
+        f"{'MiB':>8} {'mem/AR':>7} {'/AR rc':>7}"
+    )
     for r in rows:
-        print(f"{'ar':<22} {r['batch']:>3} {r['seq_len']:>5} {r['time_s']['ar']:>9.4f} {'':>8} {'':>7} "
-              f"{r['peak_bytes']['ar'] / 2**20:>8.1f}")
+        print(
+            f"{'ar':<22} {r['batch']:>3} {r['seq_len']:>5} {r['time_s']['ar']:>9.4f} {'':>8} {'':>7} "
+            f"{r['peak_bytes']['ar'] / 2**20:>8.1f}"
+        )
         for name in ["ar (mlp recompute)", *models]:
-            like = (f"{r['time_ratio_vs_ar_recompute'][name]:>6.2f}x", f"{r['memory_ratio_vs_ar_recompute'][name]:>6.2f}x") \
-                if name in models else ("", "")
-            print(f"{name:<22} {r['batch']:>3} {r['seq_len']:>5} {r['time_s'][name]:>9.4f} {r['time_ratio'][name]:>7.2f}x "
-                  f"{like[0]:>7} {r['peak_bytes'][name] / 2**20:>8.1f} {r['memory_ratio'][name]:>6.2f}x {like[1]:>7}")
-    print("time/AR, mem/AR: against the plain HF AR step; /AR rc: against the AR step with the same MLP recomputation")
+            like = (
+                (
+                    f"{r['time_ratio_vs_ar_recompute'][name]:>6.2f}x",
+                    f"{r['memory_ratio_vs_ar_recompute'][name]:>6.2f}x",
+                )
+                if name in models
+                else ("", "")
+            )
+            print(
+                f"{name:<22} {r['batch']:>3} {r['seq_len']:>5} {r['time_s'][name]:>9.4f} "
+                f"{r['time_ratio'][name]:>7.2f}x "
+                f"{like[0]:>7} {r['peak_bytes'][name] / 2**20:>8.1f} "
+                f"{r['memory_ratio'][name]:>6.2f}x {like[1]:>7}"
+            )
+    print(
+        "time/AR, mem/AR: against the plain HF AR step; "
+        "/AR rc: against the AR step with the same MLP recomputation"
+    )
     if args.profile:
         b, n = shapes[-1]
         steps = step_fns(base, models, b, n, group_size=4)
@@ -158,8 +196,14 @@ def main() -> None:
             print(profile_top(steps[name]))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"family": args.family, "config": size, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": args.repeats, "timing": "medians, steps interleaved (ar, a3 own slot, a3 xlnet) on a shared CPU"}
+    meta = {
+        "family": args.family,
+        "config": size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "timing": "medians, steps interleaved (ar, a3 own slot, a3 xlnet) on a shared CPU",
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

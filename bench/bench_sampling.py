@@ -39,10 +39,17 @@ from a3lm.model.debug import tiny_base_model
 from a3lm.model.modeling import MIN_SKIPPED_ROWS
 
 CONFIG = dict(
-    vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-)  # fmt: skip
-QUICK_CONFIG = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+QUICK_CONFIG = dict(
+    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 SIZES = dict(prompt=16, new=128, dynamic=256, recompute=512, recompute_k=16)
 QUICK_SIZES = dict(prompt=8, new=16, dynamic=32, recompute=48, recompute_k=8)
 
@@ -53,7 +60,10 @@ def step_macs(config: dict, content: int, queries: int, keys: int, skip_content:
     skip_content, the last layer runs only k_proj and v_proj on the content rows). Elementwise work is
     left out."""
     H, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    n_heads, n_kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
     head_dim, inner = H // n_heads, config.get("intermediate_size", 4 * H)
     kv_proj = 2 * H * n_kv * head_dim
     rest = 2 * H * n_heads * head_dim + 2 * keys * n_heads * head_dim + 3 * H * inner  # q, o, attention, MLP
@@ -90,7 +100,9 @@ def _timer(fn: Callable[[], object], device: str) -> Callable[[], float]:
     return run
 
 
-def paired(baseline: Callable[[], float], candidate: Callable[[], float], repeats: int, warmup: bool = True) -> dict:
+def paired(
+    baseline: Callable[[], float], candidate: Callable[[], float], repeats: int, warmup: bool = True
+) -> dict:
     """Median seconds of each, the median of the per-repeat ratios candidate / baseline, and the ratio
     of the fastest runs (the least disturbed by other processes on a shared machine)."""
     if warmup:
@@ -106,8 +118,13 @@ def paired(baseline: Callable[[], float], candidate: Callable[[], float], repeat
 
 @torch.no_grad()
 def suite_rows(
-    a3: A3ForCausalLM, base: torch.nn.Module, device: str = "cpu", quick: bool = False, repeats: int = 3,
-    sizes: dict | None = None, speculative_ks: tuple[int, ...] = (4, 8),
+    a3: A3ForCausalLM,
+    base: torch.nn.Module,
+    device: str = "cpu",
+    quick: bool = False,
+    repeats: int = 3,
+    sizes: dict | None = None,
+    speculative_ks: tuple[int, ...] = (4, 8),
 ) -> list[dict]:
     """Every row: {row, N (tokens generated), baseline_s, a3_s (per token), ratio, target}."""
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
@@ -116,8 +133,17 @@ def suite_rows(
     prompt[:, 0] = 1  # BOS
 
     def ar(n: int) -> Callable[[], float]:
-        run = _timer(lambda: base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, pad_token_id=0), device)  # fmt: skip
+        run = _timer(
+            lambda: base.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            ),
+            device,
+        )
         return lambda: run() / n
 
     def a3_run(n: int, **kwargs) -> Callable[[], float]:
@@ -134,14 +160,30 @@ def suite_rows(
         r = paired(ar(n), a3_run(n, dynamic=True, per_step=k), repeats, warmup=False)  # warm by now
         rows.append({"row": f"dynamic k={k} / AR", "N": n, **r, "target": target})
     n, k = sizes["recompute"], sizes["recompute_k"]
-    r = paired(a3_run(n, dynamic=True, per_step=k), a3_run(n, dynamic=True, per_step=k, use_cache=False),
-               max(1, repeats // 2), warmup=False)  # fmt: skip
+    r = paired(
+        a3_run(n, dynamic=True, per_step=k),
+        a3_run(n, dynamic=True, per_step=k, use_cache=False),
+        max(1, repeats // 2),
+        warmup=False,
+    )
     # reported as a speed-up: full recompute time / cached time (higher is better), with the MAC bound
     bound = dynamic_recompute_bound(base.config.to_dict(), sizes["prompt"], n, k)
-    rows.append({"row": f"dynamic k={k}: recompute / cached", "N": n, "baseline_s": r["a3_s"], "a3_s": r["baseline_s"],
-                 "ratio": r["ratio"], "ratio_min": r["ratio_min"], "target": 4.0, "higher_is_better": True,
-                 "mac_bound": bound})  # fmt: skip
-    return rows + (speculative_rows(a3, base, prompt, sizes, device, repeats, speculative_ks) if speculative_ks else [])
+    rows.append(
+        {
+            "row": f"dynamic k={k}: recompute / cached",
+            "N": n,
+            "baseline_s": r["a3_s"],
+            "a3_s": r["baseline_s"],
+            "ratio": r["ratio"],
+            "ratio_min": r["ratio_min"],
+            "target": 4.0,
+            "higher_is_better": True,
+            "mac_bound": bound,
+        }
+    )
+    return rows + (
+        speculative_rows(a3, base, prompt, sizes, device, repeats, speculative_ks) if speculative_ks else []
+    )
 
 
 def base_from_a3(a3: A3ForCausalLM) -> torch.nn.Module:
@@ -152,7 +194,9 @@ def base_from_a3(a3: A3ForCausalLM) -> torch.nn.Module:
 
     config = copy.deepcopy(a3.config.text_config)
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=a3.dtype)
-    missing, _ = base.load_state_dict({k: v for k, v in a3.state_dict().items() if k != "query_embed"}, strict=False)
+    missing, _ = base.load_state_dict(
+        {k: v for k, v in a3.state_dict().items() if k != "query_embed"}, strict=False
+    )
     if set(missing) - {"lm_head.weight"}:
         raise ValueError(f"A3 weights do not fit the base model: missing {missing}")
     base.tie_weights()
@@ -177,22 +221,42 @@ def speculative_rows(
             return infill(a3, ids, known, temperature=1.0, seed=0, **kw)
         return sample(a3, prompt, length=n, order=order, temperature=1.0, seed=0, stop_at_eos=False, **kw)
 
-    ar = _timer(lambda: base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0), device)  # fmt: skip
+    ar = _timer(
+        lambda: base.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        ),
+        device,
+    )
     rows = []
     for order in ("left-to-right", "random", "infilling"):
         s1 = _timer(lambda order=order: run(order), device)
         for k in ks:
             out = run(order, speculative=k, speculative_schedule=schedule)
-            spec = _timer(lambda order=order, k=k: run(order, speculative=k, speculative_schedule=schedule), device)
+            spec = _timer(
+                lambda order=order, k=k: run(order, speculative=k, speculative_schedule=schedule), device
+            )
             vs_s1 = paired(s1, spec, repeats)
             vs_ar = paired(ar, spec, repeats, warmup=False)
-            rows.append({
-                "row": f"speculative k={k}{'+' if schedule == 'heuristic' else ''} {order} / s=1", "N": n, "baseline_s": vs_s1["baseline_s"] / n,
-                "a3_s": vs_s1["a3_s"] / n, "ratio": vs_s1["ratio"], "ratio_min": vs_s1["ratio_min"], "target": None,
-                "tokens_per_forward": n / out.num_steps, "acceptance": out.accepted / max(out.drafted, 1),
-                "vs_generate": vs_ar["ratio"], "vs_generate_min": vs_ar["ratio_min"],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "row": f"speculative k={k}{'+' if schedule == 'heuristic' else ''} {order} / s=1",
+                    "N": n,
+                    "baseline_s": vs_s1["baseline_s"] / n,
+                    "a3_s": vs_s1["a3_s"] / n,
+                    "ratio": vs_s1["ratio"],
+                    "ratio_min": vs_s1["ratio_min"],
+                    "target": None,
+                    "tokens_per_forward": n / out.num_steps,
+                    "acceptance": out.accepted / max(out.drafted, 1),
+                    "vs_generate": vs_ar["ratio"],
+                    "vs_generate_min": vs_ar["ratio_min"],
+                }
+            )
     return rows
 
 
@@ -224,20 +288,37 @@ def profile_s1(a3: A3ForCausalLM, device: str, n: int = 64, top: int = 15) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--family", default="llama")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", default=None, help="A saved A3 checkpoint to time (its own weights; generate() on the same).")
-    parser.add_argument("--new", type=int, default=None, help="Tokens per row (default 128; 16 with --quick).")
-    parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top ops of an s = 1 run and exit.")
-    parser.add_argument("--only-speculative", action="store_true",
-                        help="Only the speculative rows; with --model, on held-out text (fortunes:heldout): its first "
-                             "16 tokens as the prompt and, for infilling, the 16 after the blank as the suffix.")
-    parser.add_argument("--no-speculative", action="store_true", help="Leave the speculative rows out (timing rows only).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="A saved A3 checkpoint to time (its own weights; generate() on the same).",
+    )
+    parser.add_argument(
+        "--new", type=int, default=None, help="Tokens per row (default 128; 16 with --quick)."
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="Print torch.profiler's top ops of an s = 1 run and exit."
+    )
+    parser.add_argument(
+        "--only-speculative",
+        action="store_true",
+        help="Only the speculative rows; with --model, on held-out text (fortunes:heldout): its first "
+        "16 tokens as the prompt and, for infilling, the 16 after the blank as the suffix.",
+    )
+    parser.add_argument(
+        "--no-speculative", action="store_true", help="Leave the speculative rows out (timing rows only)."
+    )
     parser.add_argument("--k", default="4,8", help="Speculative drafts per forward, comma-separated.")
-    parser.add_argument("--schedule", default="constant", help="Speculative window schedule: constant or heuristic (k+).")
+    parser.add_argument(
+        "--schedule", default="constant", help="Speculative window schedule: constant or heuristic (k+)."
+    )
     parser.add_argument("--output", default="bench/results/sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -253,33 +334,72 @@ def main() -> None:
     if args.profile:
         profile_s1(a3, device)
         return
-    sizes = None if args.new is None else dict(prompt=16, new=args.new, dynamic=2 * args.new, recompute=4 * args.new, recompute_k=16)
+    sizes = (
+        None
+        if args.new is None
+        else dict(prompt=16, new=args.new, dynamic=2 * args.new, recompute=4 * args.new, recompute_k=16)
+    )
     ks = tuple(int(k) for k in args.k.split(","))
     if args.only_speculative:
         sizes = sizes or (QUICK_SIZES if args.quick else SIZES)
         prompt, suffix = text_prompt(args.model, sizes, device) if args.model else (None, None)
         if prompt is None:
-            prompt = torch.randint(4, base.config.vocab_size, (1, sizes["prompt"]), generator=torch.Generator().manual_seed(0))
+            prompt = torch.randint(
+                4, base.config.vocab_size, (1, sizes["prompt"]), generator=torch.Generator().manual_seed(0)
+            )
             prompt[:, 0] = 1
-        rows = speculative_rows(a3, base, prompt.to(device), sizes, device, args.repeats, ks, suffix, args.schedule)
+        rows = speculative_rows(
+            a3, base, prompt.to(device), sizes, device, args.repeats, ks, suffix, args.schedule
+        )
     else:
-        rows = suite_rows(a3, base, device=device, quick=args.quick, repeats=args.repeats, sizes=sizes,
-                          speculative_ks=() if args.no_speculative else ks)  # fmt: skip
+        rows = suite_rows(
+            a3,
+            base,
+            device=device,
+            quick=args.quick,
+            repeats=args.repeats,
+            sizes=sizes,
+            speculative_ks=() if args.no_speculative else ks,
+        )
 
-    what = args.model or f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, vocab {config['vocab_size']}"
-    print(f"device {device} ({args.threads} threads)  {what}  (ratios: medians of pairs timed back to back, same run)")
-    print(f"{'benchmark':<40} {'N':>5} {'base ms/tok':>12} {'A3 ms/tok':>10} {'ratio':>7} {'(fastest)':>9} {'target':>7}"
-          f" {'tok/fwd':>7} {'accept':>6} {'/generate':>9}")  # fmt: skip
+    what = (
+        args.model
+        or f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
+        f"vocab {config['vocab_size']}"
+    )
+    print(
+        f"device {device} ({args.threads} threads)  {what}  "
+        "(ratios: medians of pairs timed back to back, same run)"
+    )
+    print(
+        f"{'benchmark':<40} {'N':>5} {'base ms/tok':>12} {'A3 ms/tok':>10} {'ratio':>7} "
+        f"{'(fastest)':>9} {'target':>7}"
+        f" {'tok/fwd':>7} {'accept':>6} {'/generate':>9}"
+    )
     for r in rows:
-        target = "" if r["target"] is None else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
-        spec = f" {r['tokens_per_forward']:>7.2f} {r['acceptance']:>6.2f} {r['vs_generate']:>8.2f}x" if "acceptance" in r else ""
+        target = (
+            "" if r["target"] is None else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
+        )
+        spec = (
+            f" {r['tokens_per_forward']:>7.2f} {r['acceptance']:>6.2f} {r['vs_generate']:>8.2f}x"
+            if "acceptance" in r
+            else ""
+        )
         spec += f"  (MAC bound {r['mac_bound']:.2f}x)" if "mac_bound" in r else ""
-        print(f"{r['row']:<40} {r['N']:>5} {r['baseline_s'] * 1e3:>12.2f} {r['a3_s'] * 1e3:>10.2f} "
-              f"{r['ratio']:>6.2f}x {r['ratio_min']:>8.2f}x {target:>7}{spec}")  # fmt: skip
+        print(
+            f"{r['row']:<40} {r['N']:>5} {r['baseline_s'] * 1e3:>12.2f} {r['a3_s'] * 1e3:>10.2f} "
+            f"{r['ratio']:>6.2f}x {r['ratio_min']:>8.2f}x {target:>7}{spec}"
+        )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "cpu": platform.processor(), "threads": args.threads, "config": config,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__}  # fmt: skip
+    meta = {
+        "device": device,
+        "cpu": platform.processor(),
+        "threads": args.threads,
+        "config": config,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch": torch.__version__,
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"written to {out}")
 

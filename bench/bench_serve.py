@@ -155,8 +155,15 @@ def main() -> None:
             rows = [{"row": "sequential", **base}]
             for c in (1, 4, 16):
                 r = run_clients(url, prompts, tokens, c)
-                rows.append({"row": f"{c} concurrent", **r, "throughput_ratio": r["tokens_per_s"] / base["tokens_per_s"],
-                             "p50_ratio": r["p50_s"] / base["p50_s"], "p95_ratio": r["p95_s"] / base["p95_s"]})  # fmt: skip
+                rows.append(
+                    {
+                        "row": f"{c} concurrent",
+                        **r,
+                        "throughput_ratio": r["tokens_per_s"] / base["tokens_per_s"],
+                        "p50_ratio": r["p50_s"] / base["p50_s"],
+                        "p95_ratio": r["p95_s"] / base["p95_s"],
+                    }
+                )
         finally:
             proc.terminate()
             proc.wait(30)
@@ -171,7 +178,8 @@ def main() -> None:
         f"model: {model}; {n_requests} greedy requests of {tokens} tokens each; server threads {args.threads}"
     )
     print(
-        f"{'row':<14} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8} {'x throughput':>13} {'x p50':>7} {'x p95':>7}"
+        f"{'row':<14} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8} {'x throughput':>13} "
+        f"{'x p50':>7} {'x p95':>7}"
     )
     for r in rows:
         ratios = (
@@ -182,8 +190,15 @@ def main() -> None:
         print(f"{r['row']:<14} {r['tokens_per_s']:>9.1f} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f} {ratios}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model, "requests": n_requests, "tokens": tokens, "threads": args.threads, "torch": torch.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count()}  # fmt: skip
+    meta = {
+        "model": model,
+        "requests": n_requests,
+        "tokens": tokens,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

@@ -1,7 +1,7 @@
 """Speculative decoding on the synthetic HMM source: a trained model's acceptance against the oracle's.
 
-    python bench/bench_speculative.py --model runs/demo/seed0/curriculum/final     # a model trained on the HMM
-    python bench/bench_speculative.py                                        # the oracle alone
+    python bench/bench_speculative.py --model runs/demo/seed0/curriculum/final  # a model trained on the HMM
+    python bench/bench_speculative.py                                           # the oracle alone
 
 For each order (left to right, random, infilling the middle half) and draft window k, temperature 1:
 draft acceptance (accepted / verified drafts) and tokens per forward, for the model (a3lm's
@@ -39,17 +39,32 @@ def _known(n: int, length: int, order: str) -> torch.Tensor:
 
 @torch.no_grad()
 def oracle(hmm, words: torch.Tensor, known: torch.Tensor, order: str, k: int, seed: int = 0) -> dict:
-    """a3lm.speculative's loop with the source's exact conditionals as the query rows: {acceptance, tokens_per_forward}."""
+    """a3lm.speculative's loop with the source's exact conditionals as the query rows:
+    {acceptance, tokens_per_forward}."""
     n, L = words.shape
     gen = torch.Generator().manual_seed(seed)
     D = k - 1
-    canvas = Canvas(words.clone(), torch.ones_like(known), known, torch.arange(L).expand(n, L), known.clone(),
-                    torch.where(known, 0, -1), torch.where(known, 0, -1), torch.zeros(n, dtype=torch.bool),
-                    torch.zeros_like(known))  # fmt: skip
+    canvas = Canvas(
+        words.clone(),
+        torch.ones_like(known),
+        known,
+        torch.arange(L).expand(n, L),
+        known.clone(),
+        torch.where(known, 0, -1),
+        torch.where(known, 0, -1),
+        torch.zeros(n, dtype=torch.bool),
+        torch.zeros_like(known),
+    )
     window = _Window(canvas, DecodingConfig(order="random" if order == "random" else "left-to-right"), gen)
     done = torch.zeros(n, dtype=torch.long)
     cols, _ = window.at(done, D)
-    d = _Drafts(cols[:, :0], cols[:, :0].bool(), cols, torch.zeros_like(cols), torch.zeros_like(cols, dtype=torch.bool))
+    d = _Drafts(
+        cols[:, :0],
+        cols[:, :0].bool(),
+        cols,
+        torch.zeros_like(cols),
+        torch.zeros_like(cols, dtype=torch.bool),
+    )
     no_cache = SimpleNamespace(cache=None)
     forwards_B = torch.zeros(n, dtype=torch.long)
     drafted = accepted = step = 0
@@ -74,11 +89,18 @@ def oracle(hmm, words: torch.Tensor, known: torch.Tensor, order: str, k: int, se
             w = scatter_where(w, d.cols[:, m : m + 1], d.valid[:, m : m + 1], d.tokens[:, m : m + 1])
             f = scatter_where(f, d.cols[:, m : m + 1], d.valid[:, m : m + 1], True)
         probs = torch.cat([*rows, rows_at(w, f, next_cols)], dim=1)
-        committed, rejected, residual_col = _verify(canvas, no_cache, d, probs[:, :D], canvas.group[:, :1].expand(-1, D), done, step, gen)
+        committed, rejected, residual_col = _verify(
+            canvas, no_cache, d, probs[:, :D], canvas.group[:, :1].expand(-1, D), done, step, gen
+        )
         drafted, accepted = drafted + int(d.valid.sum()), accepted + int((committed - rejected.long()).sum())
         done = done + committed
-        d, done = _next_drafts(canvas, probs, done, rejected, residual_col, next_cols, next_valid, step, gen, None)
-    return {"acceptance": accepted / max(drafted, 1), "tokens_per_forward": int((~known).sum()) / int(forwards_B.sum())}
+        d, done = _next_drafts(
+            canvas, probs, done, rejected, residual_col, next_cols, next_valid, step, gen, None
+        )
+    return {
+        "acceptance": accepted / max(drafted, 1),
+        "tokens_per_forward": int((~known).sum()) / int(forwards_B.sum()),
+    }
 
 
 @torch.no_grad()
@@ -94,12 +116,19 @@ def model_row(model, tokenizer, hmm, words: torch.Tensor, known: torch.Tensor, o
     else:
         out = sample(model, bos, length=L, order=order, stop_at_eos=False, **kw)
     forwards_B = out.fill_step.max(1).values  # a row's last forward commits a token
-    return {"acceptance": out.accepted / max(out.drafted, 1), "tokens_per_forward": int((~known).sum()) / int(forwards_B.sum())}
+    return {
+        "acceptance": out.accepted / max(out.drafted, 1),
+        "tokens_per_forward": int((~known).sum()) / int(forwards_B.sum()),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="An A3 checkpoint trained on the synthetic HMM (with its tokenizer).")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="An A3 checkpoint trained on the synthetic HMM (with its tokenizer)."
+    )
     parser.add_argument("--hmm-seed", type=int, default=0)
     parser.add_argument("--length", type=int, default=16)
     parser.add_argument("--samples", type=int, default=256)
@@ -115,9 +144,14 @@ def main() -> None:
 
         model, tokenizer = load_pretrained(args.model)
     rows = []
-    print(f"HMM seed {args.hmm_seed}, {args.samples} rows of {args.length} words, temperature 1 "
-          "(tokens per forward: generated tokens / forwards each row took part in)")  # fmt: skip
-    print(f"{'order':<14} {'k':>3} {'oracle accept':>13} {'oracle tok/fwd':>14} {'model accept':>12} {'model tok/fwd':>13}")
+    print(
+        f"HMM seed {args.hmm_seed}, {args.samples} rows of {args.length} words, temperature 1 "
+        "(tokens per forward: generated tokens / forwards each row took part in)"
+    )
+    print(
+        f"{'order':<14} {'k':>3} {'oracle accept':>13} {'oracle tok/fwd':>14} "
+        f"{'model accept':>12} {'model tok/fwd':>13}"
+    )
     for order in ORDERS:
         known = _known(args.samples, args.length, order)
         for k in map(int, args.ks.split(",")):
@@ -125,7 +159,10 @@ def main() -> None:
             m = model_row(model, tokenizer, hmm, held, known, order, k) if model is not None else None
             rows.append({"order": order, "k": k, "oracle": o, "model": m})
             mm = f"{m['acceptance']:>12.3f} {m['tokens_per_forward']:>13.2f}" if m else ""
-            print(f"{order:<14} {k:>3} {o['acceptance']:>13.3f} {o['tokens_per_forward']:>14.2f} {mm}", flush=True)
+            print(
+                f"{order:<14} {k:>3} {o['acceptance']:>13.3f} {o['tokens_per_forward']:>14.2f} {mm}",
+                flush=True,
+            )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "hmm_seed": args.hmm_seed, "rows": rows}, indent=2))

@@ -39,9 +39,17 @@ def make_trainer(mode: str, args: argparse.Namespace, out: str, steps: int):
     from a3lm.training.trainer import Trainer
 
     stage = "0" if mode == "ar" else "3"
-    overrides = [*args.size, *args.set, f"curriculum.stages={stage}", f"curriculum.stage{stage}_steps={steps}",
-                 "optim.warmup_steps=0", "optim.decay=constant", "log.progress=false", "log.every=1",
-                 f"checkpoint.every={steps + 1}"]
+    overrides = [
+        *args.size,
+        *args.set,
+        f"curriculum.stages={stage}",
+        f"curriculum.stage{stage}_steps={steps}",
+        "optim.warmup_steps=0",
+        "optim.decay=constant",
+        "log.progress=false",
+        "log.every=1",
+        f"checkpoint.every={steps + 1}",
+    ]
     cfg = make_config(args.model, args.data, out, preset="tiny", overrides=overrides)
     cfg.optim.stage0_lr = cfg.optim.lr  # the same optimizer settings in both modes
     return Trainer(cfg)
@@ -58,7 +66,10 @@ def interleaved(args: argparse.Namespace) -> dict:
     steps = args.warmup + args.steps
     times: dict[str, list[float]] = {"ar": [], "a3": []}
     with tempfile.TemporaryDirectory() as out_ar, tempfile.TemporaryDirectory() as out_a3:
-        trainers = {"ar": make_trainer("ar", args, out_ar, steps), "a3": make_trainer("a3", args, out_a3, steps)}
+        trainers = {
+            "ar": make_trainer("ar", args, out_ar, steps),
+            "a3": make_trainer("a3", args, out_a3, steps),
+        }
         tokens = {}
         for i in range(steps):
             for mode, trainer in trainers.items():
@@ -121,11 +132,22 @@ def main() -> None:
     args = p.parse_args()
 
     if args.quick:
-        args.size = ["model.hidden_size=64", "data.synthetic_length=32", "data.seq_len=34", "data.micro_batch_size=8"]
+        args.size = [
+            "model.hidden_size=64",
+            "data.synthetic_length=32",
+            "data.seq_len=34",
+            "data.micro_batch_size=8",
+        ]
         args.steps, args.warmup = min(args.steps, 10), min(args.warmup, 2)
     elif args.model is None:
-        args.size = ["model.hidden_size=256", "model.num_hidden_layers=4", "model.max_position_embeddings=256",
-                     "data.synthetic_length=128", "data.seq_len=130", "data.micro_batch_size=16"]
+        args.size = [
+            "model.hidden_size=256",
+            "model.num_hidden_layers=4",
+            "model.max_position_embeddings=256",
+            "data.synthetic_length=128",
+            "data.seq_len=130",
+            "data.micro_batch_size=16",
+        ]
     else:
         args.size = []
     if args.worker:
@@ -153,10 +175,15 @@ def main() -> None:
     print(f"device {ar['device']}  params {ar['params']:,}  B={ar['batch']}  N={ar['seq_len']}")
     for name, r in (("plain AR", ar), ("A3 stage 3", a3)):
         extra = f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
-        print(f"{name:>11}: {r['tokens_per_s']:10.0f} tokens/s alone, {both[r['mode']]:10.0f} interleaved   "
-              f"{mem} {r[mem]:8.1f}{extra}")
-    print(f"A3 stage 3 / AR: throughput x{summary['throughput_ratio_a3_over_ar']:.2f} "
-          f"(step time x{summary['step_time_ratio_a3_over_ar']:.2f}), memory x{summary['memory_ratio_a3_over_ar']:.2f}")
+        print(
+            f"{name:>11}: {r['tokens_per_s']:10.0f} tokens/s alone, {both[r['mode']]:10.0f} interleaved   "
+            f"{mem} {r[mem]:8.1f}{extra}"
+        )
+    print(
+        f"A3 stage 3 / AR: throughput x{summary['throughput_ratio_a3_over_ar']:.2f} "
+        f"(step time x{summary['step_time_ratio_a3_over_ar']:.2f}), "
+        f"memory x{summary['memory_ratio_a3_over_ar']:.2f}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"written to {args.out}")

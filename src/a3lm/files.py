@@ -129,8 +129,11 @@ def refuse_remote_code(path: str | Path) -> None:
 def check_text_config(config: dict[str, Any], where: str) -> None:
     """An A3 config must carry the config of the decoder it wraps."""
     if not isinstance(config.get("text_config"), dict) or "model_type" not in config["text_config"]:
-        raise ValueError(f"{where} is an A3 config without text_config (the decoder's config, with its "
-                         "model_type): refusing to build a default decoder in its place")
+        raise ValueError(
+            f"{where} is an A3 config without text_config (the decoder's config, with its "
+            "model_type): refusing to build a default decoder in its place"
+        )
+
 
 def check_model_path(path: str, what: str = "model") -> None:
     """A path that names a local folder must be one holding config.json; a Hub id (org/name) passes.
@@ -140,7 +143,9 @@ def check_model_path(path: str, what: str = "model") -> None:
     if not (looks_local or Path(p.parts[0]).is_dir()):
         return
     if not p.is_dir():
-        raise FileNotFoundError(f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)")
+        raise FileNotFoundError(
+            f"no {what} folder at {path}: expected a save_pretrained directory (or a Hub id org/name)"
+        )
     if (p / CHECKPOINTS_DIR).is_dir() or (p / FINAL_DIR / "config.json").is_file():  # `a3lm train`'s output
         raise FileNotFoundError(f"{path} is a training run folder: its model is {p / FINAL_DIR}")
     if what == "model" and not (p / "config.json").is_file():
@@ -178,8 +183,10 @@ def check_weight_shapes(folder: str | Path, expected: dict[str, tuple[int, ...]]
             return  # a damaged file: the loader's own error names it
         for k, shape in shapes.items():
             if shape != tuple(expected[k]):
-                raise ValueError(f"the weights in {f} do not fit {p / 'config.json'}: {k} is {list(shape)} "
-                                 f"there, {list(expected[k])} by the config")
+                raise ValueError(
+                    f"the weights in {f} do not fit {p / 'config.json'}: {k} is {list(shape)} "
+                    f"there, {list(expected[k])} by the config"
+                )
 
 
 def check_tokenizer_files(path: str | Path) -> None:
@@ -187,8 +194,10 @@ def check_tokenizer_files(path: str | Path) -> None:
     p = Path(path).expanduser()
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
     if p.is_dir() and not any((p / n).is_file() for n in names):
-        raise FileNotFoundError(f"{path} holds no tokenizer (tokenizer.json or tokenizer_config.json): "
-                                "save the tokenizer beside the weights (tokenizer.save_pretrained)")
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer (tokenizer.json or tokenizer_config.json): "
+            "save the tokenizer beside the weights (tokenizer.save_pretrained)"
+        )
 
 
 def model_name(path: str) -> str:

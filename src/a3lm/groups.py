@@ -83,7 +83,9 @@ def _custom_ranks(fill_BN: torch.Tensor, rank_BN: torch.Tensor, order) -> torch.
     if isinstance(order, torch.Tensor) and order.dim() == 1:
         n = order.numel()
         if bool((counts != n).any()) or not torch.equal(order.sort().values.cpu(), torch.arange(n)):
-            raise ValueError(f"a shared custom order must be a permutation of 0..{int(counts.max()) - 1} for every row")
+            raise ValueError(
+                f"a shared custom order must be a permutation of 0..{int(counts.max()) - 1} for every row"
+            )
         return torch.argsort(order.to(rank_BN.device)).gather(0, rank_BN.clamp(min=0).flatten()).view(B, N)
     if len(order) != B:
         raise ValueError(f"a custom order needs one permutation per row: got {len(order)} for {B} rows")
@@ -92,7 +94,9 @@ def _custom_ranks(fill_BN: torch.Tensor, rank_BN: torch.Tensor, order) -> torch.
         cols = fill_BN[b].nonzero().squeeze(-1)
         perm = torch.as_tensor(perm, dtype=torch.long).cpu()
         if perm.numel() != cols.numel() or not torch.equal(perm.sort().values, torch.arange(cols.numel())):
-            raise ValueError(f"custom order of row {b} must be a permutation of its {cols.numel()} positions to fill")
+            raise ValueError(
+                f"custom order of row {b} must be a permutation of its {cols.numel()} positions to fill"
+            )
         out[b, cols[perm.to(cols.device)]] = torch.arange(cols.numel(), device=out.device)
     return out
 
@@ -136,7 +140,9 @@ def _lead_mask(mask: torch.Tensor, n_lead: int) -> torch.Tensor:
     return mask & (mask.long().cumsum(1) <= n_lead)
 
 
-def _known_first(known: torch.Tensor, mask: torch.Tensor, order: Order, size: int, generator: Generators) -> torch.Tensor:
+def _known_first(
+    known: torch.Tensor, mask: torch.Tensor, order: Order, size: int, generator: Generators
+) -> torch.Tensor:
     """Known real tokens as left-to-right singletons 0..K_b-1, then the other real tokens in the groups of
     `fill_groups` shifted past them; PAD_GROUP on padding. known, mask: [B, N] bool."""
     known = known & mask
@@ -175,7 +181,9 @@ def random_order(
     in a random order ("random-blocks").
     """
     mask = _as_mask(attention_mask)
-    return _known_first(_lead_mask(mask, n_lead), mask, "random-blocks" if blocks else "random", size, generator)
+    return _known_first(
+        _lead_mask(mask, n_lead), mask, "random-blocks" if blocks else "random", size, generator
+    )
 
 
 def infill_groups(
@@ -195,7 +203,9 @@ def infill_groups(
     known = _as_mask(known_mask)
     mask = torch.ones_like(known) if attention_mask is None else _as_mask(attention_mask)
     if known.shape != mask.shape:
-        raise ValueError(f"known_mask {tuple(known.shape)} and attention_mask {tuple(mask.shape)} differ in shape")
+        raise ValueError(
+            f"known_mask {tuple(known.shape)} and attention_mask {tuple(mask.shape)} differ in shape"
+        )
     if not bool((known & mask).any(1).all()):
         raise ValueError("infilling needs at least one known token (BOS) per sample")
     return _known_first(known, mask, order, size, generator)
@@ -239,9 +249,13 @@ def validate_group_ids(
         if other is None:
             continue
         if other.shape[0] != group_ids.shape[0]:
-            raise ValueError(f"batch size mismatch: group_ids has {group_ids.shape[0]} rows, {name} has {other.shape[0]}")
+            raise ValueError(
+                f"batch size mismatch: group_ids has {group_ids.shape[0]} rows, {name} has {other.shape[0]}"
+            )
         if other.shape != group_ids.shape:
-            raise ValueError(f"shape mismatch: group_ids {tuple(group_ids.shape)} vs {name} {tuple(other.shape)}")
+            raise ValueError(
+                f"shape mismatch: group_ids {tuple(group_ids.shape)} vs {name} {tuple(other.shape)}"
+            )
     mask = torch.ones_like(group_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     on_pad = ~mask & (group_ids != PAD_GROUP)
     if on_pad.any():
@@ -253,7 +267,9 @@ def validate_group_ids(
     negative = mask & (group_ids < 0)
     if negative.any():
         b, i = negative.nonzero()[0].tolist()
-        raise ValueError(f"negative group id {int(group_ids[b, i])} on a real token (sample {b}, position {i})")
+        raise ValueError(
+            f"negative group id {int(group_ids[b, i])} on a real token (sample {b}, position {i})"
+        )
     empty = ~mask.any(dim=1)
     if empty.any():
         raise ValueError(f"sample {int(empty.nonzero()[0])} has no real tokens")
@@ -261,7 +277,11 @@ def validate_group_ids(
         bad = targets.bool() & ~predictable(group_ids, mask)
         if bad.any():
             b, i = bad.nonzero()[0].tolist()
-            why = "is padding" if not mask[b, i] else f"has no real token in an earlier group (group {int(group_ids[b, i])})"
+            why = (
+                "is padding"
+                if not mask[b, i]
+                else f"has no real token in an earlier group (group {int(group_ids[b, i])})"
+            )
             raise ValueError(
                 f"target not predictable: sample {b}, position {i} {why}; the earliest group is context only"
             )

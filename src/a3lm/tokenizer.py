@@ -31,9 +31,13 @@ def word_tokenizer(words: Iterable[str], model_max_length: int = 128) -> PreTrai
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word pieces with spaces
-    tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)])
+    tok.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
 
 
@@ -41,7 +45,9 @@ def row_start_id(tokenizer: Any) -> int:
     """The token every row starts with: BOS, else EOS (see the module docstring)."""
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start rows with: set tokenizer.bos_token")
+        raise ValueError(
+            "the tokenizer has neither a BOS nor an EOS token to start rows with: set tokenizer.bos_token"
+        )
     return int(token)
 
 
@@ -57,11 +63,14 @@ def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
     A tokenizer without a chat template is one clear error."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "the tokenizer has no chat template, so a prompt cannot be put in chat form: use an instruct model's "
+            "the tokenizer has no chat template, so a prompt cannot be put in chat form: "
+            "use an instruct model's "
             "tokenizer (SmolLM2-Instruct's has one) or set tokenizer.chat_template, or drop --chat"
         )
     messages = [{"role": "user", "content": prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     ids = list(ids)
     start = row_start_id(tokenizer)
     return ids if ids[:1] == [start] else [start, *ids]

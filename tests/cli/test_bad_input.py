@@ -85,9 +85,23 @@ def test_nll_with_a_planted_temp_symlink_leaves_the_victim(model_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".out.json.tmp").symlink_to(victim)
     (tmp_path / "held.txt").write_text("the cat sat on the mat .\n" * 10)
-    res = CliRunner().invoke(app, ["nll", "--model", str(model_dir), "--text", str(tmp_path / "held.txt"),
-                                   "--seq-len", "6", "--rows", "2", "--output",
-                                   str(tmp_path / "out" / "out.json"), "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "nll",
+            "--model",
+            str(model_dir),
+            "--text",
+            str(tmp_path / "held.txt"),
+            "--seq-len",
+            "6",
+            "--rows",
+            "2",
+            "--output",
+            str(tmp_path / "out" / "out.json"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert victim.read_text() == "precious"
     assert json.loads((tmp_path / "out" / "out.json").read_text())["results"][0]["kind"] == "A3"
@@ -111,8 +125,10 @@ def test_a_folder_with_its_own_code_is_refused(base_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "modeling_evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\n")
     line = _error("convert", folder, tmp_path / "out")
-    assert line == (f"error: {folder}: this folder asks to run its own code; a3lm does not "
-                    "(config.json has an auto_map naming Python files)")
+    assert line == (
+        f"error: {folder}: this folder asks to run its own code; a3lm does not "
+        "(config.json has an auto_map naming Python files)"
+    )
     assert "trust_remote_code" not in line
     line = _error("train", "--model", folder, "--output", tmp_path / "run", "-s", "log.progress=false")
     assert "this folder asks to run its own code; a3lm does not" in line
@@ -123,8 +139,10 @@ def test_an_a3_config_without_text_config_builds_nothing(model_dir, tmp_path):
     folder = _copy(model_dir, tmp_path / "no_text")
     (folder / "config.json").write_text(json.dumps({"model_type": "a3", "architectures": ["A3ForCausalLM"]}))
     line = _error("sample", "--model", folder)
-    assert line == (f"error: {folder / 'config.json'} is an A3 config without text_config (the decoder's "
-                    "config, with its model_type): refusing to build a default decoder in its place")
+    assert line == (
+        f"error: {folder / 'config.json'} is an A3 config without text_config (the decoder's "
+        "config, with its model_type): refusing to build a default decoder in its place"
+    )
     from a3lm.model.config import A3Config
 
     with pytest.raises(ValueError, match="the A3 config is an A3 config without text_config"):
@@ -147,14 +165,17 @@ def test_text_that_is_not_utf8_is_named(model_dir, option):
 
 
 def test_nan_temperature_is_refused(model_dir):
-    assert _error("sample", "--model", model_dir, "--temperature", "nan") == \
-        "error: temperature must be a finite number >= 0 (0 = greedy), got nan"
+    assert (
+        _error("sample", "--model", model_dir, "--temperature", "nan")
+        == "error: temperature must be a finite number >= 0 (0 = greedy), got nan"
+    )
 
 
 def test_an_unknown_order_offers_only_what_the_cli_takes(model_dir):
     line = _error("sample", "--model", model_dir, "--order", "zigzag")
-    assert line == ("error: unknown order 'zigzag'; choose one of left-to-right, right-to-left, random, "
-                    "random-blocks")
+    assert line == (
+        "error: unknown order 'zigzag'; choose one of left-to-right, right-to-left, random, random-blocks"
+    )
 
 
 def test_a_model_folder_without_its_tokenizer(model_dir, tmp_path):
@@ -164,7 +185,8 @@ def test_a_model_folder_without_its_tokenizer(model_dir, tmp_path):
             f.unlink()
     assert _error("sample", "--model", folder) == (
         f"error: {folder} holds no tokenizer (tokenizer.json or tokenizer_config.json): save the tokenizer "
-        "beside the weights (tokenizer.save_pretrained)")
+        "beside the weights (tokenizer.save_pretrained)"
+    )
 
 
 def test_weights_that_disagree_with_the_config(model_dir, tmp_path):
@@ -190,21 +212,30 @@ def test_a_truncated_gguf_header(tmp_path):
 
 
 def test_nll_bad_sizes_and_outputs_are_refused_before_work(model_dir, tmp_path):
-    assert _error("nll", "--model", model_dir, "--batch-size", "0", "--output", tmp_path / "x.json") == \
-        "error: --batch-size must be >= 1, got 0"
-    assert _error("nll", "--model", model_dir, "--output", tmp_path) == \
-        f"error: --output {tmp_path} is a folder: give a file name (e.g. {tmp_path / 'results.json'})"
+    assert (
+        _error("nll", "--model", model_dir, "--batch-size", "0", "--output", tmp_path / "x.json")
+        == "error: --batch-size must be >= 1, got 0"
+    )
+    assert (
+        _error("nll", "--model", model_dir, "--output", tmp_path)
+        == f"error: --output {tmp_path} is a folder: give a file name (e.g. {tmp_path / 'results.json'})"
+    )
     (tmp_path / "other.json").write_text("[1, 2]")
-    assert _error("nll", "--model", model_dir, "--output", tmp_path / "other.json") == \
-        f"error: {tmp_path / 'other.json'} exists and is not an a3lm nll results file: choose another " \
+    assert (
+        _error("nll", "--model", model_dir, "--output", tmp_path / "other.json")
+        == f"error: {tmp_path / 'other.json'} exists and is not an a3lm nll results file: choose another "
         "--output, or delete it"
+    )
     assert (tmp_path / "other.json").read_text() == "[1, 2]"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--limit", "-1"], "--limit must be >= 1 (examples per task), got -1"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--limit", "-1"], "--limit must be >= 1 (examples per task), got -1"),
+    ],
+)
 def test_eval_bad_sizes_before_loading(model_dir, tmp_path, args, message):
     line = _error("eval", "--model", model_dir, "--tasks", "piqa", "--output", tmp_path / "r.json", *args)
     assert line == f"error: {message}"
@@ -212,23 +243,36 @@ def test_eval_bad_sizes_before_loading(model_dir, tmp_path, args, message):
 
 def test_eval_output_folder_and_foreign_results_files_are_refused(model_dir, tmp_path):
     assert _error("eval", "--model", model_dir, "--tasks", "piqa", "--output", tmp_path).startswith(
-        f"error: --output {tmp_path} is a folder")
+        f"error: --output {tmp_path} is a folder"
+    )
     foreign = tmp_path / "r.json"
     for content in ('["a", "list"]', "not json", '{"config": {}}'):
         foreign.write_text(content)
         assert _error("eval", "--model", model_dir, "--tasks", "piqa", "--output", foreign).startswith(
             f"error: {foreign} exists and is not an a3lm eval results file: choose another --output, or "
-            "delete it")
+            "delete it"
+        )
         assert foreign.read_text() == content
 
 
 def test_eval_says_when_a_config_change_discards_rows(tmp_path):
     out = tmp_path / "r.json"
     row = Row("m", "a3", "m")
-    out.write_text(json.dumps({"config": {"batch_size": 16}, "rows": [{"label": row.label, "path": "m"}],
-                               "results": [], "outputs": {row.label: {}}}))
-    with pytest.warns(UserWarning, match=r"r.json was written with other settings \(batch_size\): its 1 "
-                                         r"finished row\(s\) are discarded and evaluated again"):
+    out.write_text(
+        json.dumps(
+            {
+                "config": {"batch_size": 16},
+                "rows": [{"label": row.label, "path": "m"}],
+                "results": [],
+                "outputs": {row.label: {}},
+            }
+        )
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"r.json was written with other settings \(batch_size\): its 1 "
+        r"finished row\(s\) are discarded and evaluated again",
+    ):
         assert finished_rows(out, {"batch_size": 8}, [row], {"m": {}}) == ([], {})
 
 
@@ -243,15 +287,20 @@ def test_eval_fingerprints_the_task_data(tmp_path):
     assert data_fingerprint(cfg) != before  # a changed file: another config, so rows are scored again
 
 
-STORY_HEADER = ("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
-                "RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n")
+STORY_HEADER = (
+    "InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
+    "RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n"
+)
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ("x,a,b,c,d,e,f,3\n", "line 2: AnswerRightEnding must be 1 or 2, got '3'"),
-    ("x,a,b,c\n", "line 2: no InputSentence4 (the row has fewer columns than the header)"),
-    ("", "holds no stories (a header and no rows)"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("x,a,b,c,d,e,f,3\n", "line 2: AnswerRightEnding must be 1 or 2, got '3'"),
+        ("x,a,b,c\n", "line 2: no InputSentence4 (the row has fewer columns than the header)"),
+        ("", "holds no stories (a header and no rows)"),
+    ],
+)
 def test_story_cloze_csv_problems_are_named(tmp_path, body, message):
     path = tmp_path / "s.csv"
     path.write_text(STORY_HEADER + body)
@@ -273,8 +322,22 @@ def test_nll_keeps_every_finished_model_and_resumes(model_dir, base_dir, tmp_pat
     from a3lm.evaluation import nll
 
     (tmp_path / "held.txt").write_text("the cat sat on the mat .\n" * 10)
-    args = ["nll", "--base", str(base_dir), "--model", str(model_dir), "--text", str(tmp_path / "held.txt"),
-            "--seq-len", "6", "--rows", "2", "--output", str(tmp_path / "n.json"), "--no-progress"]
+    args = [
+        "nll",
+        "--base",
+        str(base_dir),
+        "--model",
+        str(model_dir),
+        "--text",
+        str(tmp_path / "held.txt"),
+        "--seq-len",
+        "6",
+        "--rows",
+        "2",
+        "--output",
+        str(tmp_path / "n.json"),
+        "--no-progress",
+    ]
 
     def killed(*a, **k):
         raise KeyboardInterrupt("killed")
@@ -296,10 +359,14 @@ def test_nll_keeps_every_finished_model_and_resumes(model_dir, base_dir, tmp_pat
 
 def test_demo_output_file_and_zero_threads(tmp_path):
     (tmp_path / "f").write_text("")
-    assert _error("demo", "--quick", "--output", tmp_path / "f") == \
-        f"error: --output {tmp_path / 'f'} is a file: the demo writes a folder of runs and results"
-    assert _error("demo", "--quick", "--threads", "0", "--output", tmp_path / "d") == \
-        "error: --threads must be >= 1 (or left out for torch's default), got 0"
+    assert (
+        _error("demo", "--quick", "--output", tmp_path / "f")
+        == f"error: --output {tmp_path / 'f'} is a file: the demo writes a folder of runs and results"
+    )
+    assert (
+        _error("demo", "--quick", "--threads", "0", "--output", tmp_path / "d")
+        == "error: --threads must be >= 1 (or left out for torch's default), got 0"
+    )
 
 
 # -- the lm-eval entry point ---------------------------------------------------------------------------
@@ -308,10 +375,25 @@ def test_demo_output_file_and_zero_threads(tmp_path):
 def test_the_lm_eval_entry_point_reports_one_line(tmp_path):
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
     missing = tmp_path / "MISSING"
-    res = subprocess.run([sys.executable, "-m", "a3lm.evaluation", "--model", "a3lm", "--model_args",
-                          f"pretrained={missing}", "--tasks", "piqa"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "a3lm.evaluation",
+            "--model",
+            "a3lm",
+            "--model_args",
+            f"pretrained={missing}",
+            "--tasks",
+            "piqa",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 2 or res.returncode == 1
     assert "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == (f"error: no model folder at {missing}: expected a "
-                                                   "save_pretrained directory (or a Hub id org/name)")
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: no model folder at {missing}: expected a save_pretrained directory (or a Hub id org/name)"
+    )

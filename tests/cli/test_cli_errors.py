@@ -49,8 +49,18 @@ def _error(res) -> str:
     return lines[0]
 
 
-TINY_TRAIN = ("-s", "curriculum.stages=3", "-s", "curriculum.stage3_steps=1", "-s", "data.seq_len=8",
-              "-s", "data.micro_batch_size=2", "-s", "log.progress=false")
+TINY_TRAIN = (
+    "-s",
+    "curriculum.stages=3",
+    "-s",
+    "curriculum.stage3_steps=1",
+    "-s",
+    "data.seq_len=8",
+    "-s",
+    "data.micro_batch_size=2",
+    "-s",
+    "log.progress=false",
+)
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -59,30 +69,47 @@ TINY_TRAIN = ("-s", "curriculum.stages=3", "-s", "curriculum.stage3_steps=1", "-
 def test_train_on_a_missing_model_folder(tmp_path):
     res = _run("train", "--model", tmp_path / "no-such-model", "--output", tmp_path / "run")
     assert res.exit_code == 2
-    assert _error(res) == f"error: no model folder at {tmp_path / 'no-such-model'}: expected a save_pretrained directory (or a Hub id org/name)"
+    assert (
+        _error(res) == f"error: no model folder at {tmp_path / 'no-such-model'}: "
+        "expected a save_pretrained directory (or a Hub id org/name)"
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", [("sample", "--prompt", "the", "--length", "4"), ("eval", "--tasks", "piqa"),
-                                     ("nll", "--text", "fortunes:heldout")])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("sample", "--prompt", "the", "--length", "4"),
+        ("eval", "--tasks", "piqa"),
+        ("nll", "--text", "fortunes:heldout"),
+    ],
+)
 def test_model_commands_on_a_missing_or_empty_folder(command, tmp_path):
     missing, empty = tmp_path / "no-such-model", tmp_path / "empty"
     empty.mkdir()
     res = _run(command[0], "--model", missing, *command[1:])
     assert res.exit_code == 2
-    assert _error(res) == f"error: no model folder at {missing}: expected a save_pretrained directory (or a Hub id org/name)"
+    assert (
+        _error(res)
+        == f"error: no model folder at {missing}: expected a save_pretrained directory (or a Hub id org/name)"
+    )
     res = _run(command[0], "--model", empty, *command[1:])
     assert _error(res) == f"error: {empty} holds no config.json: not a Hugging Face model folder"
 
 
-@pytest.mark.parametrize("command", [("sample", "--prompt", "the", "--length", "4"), ("nll", "--text", "fortunes:heldout")])
+@pytest.mark.parametrize(
+    "command", [("sample", "--prompt", "the", "--length", "4"), ("nll", "--text", "fortunes:heldout")]
+)
 def test_a_typo_under_a_local_folder_or_a_run_folder_is_named(command, tmp_path, monkeypatch):
     # "runs/typo" reads like a Hub id (org/name), but runs/ is here: no network request, one line
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "a3" / "checkpoints").mkdir(parents=True)
     res = _run(command[0], "--model", "runs/typo", *command[1:])
     assert res.exit_code == 2
-    assert _error(res) == "error: no model folder at runs/typo: expected a save_pretrained directory (or a Hub id org/name)"
+    assert (
+        _error(res)
+        == "error: no model folder at runs/typo: expected a save_pretrained directory (or a Hub id org/name)"
+    )
     res = _run(command[0], "--model", "runs/a3", *command[1:])
     assert _error(res) == f"error: runs/a3 is a training run folder: its model is {Path('runs/a3/final')}"
 
@@ -98,9 +125,20 @@ def test_train_and_eval_on_a_truncated_safetensors_file(truncated_dir, tmp_path)
     assert not (tmp_path / "run").exists()
     data = tmp_path / "data" / "piqa"
     data.mkdir(parents=True)
-    (data / "validation.jsonl").write_text(json.dumps({"goal": "a", "sol1": "b", "sol2": "c", "label": 0}) + "\n")
-    res = _run("eval", "--model", truncated_dir, "--tasks", "piqa", "--data-dir", tmp_path / "data",
-               "--output", tmp_path / "r.json")
+    (data / "validation.jsonl").write_text(
+        json.dumps({"goal": "a", "sol1": "b", "sol2": "c", "label": 0}) + "\n"
+    )
+    res = _run(
+        "eval",
+        "--model",
+        truncated_dir,
+        "--tasks",
+        "piqa",
+        "--data-dir",
+        tmp_path / "data",
+        "--output",
+        tmp_path / "r.json",
+    )
     assert res.exit_code == 2 and _error(res).startswith(f"error: corrupt checkpoint in {truncated_dir}: ")
 
 
@@ -108,8 +146,14 @@ def test_train_and_eval_on_a_truncated_safetensors_file(truncated_dir, tmp_path)
     "content, message",
     [
         ("", "data file {f} is empty"),
-        ('{"text": "the cat"}\nnot json\n', "data file {f}: line 2 is not JSON (Expecting value): 'not json'"),
-        ('{"body": "the cat"}\n', "data '{f}' has no text field 'text'; its columns are ['body'] (set data.text_field)"),
+        (
+            '{"text": "the cat"}\nnot json\n',
+            "data file {f}: line 2 is not JSON (Expecting value): 'not json'",
+        ),
+        (
+            '{"body": "the cat"}\n',
+            "data '{f}' has no text field 'text'; its columns are ['body'] (set data.text_field)",
+        ),
     ],
 )
 def test_train_on_bad_data_leaves_nothing_and_the_fixed_rerun_works(model_dir, tmp_path, content, message):
@@ -132,8 +176,20 @@ def test_a_failure_after_the_start_but_before_a_checkpoint_leaves_nothing(model_
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"text": "the cat sat"}) + "\n" + "{broken\n")
     run = tmp_path / "run"
-    res = _run("train", "--model", model_dir, "--data", data, "--output", run, *TINY_TRAIN[:-2],
-               "-s", "data.micro_batch_size=8", "-s", "log.progress=false")
+    res = _run(
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--output",
+        run,
+        *TINY_TRAIN[:-2],
+        "-s",
+        "data.micro_batch_size=8",
+        "-s",
+        "log.progress=false",
+    )
     assert res.exit_code == 2
     assert _error(res).startswith(f"error: data file {data}: line 2 is not JSON (")
     assert not run.exists()
@@ -146,16 +202,31 @@ def test_a_failure_after_the_start_but_before_a_checkpoint_leaves_nothing(model_
     "content, problem",
     [
         ("", " is empty"),
-        ('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "a",\n', ": line 2 is not JSON (Expecting"),
-        ('{"goal": "a", "sol1": "b", "label": 0}\n', ": line 1 lacks field(s) sol2 (piqa reads goal, sol1, sol2, label)"),
+        (
+            '{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "a",\n',
+            ": line 2 is not JSON (Expecting",
+        ),
+        (
+            '{"goal": "a", "sol1": "b", "label": 0}\n',
+            ": line 1 lacks field(s) sol2 (piqa reads goal, sol1, sol2, label)",
+        ),
     ],
 )
 def test_eval_on_a_bad_validation_file(model_dir, tmp_path, content, problem):
     path = tmp_path / "data" / "piqa" / "validation.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    res = _run("eval", "--model", model_dir, "--tasks", "piqa", "--data-dir", tmp_path / "data",
-               "--output", tmp_path / "r.json")
+    res = _run(
+        "eval",
+        "--model",
+        model_dir,
+        "--tasks",
+        "piqa",
+        "--data-dir",
+        tmp_path / "data",
+        "--output",
+        tmp_path / "r.json",
+    )
     assert res.exit_code == 2
     assert _error(res).startswith(f"error: benchmark file {path}{problem}")
     assert not (tmp_path / "r.json").exists()
@@ -163,7 +234,9 @@ def test_eval_on_a_bad_validation_file(model_dir, tmp_path, content, problem):
 
 def test_eval_without_tasks(model_dir):
     res = _run("eval", "--model", model_dir, "--tasks", "")
-    assert res.exit_code == 2 and _error(res).startswith("error: no tasks given: --tasks takes a comma-separated list of hellaswag")
+    assert res.exit_code == 2 and _error(res).startswith(
+        "error: no tasks given: --tasks takes a comma-separated list of hellaswag"
+    )
 
 
 def test_lm_eval_adapter_falls_back_to_the_cpu(model_dir):

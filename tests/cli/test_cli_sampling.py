@@ -32,8 +32,22 @@ def _read_picture(lines: list[str]) -> tuple[list[int], list[list[str]]]:
 
 
 def test_sample_shows_order(model_dir):
-    res = _run("sample", "--model", model_dir, "--prompt", "the cat", "--length", "6", "--group-size", "2",
-               "--order", "random", "--seed", "1", "--show-order")  # fmt: skip
+    res = _run(
+        "sample",
+        "--model",
+        model_dir,
+        "--prompt",
+        "the cat",
+        "--length",
+        "6",
+        "--group-size",
+        "2",
+        "--order",
+        "random",
+        "--seed",
+        "1",
+        "--show-order",
+    )
     assert res.exit_code == 0, res.output
     *picture, text = res.stdout.strip().splitlines()
     steps, rows = _read_picture(picture)
@@ -51,39 +65,81 @@ def test_sample_shows_order(model_dir):
     assert sorted(filled_at) == list(range(2, width))  # every generated token marked at exactly one step
     final = [w.strip("[]") for w in rows[-1]]
     for t, row in zip(steps, rows, strict=True):  # blank before its step, bracketed at it, plain after
-        want = [w if j < 2 or filled_at[j] < t else f"[{w}]" if filled_at[j] == t else "_" for j, w in enumerate(final)]
+        want = [
+            w if j < 2 or filled_at[j] < t else f"[{w}]" if filled_at[j] == t else "_"
+            for j, w in enumerate(final)
+        ]
         assert row == want
     assert text == " ".join(final)
     # the same run through the Python API: the marks are its fill steps, at most 2 positions per step
     model, tokenizer = load_pretrained(model_dir)
-    out = sample(model, torch.tensor([encode_row(tokenizer, "the cat")]), length=6, group_size=2, order="random",
-                 seed=1, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    out = sample(
+        model,
+        torch.tensor([encode_row(tokenizer, "the cat")]),
+        length=6,
+        group_size=2,
+        order="random",
+        seed=1,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     real = out.attention_mask[0].bool()
     ids, fill_step = out.sequences[0][real].tolist(), out.fill_step[0][real].tolist()
     assert [s for i, s in zip(ids, fill_step, strict=True) if i not in tokenizer.all_special_ids] == [
-        0, 0, *(filled_at[j] for j in range(2, width))]  # fmt: skip
+        0,
+        0,
+        *(filled_at[j] for j in range(2, width)),
+    ]
     assert max(fill_step.count(t) for t in range(1, 4)) <= 2
 
 
 def test_sample_cache_and_no_cache_agree(model_dir):
-    args = ("sample", "--model", model_dir, "--prompt", "a big dog", "--length", "8", "--dynamic",
-            "--criterion", "margin", "--per-step", "2", "--temperature", "0")  # fmt: skip
+    args = (
+        "sample",
+        "--model",
+        model_dir,
+        "--prompt",
+        "a big dog",
+        "--length",
+        "8",
+        "--dynamic",
+        "--criterion",
+        "margin",
+        "--per-step",
+        "2",
+        "--temperature",
+        "0",
+    )
     cached, uncached = _run(*args), _run(*args, "--no-cache")
     assert cached.exit_code == 0 and cached.stdout == uncached.stdout
 
 
 def test_infill_keeps_text_around_the_blank(model_dir):
-    res = _run("infill", "--model", model_dir, "--text", "the cat [BLANK:3] on the mat .", "--temperature", "0")
+    res = _run(
+        "infill", "--model", model_dir, "--text", "the cat [BLANK:3] on the mat .", "--temperature", "0"
+    )
     assert res.exit_code == 0, res.output
     words = res.stdout.split()
     assert words[:2] == ["the", "cat"] and words[-4:] == ["on", "the", "mat", "."]
 
 
 @pytest.mark.parametrize("schedule", ["constant", "heuristic"])
-@pytest.mark.parametrize("command, text", [("sample", "a big dog"), ("infill", "the cat [BLANK:4] on the mat .")])
+@pytest.mark.parametrize(
+    "command, text", [("sample", "a big dog"), ("infill", "the cat [BLANK:4] on the mat .")]
+)
 def test_speculative_greedy_equals_one_token_steps(model_dir, command, text, schedule):
     flag = "--prompt" if command == "sample" else "--text"
-    args = (command, "--model", model_dir, flag, text, "--temperature", "0", "--order", "random", "--show-order")
+    args = (
+        command,
+        "--model",
+        model_dir,
+        flag,
+        text,
+        "--temperature",
+        "0",
+        "--order",
+        "random",
+        "--show-order",
+    )
     extra = ("--length", "8") if command == "sample" else ()
     plain = _run(*args, *extra)
     spec = _run(*args, *extra, "--speculative", "3", "--speculative-schedule", schedule)

@@ -13,7 +13,13 @@ from a3lm.tokenizer import word_tokenizer
 HMM = synthetic.default_hmm(0)
 TOK = word_tokenizer(HMM.words)
 BOS, EOS, PAD = TOK.bos_token_id, TOK.eos_token_id, TOK.pad_token_id
-DOCS = ["the cat sees a dog .", "she runs", "it sleeps near the river today", "a bird", "every old farmer sings"]
+DOCS = [
+    "the cat sees a dog .",
+    "she runs",
+    "it sleeps near the river today",
+    "a bird",
+    "every old farmer sings",
+]
 
 
 @pytest.fixture
@@ -91,9 +97,26 @@ def test_folder_text_and_parquet_sources(tmp_path):
     (folder / "sub" / "b.txt").write_text("it sleeps\n")
     builder, files = resolve_local_files(str(folder))
     assert builder == "text" and len(files) == 2
-    row = build_loader(DataConfig(source=str(folder), seq_len=14, micro_batch_size=1), TOK).next_batch()["input_ids"][0]
+    row = build_loader(DataConfig(source=str(folder), seq_len=14, micro_batch_size=1), TOK).next_batch()[
+        "input_ids"
+    ][0]
     assert TOK.decode(row, skip_special_tokens=False).split() == (
-        ["<bos>", "the", "cat", "sees", "a", "dog", "<eos>", "she", "runs", "<eos>", "it", "sleeps", "<eos>", "the"]
+        [
+            "<bos>",
+            "the",
+            "cat",
+            "sees",
+            "a",
+            "dog",
+            "<eos>",
+            "she",
+            "runs",
+            "<eos>",
+            "it",
+            "sleeps",
+            "<eos>",
+            "the",
+        ]
     )
     import datasets
 
@@ -145,8 +168,13 @@ def test_empty_and_textless_sources_are_clear_errors(tmp_path):
     assert loader(alternating, 0, 2).next_row()[1:4] == _token_stream()[:3]
     with pytest.raises(ValueError, match="every document of data source .* that rank 1 of 2 reads is empty"):
         loader(alternating, 1, 2).next_row()
-    for bad in ({"text": None}, {"id": 3}):  # a null text; a record without the field (datasets fills in None)
-        with pytest.raises(ValueError, match=r"d\d.jsonl': document 1 \(0-based\) has no text: its field 'text' is None"):
+    for bad in (
+        {"text": None},
+        {"id": 3},
+    ):  # a null text; a record without the field (datasets fills in None)
+        with pytest.raises(
+            ValueError, match=r"d\d.jsonl': document 1 \(0-based\) has no text: its field 'text' is None"
+        ):
             reader = loader([{"text": DOCS[0]}, bad, {"text": DOCS[1]}])
             for _ in range(3):  # document 0 fills the first two rows
                 reader.next_row()
@@ -162,7 +190,9 @@ def test_ranks_read_disjoint_documents(jsonl):
     f0 = build_loader(DataConfig(source=str(jsonl), seq_len=4, micro_batch_size=2), TOK, rank=0, world_size=2)
     f1 = build_loader(DataConfig(source=str(jsonl), seq_len=4, micro_batch_size=2), TOK, rank=1, world_size=2)
     assert not torch.equal(f0.next_batch()["input_ids"], f1.next_batch()["input_ids"])
-    with pytest.raises(ValueError, match="cannot resume rank 0 of 1 with load_state_dict: use load_resharded"):
+    with pytest.raises(
+        ValueError, match="cannot resume rank 0 of 1 with load_state_dict: use load_resharded"
+    ):
         build_loader(cfg, TOK, rank=0, world_size=1).load_state_dict(f0.state_dict())
 
 
@@ -267,5 +297,7 @@ def test_resharded_resume_neither_repeats_nor_skips(tmp_path, old_world, new_wor
         while loader.last < end:
             tokens += loader.next_row()[1:]
         streams.append((first, tokens[carried:]))
-    seen = [g for first, tokens in streams for g in _global_indices(_doc_indices(tokens), first, n) if g < end]
+    seen = [
+        g for first, tokens in streams for g in _global_indices(_doc_indices(tokens), first, n) if g < end
+    ]
     assert sorted(seen) == list(range(end))

@@ -35,8 +35,13 @@ def tokenizer():
 def model_dir(tmp_path_factory, tokenizer):
     """A saved A3 model (vocabulary of the byte-level BPE tokenizer, its EOS) with that tokenizer."""
     path = tmp_path_factory.mktemp("a3")
-    m = tiny_a3_model("llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    m = tiny_a3_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     m.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -146,7 +151,8 @@ def test_a3_options_by_keyword_by_generation_config_and_by_its_a3_field(model, o
         for b, c in enumerate(want):
             L = ids.shape[1]
             assert out.sequences[b, L : L + len(c)].tolist() == c, kwargs
-            # the fill order, in the same layout: 0 on the prompt, -1 on its padding, the step of each new token
+            # the fill order, in the same layout: 0 on the prompt, -1 on its padding, the step of each
+            # new token
             steps = ref.fill_step[b, len(ROWS[b]) : len(ROWS[b]) + len(c)].tolist()
             assert out.fill_step[b, L : L + len(c)].tolist() == steps
             assert out.fill_step[b, :L].tolist() == [-1] * (L - len(ROWS[b])) + [0] * len(ROWS[b])
@@ -155,7 +161,8 @@ def test_a3_options_by_keyword_by_generation_config_and_by_its_a3_field(model, o
 
 def test_the_model_generation_config_carries_a3_options_through_save_and_auto_loading(tmp_path):
     m = tiny_a3_model("qwen2")
-    # a fresh GenerationConfig: one made from the model config (`_from_model_config`) drops extra fields on loading
+    # a fresh GenerationConfig: one made from the model config (`_from_model_config`) drops extra
+    # fields on loading
     m.generation_config = GenerationConfig(a3={"order": "right-to-left", "group_size": 2}, max_new_tokens=5)
     m.save_pretrained(tmp_path)
     # a3lm is imported: the auto class gives an A3ForCausalLM, with a3lm's generate()
@@ -316,9 +323,23 @@ def test_chat_template_prompts_in_generate_and_the_cli(model_dir, tokenizer):
     out = m.generate(**enc, max_new_tokens=6, do_sample=False)
     ref = sample(m, enc["input_ids"], length=6, temperature=0)
     assert out[0].tolist() == ref.sequences[0, ref.attention_mask[0].bool()].tolist()
-    # the CLI: --chat puts the prompt in the template (the row start is its first token already) and prints the reply
-    res = CliRunner().invoke(app, ["sample", "--model", model_dir, "--prompt", "the dog", "--chat", "--length", "6",
-                                   "--temperature", "0"])  # fmt: skip
+    # the CLI: --chat puts the prompt in the template (the row start is its first token already) and
+    # prints the reply
+    res = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            model_dir,
+            "--prompt",
+            "the dog",
+            "--chat",
+            "--length",
+            "6",
+            "--temperature",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert enc["input_ids"][0, 0].item() == tokenizer.bos_token_id
     assert (

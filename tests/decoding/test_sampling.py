@@ -70,10 +70,20 @@ def _infill_batch():
 
 def _cached_and_uncached(model, mode: str):
     return [
-        sample(model, PROMPTS, PROMPT_MASK, length=9, temperature=0, seed=3, stop_at_eos=False,
-               output_logits=True, use_cache=use_cache, **MODES[mode])
+        sample(
+            model,
+            PROMPTS,
+            PROMPT_MASK,
+            length=9,
+            temperature=0,
+            seed=3,
+            stop_at_eos=False,
+            output_logits=True,
+            use_cache=use_cache,
+            **MODES[mode],
+        )
         for use_cache in (True, False)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -103,9 +113,19 @@ def test_cached_equals_uncached_infill(family, mode):
 
 
 def test_cached_equals_uncached_when_sampling():
-    """Same seed, same draws: temperature / top-k / top-p sampling gives the same tokens with and without cache."""
+    """Same seed, same draws: temperature / top-k / top-p sampling gives the same tokens with and
+    without cache."""
     model = _sharp_model("llama")
-    kw = dict(length=12, group_size=2, order="random", temperature=0.8, top_k=10, top_p=0.9, seed=7, output_logits=True)
+    kw = dict(
+        length=12,
+        group_size=2,
+        order="random",
+        temperature=0.8,
+        top_k=10,
+        top_p=0.9,
+        seed=7,
+        output_logits=True,
+    )
     runs = [sample(model, PROMPTS, PROMPT_MASK, use_cache=c, stop_at_eos=False, **kw) for c in (True, False)]
     _assert_same_run(*runs)
 
@@ -117,8 +137,15 @@ def test_samples_match_likelihood():
     """Chi-square of many samples (fixed grouping: {3, 1} then {2}) against exp(sequence_logprobs)."""
     model = _sharp_model("llama", vocab_size=4)
     n, length, V = 12000, 3, 4
-    out = sample(model, torch.ones(n, 1, dtype=torch.long), length=length, group_size=2,
-                 order=torch.tensor([2, 0, 1]), stop_at_eos=False, seed=0)  # fmt: skip
+    out = sample(
+        model,
+        torch.ones(n, 1, dtype=torch.long),
+        length=length,
+        group_size=2,
+        order=torch.tensor([2, 0, 1]),
+        stop_at_eos=False,
+        seed=0,
+    )
     group_ids = out.group_ids[:1]
     assert group_ids.tolist() == [[0, 1, 2, 1]] and bool((out.group_ids == group_ids).all())
 
@@ -157,13 +184,26 @@ def test_top_k_top_p_and_temperature_filters():
 def test_top_k_one_is_greedy():
     model = _sharp_model("qwen2")
     greedy = sample(model, PROMPTS, PROMPT_MASK, length=8, group_size=2, temperature=0, stop_at_eos=False)
-    top1 = sample(model, PROMPTS, PROMPT_MASK, length=8, group_size=2, temperature=1.5, top_k=1, seed=5, stop_at_eos=False)
+    top1 = sample(
+        model,
+        PROMPTS,
+        PROMPT_MASK,
+        length=8,
+        group_size=2,
+        temperature=1.5,
+        top_k=1,
+        seed=5,
+        stop_at_eos=False,
+    )
     assert torch.equal(greedy.sequences, top1.sequences)
 
 
 def test_seed_reproducible():
     model = _sharp_model("llama")
-    a, b, c = (sample(model, PROMPTS, PROMPT_MASK, length=10, order="random", seed=s, stop_at_eos=False) for s in (4, 4, 5))
+    a, b, c = (
+        sample(model, PROMPTS, PROMPT_MASK, length=10, order="random", seed=s, stop_at_eos=False)
+        for s in (4, 4, 5)
+    )
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.fill_step, b.fill_step)
     assert not (torch.equal(a.sequences, c.sequences) and torch.equal(a.fill_step, c.fill_step))
 
@@ -196,8 +236,18 @@ def test_infill_keeps_known_tokens(core_family, dynamic):
 def test_dynamic_commits_k_best_by_criterion(core_family, criterion):
     model = _sharp_model(core_family)
     k, length = 3, 10
-    out = sample(model, PROMPTS, PROMPT_MASK, length=length, dynamic=True, criterion=criterion, per_step=k,
-                 temperature=0, stop_at_eos=False, output_logits=True)  # fmt: skip
+    out = sample(
+        model,
+        PROMPTS,
+        PROMPT_MASK,
+        length=length,
+        dynamic=True,
+        criterion=criterion,
+        per_step=k,
+        temperature=0,
+        stop_at_eos=False,
+        output_logits=True,
+    )
     assert out.num_steps == -(-length // k)
     for t, step in enumerate(out.step_logits, start=1):
         scores = criterion_scores(criterion, step.logits_BQV.softmax(-1))
@@ -214,8 +264,17 @@ def test_dynamic_commits_k_best_by_criterion(core_family, criterion):
 def test_dynamic_threshold_commits_all_confident():
     model = _sharp_model("llama")
     p = 0.08
-    out = sample(model, PROMPTS, PROMPT_MASK, length=10, dynamic=True, threshold=p, temperature=0,
-                 stop_at_eos=False, output_logits=True)  # fmt: skip
+    out = sample(
+        model,
+        PROMPTS,
+        PROMPT_MASK,
+        length=10,
+        dynamic=True,
+        threshold=p,
+        temperature=0,
+        stop_at_eos=False,
+        output_logits=True,
+    )
     for t, step in enumerate(out.step_logits, start=1):
         conf = step.logits_BQV.softmax(-1).max(-1).values
         for b in range(2):
@@ -244,8 +303,15 @@ def test_batched_equals_one_by_one(core_family, mode):
     model = _sharp_model(core_family)
     prompts = [[1, 4], [1, 5, 6, 7, 8], [1, 9, 10]]
     right_padded = torch.tensor([p + [0] * (5 - len(p)) for p in prompts])
-    batched = sample(model, right_padded, (right_padded != 0).long(), length=7, temperature=0,
-                     stop_at_eos=False, **MODES[mode])  # fmt: skip
+    batched = sample(
+        model,
+        right_padded,
+        (right_padded != 0).long(),
+        length=7,
+        temperature=0,
+        stop_at_eos=False,
+        **MODES[mode],
+    )
     for b, p in enumerate(prompts):
         single = sample(model, torch.tensor([p]), length=7, temperature=0, stop_at_eos=False, **MODES[mode])
         n = len(p) + 7
@@ -268,8 +334,11 @@ def _row_generators(rows) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(100 + b) for b in rows]
 
 
-RANDOM_MODES = [dict(order="random", group_size=2), dict(order="random-blocks", group_size=2),
-                dict(order="random", speculative=3)]  # fmt: skip
+RANDOM_MODES = [
+    dict(order="random", group_size=2),
+    dict(order="random-blocks", group_size=2),
+    dict(order="random", speculative=3),
+]
 
 
 @pytest.mark.parametrize("mode", RANDOM_MODES)
@@ -280,7 +349,14 @@ def test_random_order_per_row_is_batch_independent(mode):
     prompts = [[1, 4], [1, 5, 6, 7, 8], [1, 9, 10]]
     left_padded = torch.tensor([[0] * (5 - len(p)) + p for p in prompts])
     kw = dict(length=7, temperature=0, stop_at_eos=False, **mode)
-    batched = sample(model, left_padded, (left_padded != 0).long(), order_generators=_row_generators(range(3)), seed=0, **kw)
+    batched = sample(
+        model,
+        left_padded,
+        (left_padded != 0).long(),
+        order_generators=_row_generators(range(3)),
+        seed=0,
+        **kw,
+    )
     for b, p in enumerate(prompts):
         single = sample(model, torch.tensor([p]), order_generators=_row_generators([b]), seed=1, **kw)
         n = len(p) + 7
@@ -294,11 +370,20 @@ def test_random_order_per_row_is_batch_independent(mode):
 def test_random_order_per_row_infill_is_batch_independent(mode):
     model = _sharp_model("llama")
     ids, known, mask = _infill_batch()
-    batched = infill(model, ids, known, mask, temperature=0, order_generators=_row_generators(range(2)), seed=0, **mode)
+    batched = infill(
+        model, ids, known, mask, temperature=0, order_generators=_row_generators(range(2)), seed=0, **mode
+    )
     for b in range(2):
         n = int(mask[b].sum())
-        single = infill(model, ids[b : b + 1, :n], known[b : b + 1, :n], temperature=0,
-                        order_generators=_row_generators([b]), seed=1, **mode)  # fmt: skip
+        single = infill(
+            model,
+            ids[b : b + 1, :n],
+            known[b : b + 1, :n],
+            temperature=0,
+            order_generators=_row_generators([b]),
+            seed=1,
+            **mode,
+        )
         assert torch.equal(batched.sequences[b, :n], single.sequences[0])
         assert torch.equal(batched.fill_step[b, :n], single.fill_step[0])
 
@@ -310,8 +395,10 @@ def test_decoding_groups_are_the_builders_groups(order):
     first draw is the order)."""
     model = _sharp_model("llama")
     ids, known, mask = _infill_batch()
-    runs = [infill(model, ids, known, mask, group_size=2, order=order, seed=5),
-            sample(model, PROMPTS, PROMPT_MASK, length=7, group_size=2, order=order, seed=5, stop_at_eos=False)]
+    runs = [
+        infill(model, ids, known, mask, group_size=2, order=order, seed=5),
+        sample(model, PROMPTS, PROMPT_MASK, length=7, group_size=2, order=order, seed=5, stop_at_eos=False),
+    ]
     for out in runs:
         given = out.fill_step == 0
         gen = torch.Generator().manual_seed(5)
@@ -389,8 +476,9 @@ def test_eos_cut_keeps_the_untruncated_sample_that_scores_exactly(mode):
         assert out.attention_mask[0, cut + 1 :].sum() == 0 and whole.attention_mask[0, cut + 1 :].sum() > 0
         assert torch.equal(whole.sequences[0, : cut + 1], out.sequences[0, : cut + 1])
         drawn = _drawn_logprobs(whole)
-        rescored = sequence_logprobs(model, whole.sequences, whole.group_ids, whole.attention_mask,
-                                     position_ids=whole.position_ids).token[0]  # fmt: skip
+        rescored = sequence_logprobs(
+            model, whole.sequences, whole.group_ids, whole.attention_mask, position_ids=whole.position_ids
+        ).token[0]
         assert sorted(drawn) == (whole.fill_step[0] > 0).nonzero().squeeze(-1).tolist()
         for col, logp in drawn.items():
             assert float(rescored[col]) == pytest.approx(logp, abs=1e-5)
@@ -419,10 +507,16 @@ def test_dynamic_criteria_score_the_model_not_the_filter(options):
     # greedy: the filters leave every argmax as it is, and the criteria read the model's distribution
     model = _sharp_model("llama")
     kw = dict(length=10, dynamic=True, temperature=0, stop_at_eos=False)
-    for dynamic in (dict(criterion="confidence", per_step=2), dict(criterion="entropy", per_step=3), dict(threshold=0.3)):
+    for dynamic in (
+        dict(criterion="confidence", per_step=2),
+        dict(criterion="entropy", per_step=3),
+        dict(threshold=0.3),
+    ):
         plain = sample(model, PROMPTS, PROMPT_MASK, **kw, **dynamic)
         filtered = sample(model, PROMPTS, PROMPT_MASK, **kw, **dynamic, **options)
-        assert torch.equal(plain.sequences, filtered.sequences) and torch.equal(plain.fill_step, filtered.fill_step)
+        assert torch.equal(plain.sequences, filtered.sequences) and torch.equal(
+            plain.fill_step, filtered.fill_step
+        )
 
 
 # -- errors and text helpers --------------------------------------------------------------------------
@@ -453,7 +547,10 @@ def test_dynamic_criteria_score_the_model_not_the_filter(options):
         (dict(length=4, speculative=-1), "speculative"),
         (dict(length=4, speculative=2, speculative_schedule="eager"), "unknown speculative_schedule"),
         (dict(length=4, speculative_schedule="heuristic"), "speculative decoding only"),
-        (dict(length=4, order="random", order_generators=[torch.Generator()]), "one generator per row: got 1 for 2 rows"),
+        (
+            dict(length=4, order="random", order_generators=[torch.Generator()]),
+            "one generator per row: got 1 for 2 rows",
+        ),
     ],
 )
 def test_sample_errors(kwargs, message):
@@ -495,7 +592,11 @@ def test_encode_with_blanks_and_picture():
     assert known.tolist() == [[True, True, True, False, False, True, True, True, True]]
     assert ids[0, :3].tolist() == [tok.bos_token_id, *tok.convert_tokens_to_ids(["the", "cat"])]
     bpe = tiny_bpe_tokenizer()
-    for text in ["the cat sat.\n[BLANK:2] the mat.", "the cat\t\t[BLANK:2] the mat.", "the cat [BLANK:2] the mat."]:
+    for text in [
+        "the cat sat.\n[BLANK:2] the mat.",
+        "the cat\t\t[BLANK:2] the mat.",
+        "the cat [BLANK:2] the mat.",
+    ]:
         ids, known = encode_with_blanks(bpe, text)  # one space goes to the blank's first word, nothing else
         prefix = text.split("[BLANK")[0].removesuffix(" ")
         assert bpe.decode(ids[0][known[0]].tolist()[1:]) == prefix + " the mat."

@@ -38,7 +38,9 @@ def _p_value(observed: torch.Tensor, probs: torch.Tensor) -> float:
 def _joint(model, every, group_ids, temperature, top_k) -> torch.Tensor:
     """probs [S] of every sequence under the factorization group_ids, each conditional filtered alike."""
     logits = model(input_ids=every, group_ids=group_ids.expand(len(every), -1)).logits[:, 1:]
-    logp = filter_logits(logits, temperature, top_k).log_softmax(-1).gather(-1, every[:, 1:, None]).squeeze(-1)
+    logp = (
+        filter_logits(logits, temperature, top_k).log_softmax(-1).gather(-1, every[:, 1:, None]).squeeze(-1)
+    )
     return logp.sum(1).exp()
 
 
@@ -48,8 +50,17 @@ def test_samples_follow_the_singleton_order_joint(temperature, top_k):
     exact joint of the singleton order; the same test rejects the product of marginals (s = 3)."""
     model = _sharp_model("llama", vocab_size=4)
     n, length, V = 3000, 3, 4  # the two distributions are 0.3 apart in total variation: n = 3000 is plenty
-    out = sample(model, torch.ones(n, 1, dtype=torch.long), length=length, order=torch.tensor([2, 0, 1]),
-                 speculative=3, temperature=temperature, top_k=top_k, stop_at_eos=False, seed=0)  # fmt: skip
+    out = sample(
+        model,
+        torch.ones(n, 1, dtype=torch.long),
+        length=length,
+        order=torch.tensor([2, 0, 1]),
+        speculative=3,
+        temperature=temperature,
+        top_k=top_k,
+        stop_at_eos=False,
+        seed=0,
+    )
     singleton = torch.tensor([[0, 2, 3, 1]])
     assert bool((out.group_ids == singleton).all())
     assert 0 < out.accepted < out.drafted  # it speculated, and it rejected some drafts
@@ -91,12 +102,22 @@ def test_greedy_infill_equals_one_token_steps():
     assert torch.equal(spec.sequences[known], ids[known])
 
 
-@pytest.mark.parametrize("order, schedule", [("left-to-right", "constant"), ("random", "constant"), ("random", "heuristic")])
+@pytest.mark.parametrize(
+    "order, schedule", [("left-to-right", "constant"), ("random", "constant"), ("random", "heuristic")]
+)
 def test_cached_verification_equals_recompute(order, schedule):
     """Same seed, same draws: drafts, acceptances and residual draws agree with the full forward."""
     model = _sharp_model("qwen2", scale=4)  # broad enough for rejections
-    kw = dict(length=12, order=order, speculative=3, speculative_schedule=schedule, temperature=0.8, top_p=0.95, seed=0,
-              output_logits=True)  # fmt: skip
+    kw = dict(
+        length=12,
+        order=order,
+        speculative=3,
+        speculative_schedule=schedule,
+        temperature=0.8,
+        top_p=0.95,
+        seed=0,
+        output_logits=True,
+    )
     runs = [sample(model, PROMPTS, PROMPT_MASK, use_cache=c, stop_at_eos=False, **kw) for c in (True, False)]
     a, b = runs
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.fill_step, b.fill_step)
@@ -117,6 +138,8 @@ def test_heuristic_window_follows_acceptance(order):
     plain = sample(model, PROMPTS[1:], **kw)
     constant = sample(model, PROMPTS[1:], speculative=2, **kw)
     heuristic = sample(model, PROMPTS[1:], speculative=2, speculative_schedule="heuristic", **kw)
-    assert torch.equal(heuristic.sequences, plain.sequences) and torch.equal(heuristic.group_ids, plain.group_ids)
+    assert torch.equal(heuristic.sequences, plain.sequences) and torch.equal(
+        heuristic.group_ids, plain.group_ids
+    )
     assert heuristic.num_steps < constant.num_steps
     assert heuristic.drafted > constant.drafted  # wider windows

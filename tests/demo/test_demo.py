@@ -17,8 +17,16 @@ from a3lm.demo.run import held_out_set, run_demo
 from a3lm.demo.truth import bos_only, build_table, document_factorizations, true_nlls, verdict
 from a3lm.tokenizer import word_tokenizer
 
-ORDERS = ["left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2", "random-4",
-          "infill-middle"]
+ORDERS = [
+    "left-to-right",
+    "right-to-left",
+    "contiguous-2",
+    "contiguous-4",
+    "random-1",
+    "random-2",
+    "random-4",
+    "infill-middle",
+]
 
 
 def test_factorizations_score_the_words_under_valid_groupings():
@@ -27,7 +35,9 @@ def test_factorizations_score_the_words_under_valid_groupings():
     for f in facts:
         assert f.group_ids.shape == f.target_mask.shape == (5, 10)
         assert (f.group_ids[:, :1] < f.group_ids[:, 1:]).all(), "BOS must be the earliest group"
-        assert not f.target_mask[:, 0].any() and not f.target_mask[:, -1].any(), "BOS and EOS are never targets"
+        assert not f.target_mask[:, 0].any() and not f.target_mask[:, -1].any(), (
+            "BOS and EOS are never targets"
+        )
     infill = facts[-1]
     assert infill.target_mask[0].tolist() == [False] * 3 + [True] * 4 + [False] * 3
     # the known sides come before every blank
@@ -89,7 +99,11 @@ def test_quick_demo_runs_end_to_end_with_two_seeds_and_resumes(tmp_path):
     assert data["verdict"]["text"] == "too short to mean anything: no verdict"
     assert set(data["generation_stats"]) == {"curriculum", "ablation", "oracle"}
     modes = {s["mode"] for s in data["generation_stats"]["curriculum"]}
-    assert any("s=4" in m for m in modes) and any("entropy" in m for m in modes) and any("infill" in m for m in modes)
+    assert (
+        any("s=4" in m for m in modes)
+        and any("entropy" in m for m in modes)
+        and any("infill" in m for m in modes)
+    )
     assert all(g["text"] for g in data["generations"])
     md = (out / "results.md").read_text()
     assert "| left-to-right" in md and "## Decoding modes" in md and "Too short to mean anything" in md
@@ -114,7 +128,9 @@ def test_gap_statistics_and_verdict_on_known_numbers():
     lps = {}
     for k, s in enumerate(cfg.seed_list):
         lps[(s, "curriculum")] = _fake_logprobs(held.true_lp, held.facts, 0.02 + 0.01 * k + docs)
-        lps[(s, "ablation")] = _fake_logprobs(held.true_lp, held.facts, torch.full((B,), 0.05, dtype=torch.float64) + docs)
+        lps[(s, "ablation")] = _fake_logprobs(
+            held.true_lp, held.facts, torch.full((B,), 0.05, dtype=torch.float64) + docs
+        )
     table = build_table(cfg, held, lps, ar_final=[2.0, 2.1, 2.2])
     row = table[0]
     assert row["curriculum_gap"] == pytest.approx(0.03) and row["curriculum_gap_sd"] == pytest.approx(0.01)
@@ -124,7 +140,9 @@ def test_gap_statistics_and_verdict_on_known_numbers():
     assert row["ablation_gap_sd"] == pytest.approx(0.0) and row["ar"] == pytest.approx(2.1)
     assert row["true"] == pytest.approx(true_nlls(hmm, held.words, held.facts)["left-to-right"])
     v = verdict(cfg, held, lps)
-    assert v["difference"]["mean"] == pytest.approx(-0.02) and v["text"].startswith("the curriculum is closer")
+    assert v["difference"]["mean"] == pytest.approx(-0.02) and v["text"].startswith(
+        "the curriculum is closer"
+    )
     # a difference inside the run-to-run spread is no verdict
     for k, s in enumerate(cfg.seed_list):
         lps[(s, "ablation")] = _fake_logprobs(held.true_lp, held.facts, 0.0 + 0.04 * k + docs)

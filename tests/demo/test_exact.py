@@ -21,13 +21,23 @@ S, W, L = 3, 4, 4
 
 def tiny_hmm(seed: int, sparse: bool = False) -> HMM:
     g = torch.Generator().manual_seed(seed)
-    start, trans, emit = (torch.rand(*shape, generator=g, dtype=torch.float64) + 0.05 for shape in ((S,), (S, S), (S, W)))
+    start, trans, emit = (
+        torch.rand(*shape, generator=g, dtype=torch.float64) + 0.05 for shape in ((S,), (S, S), (S, W))
+    )
     if sparse:  # zeros in every table: impossible words, transitions and sequences
         start[1] = 0.0
         trans[0, 0] = trans[2, 1] = 0.0
-        emit[1, 3] = emit[2, 3] = emit[0, 1] = 0.0  # only state 0 says w3, and it never repeats: "w3 w3" is impossible
+        emit[1, 3] = emit[2, 3] = emit[0, 1] = (
+            0.0  # only state 0 says w3, and it never repeats: "w3 w3" is impossible
+        )
     norm = lambda a: a / a.sum(-1, keepdim=True)  # noqa: E731
-    return HMM(norm(start), norm(trans), norm(emit), words=[f"w{i}" for i in range(W)], states=[f"s{i}" for i in range(S)])
+    return HMM(
+        norm(start),
+        norm(trans),
+        norm(emit),
+        words=[f"w{i}" for i in range(W)],
+        states=[f"s{i}" for i in range(S)],
+    )
 
 
 def brute_joint(hmm: HMM) -> torch.Tensor:
@@ -112,7 +122,9 @@ def test_singletons_in_any_order_chain_to_the_joint():
     gen = torch.Generator().manual_seed(1)
     joint = joint_logprob(hmm, x)
     for _ in range(5):
-        perm_ids = torch.stack([torch.randperm(L, generator=gen) for _ in range(len(x))])  # an order per sample
+        perm_ids = torch.stack(
+            [torch.randperm(L, generator=gen) for _ in range(len(x))]
+        )  # an order per sample
         assert torch.allclose(factorization_logprob(hmm, x, perm_ids), joint, atol=1e-10)
 
 
@@ -163,7 +175,9 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="word indices"):
         joint_logprob(hmm, torch.tensor([[0, W]]))
     with pytest.raises(ValueError, match="differ in shape"):
-        conditional_logprobs(hmm, torch.zeros(2, L, dtype=torch.long), torch.zeros(2, L - 1, dtype=torch.long))
+        conditional_logprobs(
+            hmm, torch.zeros(2, L, dtype=torch.long), torch.zeros(2, L - 1, dtype=torch.long)
+        )
 
 
 def test_marginal_of_observed_positions_matches_brute_force():

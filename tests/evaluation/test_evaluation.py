@@ -22,10 +22,39 @@ from a3lm.model.debug import tiny_a3_model, tiny_base_model
 from a3lm.tokenizer import word_tokenizer
 
 WORDS = [
-    "the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "good", "bad", "went", "home", "end",
-    "question", "answer", "q", ":", "?", ".", ",", "who", "is", "paris", "france", "city", "one", "two",
-    "three", "yes", "no",
-]  # fmt: skip
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "dog",
+    "ran",
+    "a",
+    "big",
+    "red",
+    "good",
+    "bad",
+    "went",
+    "home",
+    "end",
+    "question",
+    "answer",
+    "q",
+    ":",
+    "?",
+    ".",
+    ",",
+    "who",
+    "is",
+    "paris",
+    "france",
+    "city",
+    "one",
+    "two",
+    "three",
+    "yes",
+    "no",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +72,9 @@ def lm(model, tokenizer):
     return A3LM(model, tokenizer=tokenizer, batch_size=3)
 
 
-def reference_logprob(model, tokenizer, context: str, continuation: str, order: str = "left-to-right", size: int = 1):
+def reference_logprob(
+    model, tokenizer, context: str, continuation: str, order: str = "left-to-right", size: int = 1
+):
     """log p(continuation | context) built from the core only: the tokenizer (adds BOS), the group builders
     of a3lm.groups and sequence_logprobs; returns (total, greedy)."""
     ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
@@ -73,10 +104,14 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize(("order", "size"), [("left-to-right", 1), ("left-to-right", 2), ("right-to-left", 1), ("random", 2)])
+@pytest.mark.parametrize(
+    ("order", "size"), [("left-to-right", 1), ("left-to-right", 2), ("right-to-left", 1), ("random", 2)]
+)
 def test_adapter_loglikelihood_equals_sequence_logprobs(model, tokenizer, order, size):
     lm = A3LM(model, tokenizer=tokenizer, batch_size=3, order=order, group_size=size, seed=1234)
-    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)], disable_tqdm=True)
+    got = lm.loglikelihood(
+        [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)], disable_tqdm=True
+    )
     for (context, continuation), (logprob, greedy) in zip(PAIRS, got, strict=True):
         ref, ref_greedy = reference_logprob(model, tokenizer, context, continuation, order, size)
         assert logprob == pytest.approx(ref, abs=1e-4), (context, continuation)
@@ -90,7 +125,9 @@ def test_greedy_continuation_is_greedy(model, tokenizer, lm):
         logits = model(input_ids=torch.tensor([ids + [0]])).logits  # row -1 predicts the appended slot
         ids = ids + [int(logits[0, -1].argmax())]
     continuation = " " + tokenizer.decode(ids[3:])
-    [(_, greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, ("the cat", continuation), 0)], disable_tqdm=True)
+    [(_, greedy)] = lm.loglikelihood(
+        [Instance("loglikelihood", {}, ("the cat", continuation), 0)], disable_tqdm=True
+    )
     assert tokenizer.encode(continuation, add_special_tokens=False) == ids[3:]
     assert greedy
     # generate_until's greedy left-to-right decoding (sampler + cache) follows the same argmax chain
@@ -102,7 +139,10 @@ def test_cut_at_stop_and_dynamic_generation(model, tokenizer):
     assert cut_at_stop("a, b. c", [".", ","]) == "a"
     assert cut_at_stop("no stop", ["", "."]) == "no stop"
     lm = A3LM(model, tokenizer=tokenizer, gen_mode="dynamic", criterion="entropy", per_step=2, batch_size=2)
-    reqs = [Instance("generate_until", {}, (c, {"until": ["."], "max_gen_toks": 4}), i) for i, c in enumerate(["the cat", "a", "who is"])]
+    reqs = [
+        Instance("generate_until", {}, (c, {"until": ["."], "max_gen_toks": 4}), i)
+        for i, c in enumerate(["the cat", "a", "who is"])
+    ]
     out = lm.generate_until(reqs, disable_tqdm=True)
     assert len(out) == 3 and all(isinstance(t, str) and "." not in t for t in out)
 
@@ -111,11 +151,16 @@ def test_loglikelihood_rolling_windows(model, tokenizer):
     text = "the cat sat on mat"  # t0..t4
     t = tokenizer.encode(text, add_special_tokens=False)
     full = A3LM(model, tokenizer=tokenizer)
-    [whole] = full.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    [whole] = full.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
+    )
     assert whole == pytest.approx(reference_logprob(model, tokenizer, "", text)[0], abs=1e-4)
-    # max_length 4: windows [BOS] -> t0 t1, [BOS t1] -> t2 t3, [BOS t2 t3] -> t4 (every window fits 4 positions)
+    # max_length 4: windows [BOS] -> t0 t1, [BOS t1] -> t2 t3, [BOS t2 t3] -> t4 (every window fits
+    # 4 positions)
     short = A3LM(model, tokenizer=tokenizer, max_length=4)
-    [windowed] = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    [windowed] = short.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
+    )
     dec = tokenizer.decode
     expected = (
         reference_logprob(model, tokenizer, "", dec(t[:2]))[0]
@@ -160,14 +205,35 @@ def test_simple_evaluate_piqa_matches_hand_count(tokenizer, tmp_path):
 def test_simple_evaluate_siqa_matches_model_likelihoods(model, tokenizer, lm, tmp_path):
     """Expected answers from the core likelihood of each choice; labels agree with them in 2 of 4 docs."""
     docs = [
-        {"context": "the cat sat", "question": "who is ?", "answerA": "the dog", "answerB": "a big red cat", "answerC": "home"},
-        {"context": "a dog ran", "question": "who ran ?", "answerA": "yes", "answerB": "no", "answerC": "the end"},
-        {"context": "paris is", "question": "a city ?", "answerA": "france", "answerB": "one two three", "answerC": "good"},
+        {
+            "context": "the cat sat",
+            "question": "who is ?",
+            "answerA": "the dog",
+            "answerB": "a big red cat",
+            "answerC": "home",
+        },
+        {
+            "context": "a dog ran",
+            "question": "who ran ?",
+            "answerA": "yes",
+            "answerB": "no",
+            "answerC": "the end",
+        },
+        {
+            "context": "paris is",
+            "question": "a city ?",
+            "answerA": "france",
+            "answerB": "one two three",
+            "answerC": "good",
+        },
         {"context": "the end", "question": "is it ?", "answerA": "bad", "answerB": "yes", "answerC": "two"},
     ]
     for i, doc in enumerate(docs):
         context = f"Q: {doc['context']} {doc['question']}\nA:"  # the harness's siqa prompt
-        lls = [reference_logprob(model, tokenizer, context, " " + doc[k])[0] for k in ("answerA", "answerB", "answerC")]
+        lls = [
+            reference_logprob(model, tokenizer, context, " " + doc[k])[0]
+            for k in ("answerA", "answerB", "answerC")
+        ]
         best = max(range(3), key=lambda k: lls[k])
         doc["label"] = str(best + 1 if i < 2 else (best + 1) % 3 + 1)  # right, right, wrong, wrong
     write_jsonl(tmp_path / "siqa" / "validation.jsonl", docs)
@@ -186,7 +252,10 @@ def test_exact_match_hand_values():
 def test_triviaqa_from_local_file(lm, tmp_path):
     """Greedy answers (what the adapter generates) are right for the docs whose aliases hold them."""
     questions = ["who is paris", "the big red dog", "a cat", "is it one"]
-    preds = [lm.generate([f"Question: {q}?\nAnswer:"], until=["\n", ".", ","], max_gen_toks=3)[0] for q in questions]
+    preds = [
+        lm.generate([f"Question: {q}?\nAnswer:"], until=["\n", ".", ","], max_gen_toks=3)[0]
+        for q in questions
+    ]
     docs = []
     for i, (q, pred) in enumerate(zip(questions, preds, strict=True)):
         aliases = [pred.strip().upper() + "!", "zzz"] if i < 3 else ["zzz"]
@@ -215,11 +284,28 @@ def write_csv(path, header, rows):
 
 
 def test_read_both_story_layouts_and_infill_inputs(model, tokenizer, tmp_path):
-    sentences = ["the cat sat .", "a dog ran .", "the dog went home .", "the cat sat on the mat .", "the end ."]
-    write_csv(tmp_path / "roc.csv", ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))], [["s1", "t", *sentences]])
-    header = ["InputStoryid", *(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1",
-              "RandomFifthSentenceQuiz2", "AnswerRightEnding"]  # fmt: skip
-    write_csv(tmp_path / "rocstories" / CLOZE_FILE, header, [["c1", *sentences[:4], "bad end .", sentences[4], "2"]])
+    sentences = [
+        "the cat sat .",
+        "a dog ran .",
+        "the dog went home .",
+        "the cat sat on the mat .",
+        "the end .",
+    ]
+    write_csv(
+        tmp_path / "roc.csv",
+        ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
+        [["s1", "t", *sentences]],
+    )
+    header = [
+        "InputStoryid",
+        *(f"InputSentence{i}" for i in range(1, 5)),
+        "RandomFifthSentenceQuiz1",
+        "RandomFifthSentenceQuiz2",
+        "AnswerRightEnding",
+    ]
+    write_csv(
+        tmp_path / "rocstories" / CLOZE_FILE, header, [["c1", *sentences[:4], "bad end .", sentences[4], "2"]]
+    )
     roc = read_stories(tmp_path / "roc.csv")
     cloze = read_stories(find_stories_file(tmp_path))
     assert roc[0].sentences == cloze[0].sentences == tuple(sentences)
@@ -275,28 +361,67 @@ def test_registered_and_cli_eval(model, tokenizer, tmp_path):
     tokenizer.save_pretrained(model_dir)
     tiny_base_model("llama", seed=1, vocab_size=len(WORDS) + 4).save_pretrained(judge_dir)
     tokenizer.save_pretrained(judge_dir)
-    loaded = get_model("a3lm").create_from_arg_string(f"pretrained={model_dir},order=right-to-left,group_size=2")
+    loaded = get_model("a3lm").create_from_arg_string(
+        f"pretrained={model_dir},order=right-to-left,group_size=2"
+    )
     assert isinstance(loaded, A3LM) and (loaded.order, loaded.group_size) == ("right-to-left", 2)
     assert get_model("dummy").__name__ == "DummyLM"  # registering ours kept the harness's own models
 
-    write_jsonl(data / "piqa" / "validation.jsonl", [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": i % 2} for i in range(3)])
-    sentences = ["the cat sat .", "a dog ran .", "the dog went home .", "the cat sat on the mat .", "the end ."]
-    write_csv(data / "rocstories" / "stories.csv", ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
-              [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]])  # fmt: skip
+    write_jsonl(
+        data / "piqa" / "validation.jsonl",
+        [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": i % 2} for i in range(3)],
+    )
+    sentences = [
+        "the cat sat .",
+        "a dog ran .",
+        "the dog went home .",
+        "the cat sat on the mat .",
+        "the end .",
+    ]
+    write_csv(
+        data / "rocstories" / "stories.csv",
+        ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
+        [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]],
+    )
     out = tmp_path / "results.json"
-    args = ["eval", "--model", str(model_dir), "--tasks", "piqa,rocstories,genppl", "--output", str(out),
-            "--data-dir", str(data), "--judge", str(judge_dir), "--limit", "2", "--genppl-samples", "2",
-            "--genppl-length", "6", "--device", "cpu"]  # fmt: skip
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--tasks",
+        "piqa,rocstories,genppl",
+        "--output",
+        str(out),
+        "--data-dir",
+        str(data),
+        "--judge",
+        str(judge_dir),
+        "--limit",
+        "2",
+        "--genppl-samples",
+        "2",
+        "--genppl-length",
+        "6",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "piqa acc" in result.output and "gen-entropy ppl" in result.output
     saved = json.loads(out.read_text())
     tasks = {(r["task"], r["metric"]) for r in saved["results"]}
-    assert {("piqa", "acc"), ("rocstories_group", "rougeL"), ("rocstories_dynamic", "rouge1"), ("genppl_random", "gen_ppl")} <= tasks
+    assert {
+        ("piqa", "acc"),
+        ("rocstories_group", "rougeL"),
+        ("rocstories_dynamic", "rouge1"),
+        ("genppl_random", "gen_ppl"),
+    } <= tasks
     assert all(r["model"] == str(model_dir) and "seed" in r["settings"] for r in saved["results"])
     assert saved["versions"]["lm_eval"] != "not installed"
 
-    missing = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--tasks", "hellaswag", "--data-dir", str(tmp_path / "none")])
+    missing = CliRunner().invoke(
+        app, ["eval", "--model", str(model_dir), "--tasks", "hellaswag", "--data-dir", str(tmp_path / "none")]
+    )
     assert missing.exit_code == 2 and "hellaswag/validation.jsonl" in missing.output
 
 
@@ -307,18 +432,44 @@ HELLASWAG_ENDINGS = ["sat on the mat .", "ran home", "big red dog", "yes no", "t
 
 def write_likelihood_fixtures(data):
     """PIQA and HellaSwag validation files in the hub's fields (what the harness's yamls read)."""
-    piqa = [{"goal": g, "sol1": a, "sol2": b, "label": i % 2} for i, (g, a, b) in enumerate([
-        ("the cat", "sat on the mat", "ran home"), ("a dog", "went home", "is paris"), ("who is", "paris ?", "the end"),
-        ("the big red", "dog ran", "cat"), ("yes", "no", "one two three"), ("the end", ".", "good bad"),
-    ])]  # fmt: skip
-    hellaswag = [{"ctx_a": a, "ctx_b": b, "ctx": f"{a} {b}", "activity_label": label,
-                  "endings": HELLASWAG_ENDINGS[i % 2 : i % 2 + 4], "label": str(i % 4)}
-                 for i, (a, b, label) in enumerate([("the cat", "sat", "cat"), ("a dog", "ran", "dog"),
-                                                    ("who is", "the", "city"), ("the big", "red", "home")])]  # fmt: skip
+    piqa = [
+        {"goal": g, "sol1": a, "sol2": b, "label": i % 2}
+        for i, (g, a, b) in enumerate(
+            [
+                ("the cat", "sat on the mat", "ran home"),
+                ("a dog", "went home", "is paris"),
+                ("who is", "paris ?", "the end"),
+                ("the big red", "dog ran", "cat"),
+                ("yes", "no", "one two three"),
+                ("the end", ".", "good bad"),
+            ]
+        )
+    ]
+    hellaswag = [
+        {
+            "ctx_a": a,
+            "ctx_b": b,
+            "ctx": f"{a} {b}",
+            "activity_label": label,
+            "endings": HELLASWAG_ENDINGS[i % 2 : i % 2 + 4],
+            "label": str(i % 4),
+        }
+        for i, (a, b, label) in enumerate(
+            [
+                ("the cat", "sat", "cat"),
+                ("a dog", "ran", "dog"),
+                ("who is", "the", "city"),
+                ("the big", "red", "home"),
+            ]
+        )
+    ]
     write_jsonl(data / "piqa" / "validation.jsonl", piqa)
     write_jsonl(data / "hellaswag" / "validation.jsonl", hellaswag)
     questions = ["who is paris", "the big red dog", "a cat"]
-    write_jsonl(data / "triviaqa" / "validation.jsonl", [{"question": q, "answer": {"aliases": ["paris"], "value": "paris"}} for q in questions])
+    write_jsonl(
+        data / "triviaqa" / "validation.jsonl",
+        [{"question": q, "answer": {"aliases": ["paris"], "value": "paris"}} for q in questions],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -345,9 +496,13 @@ def test_base_row_equals_lm_eval_hf(base_dir, tmp_path):
     ours = BaseLM(str(base_dir), batch_size=4, device="cpu", max_gen_toks=8)
     theirs = HF(pretrained=str(base_dir), batch_size=4, device="cpu")
     requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)]
-    for (a, a_greedy), (b, b_greedy) in zip(ours.loglikelihood(requests, disable_tqdm=True), theirs.loglikelihood(requests), strict=True):
+    for (a, a_greedy), (b, b_greedy) in zip(
+        ours.loglikelihood(requests, disable_tqdm=True), theirs.loglikelihood(requests), strict=True
+    ):
         assert a == pytest.approx(b, abs=1e-5) and a_greedy == b_greedy
-    (our_metrics, our_samples), (hf_metrics, hf_samples) = (run_harness(lm, ["piqa", "hellaswag", "triviaqa"], data_dir=tmp_path) for lm in (ours, theirs))
+    (our_metrics, our_samples), (hf_metrics, hf_samples) = (
+        run_harness(lm, ["piqa", "hellaswag", "triviaqa"], data_dir=tmp_path) for lm in (ours, theirs)
+    )
     for task in ("piqa", "hellaswag"):
         assert our_metrics[task]["acc"] == hf_metrics[task]["acc"]
         assert our_metrics[task]["acc_norm"] == hf_metrics[task]["acc_norm"]
@@ -375,17 +530,32 @@ def test_eval_decoding_configs(tmp_path):
     from a3lm.evaluation.lm_eval_adapter import describe_decoding
 
     missing_model = str(tmp_path / "no-model")
-    for flags, message in ((["--criterion", "entropy", "--threshold", "0.9"], "threshold compares a probability"),
-                           (["--speculative", "2", "--gen-group-size", "2"], "speculative"),
-                           (["--speculative", "2", "--speculative-schedule", "eager"], "unknown speculative_schedule"),
-                           (["--genppl-modes", "group,sideways"], "unknown genppl mode")):  # fmt: skip
+    for flags, message in (
+        (["--criterion", "entropy", "--threshold", "0.9"], "threshold compares a probability"),
+        (["--speculative", "2", "--gen-group-size", "2"], "speculative"),
+        (["--speculative", "2", "--speculative-schedule", "eager"], "unknown speculative_schedule"),
+        (["--genppl-modes", "group,sideways"], "unknown genppl mode"),
+    ):
         result = CliRunner().invoke(app, ["eval", "--model", missing_model, "--tasks", "piqa", *flags])
         assert result.exit_code == 2 and message in result.output, result.output
     config = DecodingConfig(dynamic=True, criterion="margin", threshold=0.8, temperature=0.5)
-    assert describe_decoding(config) == {"mode": "dynamic", "criterion": "margin", "per_step": 1, "threshold": 0.8,
-                                         "temperature": 0.5, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    assert describe_decoding(config) == {
+        "mode": "dynamic",
+        "criterion": "margin",
+        "per_step": 1,
+        "threshold": 0.8,
+        "temperature": 0.5,
+        "top_k": None,
+        "top_p": None,
+        "use_cache": True,
+    }
     assert describe_decoding(DecodingConfig(order="random", speculative=3))["speculative"] == 3
-    assert describe_decoding(DecodingConfig(speculative=3, speculative_schedule="heuristic"))["speculative_schedule"] == "heuristic"
+    assert (
+        describe_decoding(DecodingConfig(speculative=3, speculative_schedule="heuristic"))[
+            "speculative_schedule"
+        ]
+        == "heuristic"
+    )
 
 
 def test_row_names(tmp_path):
@@ -399,8 +569,14 @@ def test_row_names(tmp_path):
     assert model_name(str(tmp_path / "myrun" / "checkpoints" / "step_00000100")) == "myrun/step_00000100"
     assert model_name(str(tmp_path / "SmolLM2-135M.Q4_1.gguf")) == "SmolLM2-135M.Q4_1"
     assert model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
-    rows = make_rows([str(tmp_path / "myrun" / "final")], ["left-to-right", "random"], base="HuggingFaceTB/SmolLM2-135M")
-    assert [r.label for r in rows] == ["HuggingFaceTB/SmolLM2-135M (AR)", "myrun [left-to-right]", "myrun [random]"]
+    rows = make_rows(
+        [str(tmp_path / "myrun" / "final")], ["left-to-right", "random"], base="HuggingFaceTB/SmolLM2-135M"
+    )
+    assert [r.label for r in rows] == [
+        "HuggingFaceTB/SmolLM2-135M (AR)",
+        "myrun [left-to-right]",
+        "myrun [random]",
+    ]
     with pytest.raises(ValueError, match="--name"):
         make_rows(["a/final", "b/final"], ["left-to-right"], names=["x", "x"])
 
@@ -414,9 +590,14 @@ def test_no_git_noise_and_single_pretrained(lm, tmp_path, monkeypatch, capfd, ca
     monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-git"))  # git finds no repository, wherever tmp is
     lm_eval.loggers.utils.get_git_commit_hash()
     assert "fatal" in capfd.readouterr().err  # the noise this test is about is there without the fix
-    write_jsonl(tmp_path / "piqa" / "validation.jsonl", [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": 0}])
+    write_jsonl(
+        tmp_path / "piqa" / "validation.jsonl",
+        [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": 0}],
+    )
     instruct = A3LM(lm.model, tokenizer=lm.tokenizer)
-    instruct.model_path = str(tmp_path / "tiny-Instruct")  # the harness warns about instruct models without a chat template
+    instruct.model_path = str(
+        tmp_path / "tiny-Instruct"
+    )  # the harness warns about instruct models without a chat template
     with caplog.at_level("WARNING", logger="lm_eval"):
         run_harness(instruct, ["piqa"], data_dir=tmp_path)[0]
     assert "fatal" not in capfd.readouterr().err
@@ -435,61 +616,167 @@ def test_cli_base_and_a3_rows_with_every_generation(model, tokenizer, base_dir, 
     model.save_pretrained(run_dir)
     tokenizer.save_pretrained(run_dir)
     write_likelihood_fixtures(data)
-    sentences = ["the cat sat .", "a dog ran .", "the dog went home .", "the cat sat on the mat .", "the end ."]
-    write_csv(data / "rocstories" / "stories.csv", ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
-              [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]])  # fmt: skip
+    sentences = [
+        "the cat sat .",
+        "a dog ran .",
+        "the dog went home .",
+        "the cat sat on the mat .",
+        "the end .",
+    ]
+    write_csv(
+        data / "rocstories" / "stories.csv",
+        ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
+        [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]],
+    )
     out = tmp_path / "results.json"
-    args = ["eval", "--model", str(run_dir), "--base", str(base_dir), "--order", "left-to-right,random",
-            "--tasks", "piqa,triviaqa,rocstories,genppl", "--output", str(out), "--data-dir", str(data),
-            "--judge", str(base_dir), "--limit", "3", "--max-gen-toks", "4", "--gen-group-size", "2",
-            "--criterion", "margin", "--per-step", "2", "--genppl-modes", "group,entropy", "--genppl-samples", "2",
-            "--genppl-length", "6", "--genppl-temperature", "0.7", "--device", "cpu"]  # fmt: skip
+    args = [
+        "eval",
+        "--model",
+        str(run_dir),
+        "--base",
+        str(base_dir),
+        "--order",
+        "left-to-right,random",
+        "--tasks",
+        "piqa,triviaqa,rocstories,genppl",
+        "--output",
+        str(out),
+        "--data-dir",
+        str(data),
+        "--judge",
+        str(base_dir),
+        "--limit",
+        "3",
+        "--max-gen-toks",
+        "4",
+        "--gen-group-size",
+        "2",
+        "--criterion",
+        "margin",
+        "--per-step",
+        "2",
+        "--genppl-modes",
+        "group,entropy",
+        "--genppl-samples",
+        "2",
+        "--genppl-length",
+        "6",
+        "--genppl-temperature",
+        "0.7",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     table = saved["table"].splitlines()
     assert [line.split(" | ")[0].strip() for line in table[2:]] == [
-        "tiny-base (AR)", "myrun [left-to-right]", "- base", "myrun [random]", "- base"]  # fmt: skip
+        "tiny-base (AR)",
+        "myrun [left-to-right]",
+        "- base",
+        "myrun [random]",
+        "- base",
+    ]
     value = {(r["row"], r["task"], r["metric"]): r["value"] for r in saved["results"]}
     # each difference row is A3 minus base, column by column
     header = [c.strip() for c in table[0].split(" | ")]
-    for col, (task, metric) in ((header.index("piqa acc"), ("piqa", "acc")), (header.index("gen-group ppl"), ("genppl_group", "gen_ppl"))):
+    for col, (task, metric) in (
+        (header.index("piqa acc"), ("piqa", "acc")),
+        (header.index("gen-group ppl"), ("genppl_group", "gen_ppl")),
+    ):
         base_value = value[("tiny-base (AR)", task, metric)]
         for diff_line, row in ((table[4], "myrun [left-to-right]"), (table[6], "myrun [random]")):
             diff = value[(row, task, metric)] - base_value
-            assert diff_line.split(" | ")[col].strip() == (f"{100 * diff:+.1f}" if metric == "acc" else f"{diff:+.2f}")
+            assert diff_line.split(" | ")[col].strip() == (
+                f"{100 * diff:+.1f}" if metric == "acc" else f"{diff:+.2f}"
+            )
     # options round-trip into the JSON: the random row generates in random order, groups of 2
-    trivia = {r["row"]: r["settings"]["decoding"] for r in saved["results"] if r["task"] == "triviaqa" and r["metric"] == "exact_match"}
-    assert trivia["myrun [random]"] == {"mode": "group", "order": "random", "group_size": 2, "temperature": 0.0,
-                                       "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    trivia = {
+        r["row"]: r["settings"]["decoding"]
+        for r in saved["results"]
+        if r["task"] == "triviaqa" and r["metric"] == "exact_match"
+    }
+    assert trivia["myrun [random]"] == {
+        "mode": "group",
+        "order": "random",
+        "group_size": 2,
+        "temperature": 0.0,
+        "top_k": None,
+        "top_p": None,
+        "use_cache": True,
+    }
     assert trivia["myrun [left-to-right]"]["order"] == "left-to-right"
-    roc = {r["row"]: r["settings"] for r in saved["results"] if r["task"] == "rocstories_dynamic" and r["metric"] == "rouge1"}
-    assert roc["myrun [random]"]["decoding"] == {"mode": "dynamic", "criterion": "margin", "per_step": 2, "threshold": None,
-                                                 "temperature": 0.0, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    roc = {
+        r["row"]: r["settings"]
+        for r in saved["results"]
+        if r["task"] == "rocstories_dynamic" and r["metric"] == "rouge1"
+    }
+    assert roc["myrun [random]"]["decoding"] == {
+        "mode": "dynamic",
+        "criterion": "margin",
+        "per_step": 2,
+        "threshold": None,
+        "temperature": 0.0,
+        "top_k": None,
+        "top_p": None,
+        "use_cache": True,
+    }
     gen = {(r["row"], r["task"]): r["settings"] for r in saved["results"] if r["metric"] == "gen_ppl"}
     assert gen[("myrun [random]", "genppl_entropy")]["decoding"]["criterion"] == "entropy"
     assert gen[("myrun [random]", "genppl_entropy")]["decoding"]["temperature"] == 0.7
-    assert gen[("myrun [random]", "genppl_group")]["decoding"] | {} == {"mode": "group", "order": "random", "group_size": 2,
-                                                                        "temperature": 0.7, "top_k": None, "top_p": None, "use_cache": True}  # fmt: skip
+    assert gen[("myrun [random]", "genppl_group")]["decoding"] | {} == {
+        "mode": "group",
+        "order": "random",
+        "group_size": 2,
+        "temperature": 0.7,
+        "top_k": None,
+        "top_p": None,
+        "use_cache": True,
+    }
     assert ("tiny-base (AR)", "genppl_group") in gen and ("tiny-base (AR)", "genppl_entropy") not in gen
-    assert saved["config"]["decoding"]["group_size"] == 2 and saved["config"]["dynamic"]["criterion"] == "margin"
+    assert (
+        saved["config"]["decoding"]["group_size"] == 2 and saved["config"]["dynamic"]["criterion"] == "margin"
+    )
     assert saved["config"]["genppl_modes"] == ["group", "entropy"]
     # every generation with its prompt and score; empty answers counted
     for row in ("tiny-base (AR)", "myrun [left-to-right]", "myrun [random]"):
         outputs = saved["outputs"][row]
         answers = outputs["triviaqa"]
-        assert len(answers) == 3 and all(a["prompt"].startswith("Question: ") and "exact_match" in a for a in answers)
+        assert len(answers) == 3 and all(
+            a["prompt"].startswith("Question: ") and "exact_match" in a for a in answers
+        )
         assert value[(row, "triviaqa", "empty")] == sum(a["answer"] == "" for a in answers)
-        assert value[(row, "triviaqa", "exact_match")] == pytest.approx(sum(a["exact_match"] for a in answers) / 3)
+        assert value[(row, "triviaqa", "exact_match")] == pytest.approx(
+            sum(a["exact_match"] for a in answers) / 3
+        )
         fills = outputs["rocstories_ar" if "AR" in row else "rocstories_group"]
-        assert [f["reference"] for f in fills] == ["the dog went home ."] * 2 and all("[BLANK:" in f["prompt"] for f in fills)
-        assert value[(row, "rocstories_ar" if "AR" in row else "rocstories_group", "rouge1")] == pytest.approx(sum(f["rouge1"] for f in fills) / 2)
+        assert [f["reference"] for f in fills] == ["the dog went home ."] * 2 and all(
+            "[BLANK:" in f["prompt"] for f in fills
+        )
+        assert value[
+            (row, "rocstories_ar" if "AR" in row else "rocstories_group", "rouge1")
+        ] == pytest.approx(sum(f["rouge1"] for f in fills) / 2)
         samples = outputs["genppl_group"]
         nll, n = sum(s["judge_nll"] for s in samples), sum(s["judge_tokens"] for s in samples)
-        assert len(samples) == 2 and value[(row, "genppl_group", "gen_ppl")] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        assert len(samples) == 2 and value[(row, "genppl_group", "gen_ppl")] == pytest.approx(
+            math.exp(nll / n), rel=1e-5
+        )
     assert "trivia" not in table[0] or "triviaqa empty" in table[0]
 
-    bad = CliRunner().invoke(app, ["eval", "--model", str(run_dir), "--tasks", "piqa", "--gen-order", "sideways", "--data-dir", str(data)])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(run_dir),
+            "--tasks",
+            "piqa",
+            "--gen-order",
+            "sideways",
+            "--data-dir",
+            str(data),
+        ],
+    )
     assert bad.exit_code == 2 and "unknown order 'sideways'" in bad.output
 
 
@@ -499,8 +786,10 @@ def test_base_rocstories_continues_the_prefix_greedily(tokenizer):
     from a3lm.evaluation.rocstories import Story, evaluate_rocstories
 
     base = tiny_base_model("llama", seed=3, vocab_size=len(WORDS) + 4)
-    stories = [Story("a", ("the cat sat .", "a dog ran .", "the dog went home .", "the end .", "yes .")),
-               Story("b", ("who is paris ?", "a big city .", "one two .", "no .", "the end ."))]  # fmt: skip
+    stories = [
+        Story("a", ("the cat sat .", "a dog ran .", "the dog went home .", "the end .", "yes .")),
+        Story("b", ("who is paris ?", "a big city .", "one two .", "no .", "the end .")),
+    ]
     _, records = evaluate_rocstories(base, tokenizer, stories, batch_size=2, progress=False)
     for story, record in zip(stories, records, strict=True):
         ids = tokenizer(" ".join(story.sentences[:2]))["input_ids"]
@@ -513,7 +802,9 @@ def test_base_rocstories_continues_the_prefix_greedily(tokenizer):
                 break
             fill.append(token)
         assert record["prediction"] == tokenizer.decode(fill, skip_special_tokens=True).strip()
-        assert record["prompt"] == f"{' '.join(story.sentences[:2])} [BLANK:{n}] {' '.join(story.sentences[3:])}"
+        assert (
+            record["prompt"] == f"{' '.join(story.sentences[:2])} [BLANK:{n}] {' '.join(story.sentences[3:])}"
+        )
 
 
 def test_rerun_keeps_finished_rows(base_dir, tmp_path, monkeypatch):
@@ -537,7 +828,12 @@ def test_rerun_keeps_finished_rows(base_dir, tmp_path, monkeypatch):
     calls = []
     real = runner.evaluate_row
     monkeypatch.setattr(runner, "evaluate_row", lambda *a, **k: calls.append(a[0].label) or real(*a, **k))
-    runner.run([], runner.EvalConfig(tasks=["piqa"], limit=1, data_dir=str(tmp_path), device="cpu"), out, base=str(base_dir))
+    runner.run(
+        [],
+        runner.EvalConfig(tasks=["piqa"], limit=1, data_dir=str(tmp_path), device="cpu"),
+        out,
+        base=str(base_dir),
+    )
     assert calls == ["tiny-base (AR)"]
 
 
@@ -563,7 +859,9 @@ def test_rerun_evaluates_a_changed_model_again(tokenizer, tmp_path, monkeypatch)
     tokenizer.save_pretrained(model_dir)
     calls = _evaluate_row_calls(monkeypatch)
     first = runner.run([str(model_dir)], cfg, out)
-    assert runner.run([str(model_dir)], cfg, out)["results"] == first["results"] and calls == ["run [left-to-right]"]
+    assert runner.run([str(model_dir)], cfg, out)["results"] == first["results"] and calls == [
+        "run [left-to-right]"
+    ]
 
     changed = tiny_a3_model("llama", seed=5, vocab_size=len(WORDS) + 4)
     with torch.no_grad():
@@ -590,53 +888,113 @@ def test_missing_stories_or_judge_fail_before_any_task(model, tokenizer, tmp_pat
     write_likelihood_fixtures(tmp_path / "data")
     calls = _evaluate_row_calls(monkeypatch)
     out = tmp_path / "r.json"
-    args = ["eval", "--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--output", str(out), "--device", "cpu"]
-    for extra, message in ((["--tasks", "piqa,rocstories"], f"missing ROCStories data: put the Story Cloze validation CSV at {tmp_path / 'data' / 'rocstories' / CLOZE_FILE}"),
-                           (["--tasks", "piqa,genppl", "--judge", str(tmp_path / "no-judge")], f"error: genppl judge (--judge): no model file or folder at {tmp_path / 'no-judge'}"),
-                           (["--tasks", "piqa,genppl", "--judge", "./no-judge"], "no model file or folder at ./no-judge")):  # fmt: skip
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    for extra, message in (
+        (
+            ["--tasks", "piqa,rocstories"],
+            "missing ROCStories data: put the Story Cloze validation CSV at "
+            f"{tmp_path / 'data' / 'rocstories' / CLOZE_FILE}",
+        ),
+        (
+            ["--tasks", "piqa,genppl", "--judge", str(tmp_path / "no-judge")],
+            f"error: genppl judge (--judge): no model file or folder at {tmp_path / 'no-judge'}",
+        ),
+        (["--tasks", "piqa,genppl", "--judge", "./no-judge"], "no model file or folder at ./no-judge"),
+    ):
         result = CliRunner().invoke(app, args + extra)
         assert result.exit_code == 2 and message in result.output, result.output
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = CliRunner().invoke(app, args[:3] + ["--data-dir", str(empty), "--tasks", "piqa,hellaswag,rocstories"])
+    result = CliRunner().invoke(
+        app, args[:3] + ["--data-dir", str(empty), "--tasks", "piqa,hellaswag,rocstories"]
+    )
     assert result.exit_code == 2, result.output
-    for named in (empty / "piqa" / "validation.jsonl", empty / "hellaswag" / "validation.jsonl", "missing ROCStories data"):
+    for named in (
+        empty / "piqa" / "validation.jsonl",
+        empty / "hellaswag" / "validation.jsonl",
+        "missing ROCStories data",
+    ):
         assert str(named) in result.output  # every missing file at once
     assert calls == [] and not out.exists()
-    runner.EvalConfig(tasks=["genppl"], judge="HuggingFaceTB/SmolLM2-135M").validate()  # a Hub id: checked at load time
+    runner.EvalConfig(
+        tasks=["genppl"], judge="HuggingFaceTB/SmolLM2-135M"
+    ).validate()  # a Hub id: checked at load time
 
 
 @pytest.mark.parametrize(
     "task, doc, problem",
     [
-        ("winogrande", {"sentence": "the _ sat", "option1": "cat", "option2": "dog", "answer": 1},
-         'has answer 1: winogrande expects "1" or "2" (a string)'),
-        ("winogrande", {"sentence": "the cat sat", "option1": "cat", "option2": "dog", "answer": "1"},
-         "has no _ in its sentence"),
-        ("siqa", {"context": "a", "question": "b", "answerA": "x", "answerB": "y", "answerC": "z", "label": "B"},
-         'has label "B": siqa expects "1", "2" or "3" (or an int)'),
-        ("hellaswag", {"ctx_a": "a", "ctx_b": "b", "ctx": "a b", "activity_label": "c", "endings": ["w", "x", "y", "z"],
-                       "label": 4}, "has label 4: hellaswag expects 0..3 (an int or a digit string)"),
-        ("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": "1"}, 'has label "1": piqa expects 0 or 1 (an int)'),
-        ("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": True}, "has label true: piqa expects 0 or 1"),
+        (
+            "winogrande",
+            {"sentence": "the _ sat", "option1": "cat", "option2": "dog", "answer": 1},
+            'has answer 1: winogrande expects "1" or "2" (a string)',
+        ),
+        (
+            "winogrande",
+            {"sentence": "the cat sat", "option1": "cat", "option2": "dog", "answer": "1"},
+            "has no _ in its sentence",
+        ),
+        (
+            "siqa",
+            {"context": "a", "question": "b", "answerA": "x", "answerB": "y", "answerC": "z", "label": "B"},
+            'has label "B": siqa expects "1", "2" or "3" (or an int)',
+        ),
+        (
+            "hellaswag",
+            {
+                "ctx_a": "a",
+                "ctx_b": "b",
+                "ctx": "a b",
+                "activity_label": "c",
+                "endings": ["w", "x", "y", "z"],
+                "label": 4,
+            },
+            "has label 4: hellaswag expects 0..3 (an int or a digit string)",
+        ),
+        (
+            "piqa",
+            {"goal": "a", "sol1": "b", "sol2": "c", "label": "1"},
+            'has label "1": piqa expects 0 or 1 (an int)',
+        ),
+        (
+            "piqa",
+            {"goal": "a", "sol1": "b", "sol2": "c", "label": True},
+            "has label true: piqa expects 0 or 1",
+        ),
         ("triviaqa", {"question": "who", "answer": "paris"}, "has no answer.aliases list"),
     ],
-)  # fmt: skip
+)
 def test_bad_label_values_name_the_file_and_line(tmp_path, task, doc, problem):
     from a3lm.evaluation.tasks import HARNESS_TASKS, check_local_file
 
     path = tmp_path / task / "validation.jsonl"
     path.parent.mkdir()
     path.write_text("\n" + json.dumps(doc) + "\n")  # the document on line 2
-    with pytest.raises(ValueError, match=f"^benchmark file {re.escape(str(path))}: line 2 {re.escape(problem)}"):
+    with pytest.raises(
+        ValueError, match=f"^benchmark file {re.escape(str(path))}: line 2 {re.escape(problem)}"
+    ):
         check_local_file(HARNESS_TASKS[task], path)
 
 
 @pytest.mark.parametrize(
     "task, field, values",
-    [("hellaswag", "label", [0, 3, "2"]), ("piqa", "label", [0, 1]), ("winogrande", "answer", ["1", "2"]),
-     ("siqa", "label", [1, "3"])],
-)  # fmt: skip
+    [
+        ("hellaswag", "label", [0, 3, "2"]),
+        ("piqa", "label", [0, 1]),
+        ("winogrande", "answer", ["1", "2"]),
+        ("siqa", "label", [1, "3"]),
+    ],
+)
 def test_label_values_the_harness_reads_pass(tmp_path, task, field, values):
     from a3lm.evaluation.tasks import HARNESS_TASKS, check_local_file
 
@@ -645,7 +1003,10 @@ def test_label_values_the_harness_reads_pass(tmp_path, task, field, values):
     check_local_file(HARNESS_TASKS[task], tmp_path / "v.jsonl")
 
 
-@pytest.mark.parametrize("decoding", [dict(order="random"), dict(order="random-blocks", group_size=2), dict(order="random", speculative=2)])
+@pytest.mark.parametrize(
+    "decoding",
+    [dict(order="random"), dict(order="random-blocks", group_size=2), dict(order="random", speculative=2)],
+)
 def test_random_order_generation_is_batch_independent(tokenizer, decoding):
     """Greedy TriviaQA answers and ROCStories fills in a random order: each request's order comes from
     its own tokens, so the batch size changes nothing."""
@@ -656,13 +1017,30 @@ def test_random_order_generation_is_batch_independent(tokenizer, decoding):
     with torch.no_grad():
         sharp.lm_head.weight.mul_(30)  # argmax ties far from float noise
     config = DecodingConfig(temperature=0.0, **decoding)
-    prompts = ["Question: who is paris?\nAnswer:", "a", "the big red dog went home . the cat sat on", "the dog"]
-    reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5}), i) for i, p in enumerate(prompts)]
-    answers = [A3LM(sharp, tokenizer=tokenizer, batch_size=n, decoding=config).generate_until(reqs, disable_tqdm=True)
-               for n in (1, 4)]  # fmt: skip
+    prompts = [
+        "Question: who is paris?\nAnswer:",
+        "a",
+        "the big red dog went home . the cat sat on",
+        "the dog",
+    ]
+    reqs = [
+        Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5}), i)
+        for i, p in enumerate(prompts)
+    ]
+    answers = [
+        A3LM(sharp, tokenizer=tokenizer, batch_size=n, decoding=config).generate_until(
+            reqs, disable_tqdm=True
+        )
+        for n in (1, 4)
+    ]
     assert answers[0] == answers[1] and len(set(answers[0])) > 1
     S = ["the cat sat .", "a big dog ran home .", "the mat is red .", "who is paris ?", "the end ."]
     stories = [Story(str(i), tuple(S[(i + k) % 5] for k in range(5))) for i in range(4)]
-    fills = [[r["prediction"] for r in evaluate_rocstories(sharp, tokenizer, stories, config, batch_size=n, progress=False)[1]]
-             for n in (1, 3)]  # fmt: skip
+    fills = [
+        [
+            r["prediction"]
+            for r in evaluate_rocstories(sharp, tokenizer, stories, config, batch_size=n, progress=False)[1]
+        ]
+        for n in (1, 3)
+    ]
     assert fills[0] == fills[1]

@@ -44,14 +44,35 @@ def test_heldout_rows_are_training_rows_from_one_pass(dirs):
     n_tokens = 6 * (8 + 8 + 5)  # tokens ("." is one) + one EOS per document
     assert rows.shape == (n_tokens // 7, 8) and (rows[:, 0] == tok.bos_token_id).all()
     stream = rows[:, 1:].flatten().tolist()
-    assert stream[:9] == tok("the cat sat on the mat .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 4 + WORDS.index("a")]
+    assert stream[:9] == tok("the cat sat on the mat .", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id,
+        4 + WORDS.index("a"),
+    ]
 
 
 def test_nll_command_scores_every_order_and_the_base(dirs, tmp_path):
     out = tmp_path / "nll.json"
-    res = CliRunner().invoke(app, ["nll", "--model", str(dirs / "a3"), "--base", str(dirs / "base"), "--text",
-                                   str(dirs / "held.txt"), "--seq-len", "8", "--rows", "5", "--batch-size", "2",
-                                   "--output", str(out), "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "nll",
+            "--model",
+            str(dirs / "a3"),
+            "--base",
+            str(dirs / "base"),
+            "--text",
+            str(dirs / "held.txt"),
+            "--seq-len",
+            "8",
+            "--rows",
+            "5",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     base, a3 = result["results"]
@@ -70,8 +91,19 @@ def test_nll_command_scores_every_order_and_the_base(dirs, tmp_path):
 
 
 def test_nll_refuses_a_plain_decoder_as_model(dirs, tmp_path):
-    res = CliRunner().invoke(app, ["nll", "--model", str(dirs / "base"), "--text", str(dirs / "held.txt"),
-                                   "--output", str(tmp_path / "x.json"), "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "nll",
+            "--model",
+            str(dirs / "base"),
+            "--text",
+            str(dirs / "held.txt"),
+            "--output",
+            str(tmp_path / "x.json"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 2 and "a3lm convert" in res.output
 
 

@@ -69,8 +69,9 @@ def test_fused_training_attention_equals_dense(query_self, heads):
     query, key, value = attention_inputs(B, heads[0], heads[1], 2 * N, N, S, D, gen)
     fused, dense = fused_and_dense(query, key, value, mask, S, D**-0.5)
     real_rows = torch.cat([pad, pad], dim=1).bool()  # padded rows feed nothing (they see the first key alone)
-    torch.testing.assert_close(fused[0].transpose(1, 2)[real_rows], dense[0].transpose(1, 2)[real_rows],
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        fused[0].transpose(1, 2)[real_rows], dense[0].transpose(1, 2)[real_rows], atol=1e-5, rtol=1e-5
+    )
     for got, ref, name in zip(fused[1:], dense[1:], ("query", "key", "value"), strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)
 
@@ -97,8 +98,10 @@ def test_own_slots_as_masked_keys_equal_the_merged_own_slot():
     wide = torch.cat([mask, own_slot_mask(C, S).expand(B, 1, -1, -1)], dim=-1)
     query, key, value = attention_inputs(B, 4, 2, C + S, K, S, D, gen)
     merged = dense_two_stream_reference(query, key, value, mask, S, 0.3, 0.0)
-    for got in (two_stream_flash(query, key, value, additive_mask(wide, query.dtype), 0, 0.3)[0],
-                dense_two_stream_reference(query, key, value, wide, 0, 0.3, 0.0)):  # fmt: skip
+    for got in (
+        two_stream_flash(query, key, value, additive_mask(wide, query.dtype), 0, 0.3)[0],
+        dense_two_stream_reference(query, key, value, wide, 0, 0.3, 0.0),
+    ):
         torch.testing.assert_close(got, merged, atol=1e-5, rtol=1e-5)
 
 
@@ -115,7 +118,8 @@ def test_fused_attention_under_cpu_autocast(a3_model):
 
 
 def sorted_two_stream_mask(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
-    """The training mask [B, 1, 2N, N] over group-sorted positions (padding last), as the CPU path builds it."""
+    """The training mask [B, 1, 2N, N] over group-sorted positions (padding last), as the CPU path
+    builds it."""
     group_ids, pad = padded_groups(B, N, gen)
     perm = sort_by_group(group_ids, pad)
     return two_stream_mask(group_ids.gather(1, perm), pad.gather(1, perm))

@@ -48,8 +48,15 @@ def test_a_prompt_step_skipping_the_last_layers_content_rows_caches_and_scores_t
         queries = torch.tensor([[20, 21, 22]] * 2)
         first = model.decode_step(cache, ids, positions, positions, ones, queries, torch.full((2, 3), 20))
         nxt = first[:, 0].argmax(-1, keepdim=True)
-        second = model.decode_step(cache, nxt, queries[:, :1], torch.full((2, 1), 20), ones[:, :1], queries[:, 1:],
-                                   torch.full((2, 2), 21))  # fmt: skip
+        second = model.decode_step(
+            cache,
+            nxt,
+            queries[:, :1],
+            torch.full((2, 1), 20),
+            ones[:, :1],
+            queries[:, 1:],
+            torch.full((2, 2), 21),
+        )
         return first, second
 
     assert 20 >= model_module.MIN_SKIPPED_ROWS

@@ -20,6 +20,7 @@ from a3lm.model.debug import tiny_base_model, tiny_byte_bpe
 
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the test's GGUF file")
 
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's rotary permutation of Q/K rows (convert_hf_to_gguf.py); transformers undoes it."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -47,9 +48,17 @@ def write_llama_gguf(path, model, tok: Tokenizer) -> None:
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_bos_token_id(tok.token_to_id("<|im_start|>"))
     w.add_eos_token_id(tok.token_to_id("<|im_end|>"))
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -75,8 +84,15 @@ GGUF_FAMILIES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {"head_dim": 128}),  # transformers reads no key_length for qwen3: its default
     "phi3": ("phi3", {}),
-    "gemma2": ("gemma2", {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-                          "query_pre_attn_scalar": 256, "initializer_range": 0.02}),
+    "gemma2": (
+        "gemma2",
+        {
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 256,
+            "initializer_range": 0.02,
+        },
+    ),
     "gemma3": ("gemma3", {"query_pre_attn_scalar": 256, "layer_types": None, "rope_parameters": None}),
 }
 
@@ -101,8 +117,9 @@ def write_family_gguf(path, model, tok: Tokenizer, arch: str) -> None:
         w.add_sliding_window(cfg.sliding_window)
     w.add_vocab_size(cfg.vocab_size)
     _add_tokenizer(w, tok)
-    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
-                                     cfg.num_hidden_layers)  # fmt: skip
+    names = gguf.get_tensor_name_map(
+        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.num_hidden_layers
+    )
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -150,16 +167,28 @@ def test_every_gguf_family_converts_to_its_base(tmp_path, family):
 def content_logits(model: A3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """Next-token logits [B, N, V] of the A3 model's content stream under left-to-right singletons."""
     mask = torch.ones_like(ids)
-    out = model(input_ids=ids, group_ids=groups.left_to_right(mask), attention_mask=mask,
-                output_content_hidden_states=True)
+    out = model(
+        input_ids=ids,
+        group_ids=groups.left_to_right(mask),
+        attention_mask=mask,
+        output_content_hidden_states=True,
+    )
     return model.logits(out.content_hidden_states)
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_gguf_converts_to_an_a3_model_whose_content_stream_is_the_base(tmp_path, tied):
     tok = tiny_byte_bpe()
-    base = tiny_base_model("llama", seed=3, vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    base = tiny_base_model(
+        "llama",
+        seed=3,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     write_llama_gguf(tmp_path / "tiny.gguf", base, tok)
     out = convert(str(tmp_path / "tiny.gguf"), tmp_path / "a3", seed=7)
     a3 = A3ForCausalLM.from_pretrained(out).eval()
@@ -182,13 +211,23 @@ def test_base_and_judge_loaders_open_a_gguf_file_and_its_folder(tmp_path):
     from a3lm.evaluation.lm_eval_adapter import load_base_model
 
     tok = tiny_byte_bpe()
-    base = tiny_base_model("llama", seed=5, vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)
+    base = tiny_base_model(
+        "llama",
+        seed=5,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     write_llama_gguf(tmp_path / "tiny.gguf", base, tok)
     ids = torch.tensor([tok.encode("the cat sat on the mat").ids])
     with torch.no_grad():
         want = base(input_ids=ids).logits
-        for model, _ in (load_base_model(str(tmp_path / "tiny.gguf"), "cpu"), load_judge(str(tmp_path), "cpu")):
+        for model, _ in (
+            load_base_model(str(tmp_path / "tiny.gguf"), "cpu"),
+            load_judge(str(tmp_path), "cpu"),
+        ):
             assert getattr(model, "hf_quantizer", None) is None
             torch.testing.assert_close(model(input_ids=ids).logits.float(), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConversionError, match="no model file or folder"):
@@ -243,7 +282,9 @@ def test_cli_refuses_an_a3_source_and_unsupported_types(plain_dir, tmp_path):
     assert busy.exit_code == 2 and "not empty" in busy.output
 
 
-@pytest.mark.parametrize("command", [["sample", "--prompt", "the"], ["infill", "--text", "the [BLANK:2] mat"]])
+@pytest.mark.parametrize(
+    "command", [["sample", "--prompt", "the"], ["infill", "--text", "the [BLANK:2] mat"]]
+)
 def test_sampling_refuses_a_plain_decoder(plain_dir, command):
     res = CliRunner().invoke(app, [command[0], "--model", str(plain_dir), *command[1:]])
     assert res.exit_code == 2
@@ -251,6 +292,7 @@ def test_sampling_refuses_a_plain_decoder(plain_dir, command):
 
 
 def test_eval_refuses_a_plain_decoder(plain_dir, tmp_path):
-    res = CliRunner().invoke(app, ["eval", "--model", str(plain_dir), "--tasks", "hellaswag",
-                                   "--output", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(
+        app, ["eval", "--model", str(plain_dir), "--tasks", "hellaswag", "--output", str(tmp_path / "r.json")]
+    )
     assert res.exit_code == 2 and "a3lm convert" in res.output

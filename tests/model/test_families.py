@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from a3lm import A3ForCausalLM, groups
 from a3lm.model.debug import DEBUG_WINDOW, FAMILIES, tiny_a3_model, tiny_base_model
 from a3lm.model.families import SUPPORTED, check_supported, refusal, sliding_window
-from a3lm.model.modeling import default_position_ids
+from a3lm.model.modeling import default_position_ids, uses_flex
 
 
 def random_batch(n: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +72,11 @@ def reference_query_logits(a3: A3ForCausalLM, ids, group_ids, mask) -> torch.Ten
         attention_mask = {"full_attention": full, "sliding_attention": windowed}
     else:  # Mistral / Phi-3: a window, when set, is on every layer
         attention_mask = windowed if sliding_window(text) else full
-    out = base(inputs_embeds=torch.cat([content, query], dim=1), attention_mask=attention_mask,
-               position_ids=torch.cat([positions, positions], dim=1))  # fmt: skip
+    out = base(
+        inputs_embeds=torch.cat([content, query], dim=1),
+        attention_mask=attention_mask,
+        position_ids=torch.cat([positions, positions], dim=1),
+    )
     return out.logits[:, N:]
 
 
@@ -97,20 +100,35 @@ def windowed_config(pattern: str) -> tuple[str, dict]:
         "all-window (Mistral)": ("mistral", {"sliding_window": DEBUG_WINDOW}),
         "all-window (Phi-3)": ("phi3", {"sliding_window": DEBUG_WINDOW}),
         "alternating (Gemma 2)": ("gemma2", {"sliding_window": DEBUG_WINDOW}),
-        "local-local-global (Gemma 3)": ("gemma3", {
-            "sliding_window": DEBUG_WINDOW,
-            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
-        "first layers full (Qwen2 max_window_layers)": ("qwen2", {
-            "use_sliding_window": True, "sliding_window": DEBUG_WINDOW, "max_window_layers": 1}),
-        "first layers full (Qwen3 max_window_layers)": ("qwen3", {
-            "use_sliding_window": True, "sliding_window": DEBUG_WINDOW, "max_window_layers": 2}),
-    }[pattern]  # fmt: skip
+        "local-local-global (Gemma 3)": (
+            "gemma3",
+            {
+                "sliding_window": DEBUG_WINDOW,
+                "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            },
+        ),
+        "first layers full (Qwen2 max_window_layers)": (
+            "qwen2",
+            {"use_sliding_window": True, "sliding_window": DEBUG_WINDOW, "max_window_layers": 1},
+        ),
+        "first layers full (Qwen3 max_window_layers)": (
+            "qwen3",
+            {"use_sliding_window": True, "sliding_window": DEBUG_WINDOW, "max_window_layers": 2},
+        ),
+    }[pattern]
 
 
-@pytest.mark.parametrize("pattern", [
-    "all-window (Mistral)", "all-window (Phi-3)", "alternating (Gemma 2)", "local-local-global (Gemma 3)",
-    "first layers full (Qwen2 max_window_layers)", "first layers full (Qwen3 max_window_layers)",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "all-window (Mistral)",
+        "all-window (Phi-3)",
+        "alternating (Gemma 2)",
+        "local-local-global (Gemma 3)",
+        "first layers full (Qwen2 max_window_layers)",
+        "first layers full (Qwen3 max_window_layers)",
+    ],
+)
 def test_content_stream_equals_the_windowed_base_past_the_window(pattern):
     """Under left-to-right singletons the content stream is the windowed base model on rows 3 windows
     long (padding included), and the window matters: the same weights with full attention differ."""
@@ -226,4 +244,4 @@ def test_flex_refuses_windows_and_soft_caps_in_one_line():
     with pytest.raises(ValueError, match="does not run gemma2's sliding windows or soft-capping"):
         model(input_ids=ids, attention_mask=mask)
     model.config.attention_backend = "auto"
-    assert not model.uses_flex(torch.device("cuda"))  # auto: the dense path on CUDA too
+    assert not uses_flex(model.config, torch.device("cuda"))  # auto: the dense path on CUDA too

@@ -33,14 +33,21 @@ def test_flex_equals_sdpa(a3_model, order, query_self):
     def run(backend):  # forward only: torch has no FlexAttention backward on CPU
         a3_model.config.attention_backend = backend
         with torch.no_grad():
-            return a3_model(input_ids=ids, group_ids=group_ids, attention_mask=mask, labels=labels,
-                            output_content_hidden_states=True)
+            return a3_model(
+                input_ids=ids,
+                group_ids=group_ids,
+                attention_mask=mask,
+                labels=labels,
+                output_content_hidden_states=True,
+            )
 
     ref, got = run("sdpa"), run("flex")
     targets = groups.predictable(group_ids, mask)
     real = mask.bool()
     torch.testing.assert_close(got.logits[targets], ref.logits[targets], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.content_hidden_states[real], ref.content_hidden_states[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got.content_hidden_states[real], ref.content_hidden_states[real], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=0)
 
 
@@ -94,10 +101,14 @@ def test_shared_grouping_reuses_one_block_mask_from_its_owners_cache():
     assert flex_two_stream_block_mask(g, mask) is not first  # no cache, no state kept anywhere
     assert flex_two_stream_block_mask(g, mask, cache=BlockMaskCache()) is not first  # caches are not shared
     other = groups.random_order(mask, 2, torch.Generator().manual_seed(0))
-    assert flex_two_stream_block_mask(other, mask, cache=cache).shape[0] == 4  # per-sample groupings: not cached
+    assert (
+        flex_two_stream_block_mask(other, mask, cache=cache).shape[0] == 4
+    )  # per-sample groupings: not cached
     assert len(cache) == 2
     flex_two_stream_block_mask(groups.left_to_right(mask), mask, cache=cache)  # a third shared grouping
-    assert len(cache) == 2 and flex_two_stream_block_mask(g, mask, cache=cache) is not first  # the oldest went
+    assert (
+        len(cache) == 2 and flex_two_stream_block_mask(g, mask, cache=cache) is not first
+    )  # the oldest went
 
 
 def test_unknown_backend_is_an_error():

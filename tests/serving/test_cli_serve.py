@@ -55,8 +55,10 @@ def test_serve_exits_cleanly_on_sigterm(model_dir):
             {"model": "tiny", "prompt": "the cat", "max_tokens": 40, "ignore_eos": True, "stream": True}
         ).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             data = sock.recv(4096)
             while b'"event": "fill"' not in data:  # decoding has begun: the request is in flight
                 data += sock.recv(4096)

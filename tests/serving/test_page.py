@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--window-size=1200,900"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1200,900",
+]
 
 
 @pytest.fixture
@@ -49,8 +57,13 @@ def test_page_fills_in_order_and_matches_the_api(browser, server, client, tmp_pa
     WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text in ("done", "failed"))
     assert browser.find_element(By.ID, "error").text == ""
     # the page's defaults: group-wise, random order, group size 2, greedy, seed 0
-    api = client.completions.create(model="tiny", prompt=text, temperature=0, seed=0,
-                                    extra_body={"blanks": True, "order": "random", "group_size": 2})  # fmt: skip
+    api = client.completions.create(
+        model="tiny",
+        prompt=text,
+        temperature=0,
+        seed=0,
+        extra_body={"blanks": True, "order": "random", "group_size": 2},
+    )
     assert browser.find_element(By.ID, "result").text == api.choices[0].text.strip()
     a3 = api.choices[0].model_extra["a3"]
     assert f"{a3['logprob']:.4f} nats over 8 tokens" in browser.find_element(By.ID, "summary").text

@@ -6,7 +6,9 @@ from a3lm.training.curriculum import CurriculumConfig, GroupPolicy, draw_group_i
 
 
 def cfg(**kw) -> CurriculumConfig:
-    c = CurriculumConfig(stages=[0, 1, 2, 3], stage0_steps=5, stage1_steps=10, stage2_steps=40, stage3_steps=20, **kw)
+    c = CurriculumConfig(
+        stages=[0, 1, 2, 3], stage0_steps=5, stage1_steps=10, stage2_steps=40, stage3_steps=20, **kw
+    )
     c.validate()
     return c
 
@@ -77,7 +79,9 @@ def test_stage3_samples_and_ranks_draw_their_own_groupings():
     r1 = draw_group_ids(policy, mask, rank_generator(0, 1))
     assert len({tuple(g.tolist()) for g in r0}) == 8  # every sample its own grouping
     assert not torch.equal(r0, r1)  # every rank its own stream
-    assert torch.equal(r0, draw_group_ids(policy, mask, rank_generator(0, 0)))  # reproducible from (seed, rank)
+    assert torch.equal(
+        r0, draw_group_ids(policy, mask, rank_generator(0, 0))
+    )  # reproducible from (seed, rank)
     assert not torch.equal(r0, draw_group_ids(policy, mask, rank_generator(1, 0)))
     # some samples are not in left-to-right order: the order really is permuted
     assert any((g[1:].diff() < 0).any() for g in r0)

@@ -42,9 +42,18 @@ def base_dir(tmp_path_factory) -> Path:
     tied to the embeddings, as in SmolLM2 and Llama-3.2."""
     path = tmp_path_factory.mktemp("base")
     tok = word_tokenizer(default_hmm(0).words, model_max_length=32)
-    tiny_base_model("llama", seed=3, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                    max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, tie_word_embeddings=True).save_pretrained(path)
+    tiny_base_model(
+        "llama",
+        seed=3,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        max_position_embeddings=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -87,8 +96,10 @@ def _logits(model, batch) -> torch.Tensor:
 
 
 def test_lora_settings_from_overrides_and_typed_options():
-    cfg = make_config(preset="tiny", overrides=["lora.rank=16", "lora.target_modules=q_proj,v_proj",
-                                                "curriculum.stages=1,2,3"])
+    cfg = make_config(
+        preset="tiny",
+        overrides=["lora.rank=16", "lora.target_modules=q_proj,v_proj", "curriculum.stages=1,2,3"],
+    )
     assert cfg.lora.rank == 16 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.lora.scale_alpha == 32
     assert TrainConfig().lora.rank == 0 and not TrainConfig().lora.enabled  # off by default
@@ -132,7 +143,9 @@ def test_only_the_adapters_and_the_query_vector_train(tmp_path, base_dir):
     policy = trainer.cfg.curriculum
     from a3lm.training.curriculum import policy_at
 
-    trainer.gradients.accumulate([trainer.loader.next_batch()], policy_at(policy, 4), trainer.group_gen, trainer.step)
+    trainer.gradients.accumulate(
+        [trainer.loader.next_batch()], policy_at(policy, 4), trainer.group_gen, trainer.step
+    )
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(grads[n] is None for n in frozen_before)  # frozen weights get no gradient at all
     assert all(grads[n] is not None for n in trainable)
@@ -215,13 +228,29 @@ def test_commands_open_the_merged_final_model(tmp_path, base_dir):
     words = default_hmm(0).words
     text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(8)))
     runner = CliRunner()
-    res = runner.invoke(app, ["nll", "--model", str(final), "--text", str(text), "--seq-len", "10",
-                              "--rows", "4", "--output", str(tmp_path / "nll.json"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "nll",
+            "--model",
+            str(final),
+            "--text",
+            str(text),
+            "--seq-len",
+            "10",
+            "--rows",
+            "4",
+            "--output",
+            str(tmp_path / "nll.json"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "nll.json").read_text())
     assert results and "left" in res.output.lower()
-    res = runner.invoke(app, ["sample", "--model", str(final), "--prompt", words[0], "--length", "4",
-                              "--seed", "0"])
+    res = runner.invoke(
+        app, ["sample", "--model", str(final), "--prompt", words[0], "--length", "4", "--seed", "0"]
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -232,8 +261,13 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, base: str) -> None:
     import os
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     cfg = _sharded_cfg(Path(out), Path(base), world)
     cfg.stop_after = 2  # stop mid run, then resume in a new trainer (same process group)
     Trainer(cfg).fit()
@@ -271,7 +305,8 @@ def test_fsdp_with_lora_trains_the_model_one_process_trains(tmp_path, base_dir):
     shards = ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints") / "state"
     assert {p.name for p in shards.iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}
     assert [x["loss"] for x in _metrics(tmp_path / "two")] == pytest.approx(
-        [x["loss"] for x in _metrics(tmp_path / "one")], abs=1e-5)
+        [x["loss"] for x in _metrics(tmp_path / "one")], abs=1e-5
+    )
     for name in ("final/model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(str(reference.parent / name)), load_file(str(tmp_path / "two" / name))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name

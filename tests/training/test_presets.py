@@ -35,12 +35,17 @@ def recipe_row(name: str, cfg: TrainConfig) -> str:
     """The docs table's row of preset `name`, computed from the preset."""
     m, cur, o = _model_of(name), cfg.curriculum, cfg.optim
     tokens = cur.total_steps * PAPER_ROWS_PER_STEP * cfg.data.seq_len
-    stages = f"{cur.stage1_steps}/{cur.stage2_steps}/{cur.stage3_steps}" if cur.stages == [1, 2, 3] else (
-        f"-/-/{cur.stage3_steps}")
+    stages = (
+        f"{cur.stage1_steps}/{cur.stage2_steps}/{cur.stage3_steps}"
+        if cur.stages == [1, 2, 3]
+        else (f"-/-/{cur.stage3_steps}")
+    )
     how = f"LoRA r{cfg.lora.rank}, 1 GPU" if cfg.lora.enabled else f"FSDP2 + ckpt, {preset_gpus(cfg)} GPUs"
     micro = f"{cfg.data.micro_batch_size}x{o.grad_accum}x{preset_gpus(cfg)}"
-    return (f"| `{name}` | {m.hub_id} | {tokens / 1e9:.2f}B | {cur.total_steps} | {stages} | {micro} | "
-            f"{o.lr:g} | {how} | {gpu_hours(m, cfg):,.0f} |")
+    return (
+        f"| `{name}` | {m.hub_id} | {tokens / 1e9:.2f}B | {cur.total_steps} | {stages} | {micro} | "
+        f"{o.lr:g} | {how} | {gpu_hours(m, cfg):,.0f} |"
+    )
 
 
 def command_line(name: str, cfg: TrainConfig) -> str:
@@ -62,7 +67,9 @@ def test_every_paper_preset_builds_with_the_papers_budget():
         assert cfg.data.source == PAPER_MIXTURE and cfg.model.path == _model_of(name).hub_id
         parts = mixture_parts(cfg.data.source, cfg.data.name)  # the mixture parser reads it
         assert [(p.source, p.name, p.weight) for p in parts] == [
-            ("HuggingFaceFW/fineweb", "sample-10BT", 0.7), ("cerebras/SlimPajama-627B", None, 0.3)]
+            ("HuggingFaceFW/fineweb", "sample-10BT", 0.7),
+            ("cerebras/SlimPajama-627B", None, 0.3),
+        ]
         assert cfg.model.gradient_checkpointing and cfg.precision == "bf16"
         if name.endswith("-lora"):
             assert cfg.lora.rank == 64 and cfg.parallel == "ddp"
@@ -89,9 +96,17 @@ def test_the_docs_table_and_command_lines_are_the_presets():
 def base_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("base")
     tok = word_tokenizer(default_hmm(0).words, model_max_length=32)
-    tiny_base_model("llama", seed=3, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                    max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id).save_pretrained(path)
+    tiny_base_model(
+        "llama",
+        seed=3,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        max_position_embeddings=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -103,12 +118,17 @@ def test_a_scaled_down_copy_of_a_preset_trains_a_few_steps(tmp_path, base_dir, n
     cfg = paper_presets()[name]
     cur = cfg.curriculum
     small = dataclasses.replace(
-        cfg, output=str(tmp_path / name), device="cpu", precision="fp32",
+        cfg,
+        output=str(tmp_path / name),
+        device="cpu",
+        precision="fp32",
         model=dataclasses.replace(cfg.model, path=str(base_dir)),
-        data=dataclasses.replace(cfg.data, source=SYNTHETIC, seq_len=10, micro_batch_size=2,
-                                 synthetic_length=8),
-        curriculum=dataclasses.replace(cur, stage1_steps=1, stage2_steps=1,
-                                       stage3_steps=2 if cur.stages != [3] else 4),
+        data=dataclasses.replace(
+            cfg.data, source=SYNTHETIC, seq_len=10, micro_batch_size=2, synthetic_length=8
+        ),
+        curriculum=dataclasses.replace(
+            cur, stage1_steps=1, stage2_steps=1, stage3_steps=2 if cur.stages != [3] else 4
+        ),
         optim=dataclasses.replace(cfg.optim, grad_accum=2, warmup_steps=1),
     )
     small.log.progress = False

@@ -2,8 +2,9 @@
 uninterrupted run ends. Slow (minutes): `python -m pytest -m slow tests/test_soak.py`.
 
 A3LM_SOAK_KILLS sets the number of kills (default 50). Each kill lands at a random moment: one in ten
-during start-up, the others within 2.5 s of training (in a step, a checkpoint write, the final save). When a run
-reaches its end before the kills are used up, it is checked and a new run starts in a new folder.
+during start-up, the others within 2.5 s of training (in a step, a checkpoint write, the final save).
+When a run reaches its end before the kills are used up, it is checked and a new run starts in a new
+folder.
 """
 
 import json
@@ -20,10 +21,22 @@ import torch
 from safetensors.torch import load_file
 
 KILLS = int(os.environ.get("A3LM_SOAK_KILLS", "50"))
-SETTINGS = ["model.hidden_size=32", "model.max_position_embeddings=32", "data.micro_batch_size=4", "data.seq_len=10",
-            "data.synthetic_length=8", "curriculum.stage0_steps=30", "curriculum.stage1_steps=10",
-            "curriculum.stage2_steps=20", "curriculum.stage3_steps=200", "curriculum.infill_share=0.25",
-            "optim.warmup_steps=5", "checkpoint.keep=2", "log.every=1", "log.progress=false"]
+SETTINGS = [
+    "model.hidden_size=32",
+    "model.max_position_embeddings=32",
+    "data.micro_batch_size=4",
+    "data.seq_len=10",
+    "data.synthetic_length=8",
+    "curriculum.stage0_steps=30",
+    "curriculum.stage1_steps=10",
+    "curriculum.stage2_steps=20",
+    "curriculum.stage3_steps=200",
+    "curriculum.infill_share=0.25",
+    "optim.warmup_steps=5",
+    "checkpoint.keep=2",
+    "log.every=1",
+    "log.progress=false",
+]
 
 
 def _command(out: Path, every: int) -> list[str]:
@@ -92,4 +105,7 @@ def test_fifty_sigkills_at_random_moments_end_bit_identical(tmp_path):
         assert _same(_state(out), reference), f"run {out} differs from the uninterrupted run"
         out = None
     wall = time.monotonic() - start
-    print(f"\nsoak: {kills} SIGKILLs over {rounds} run(s), each bit-identical to the uninterrupted one; {wall:.0f} s")
+    print(
+        f"\nsoak: {kills} SIGKILLs over {rounds} run(s), each bit-identical to the uninterrupted one; "
+        f"{wall:.0f} s"
+    )

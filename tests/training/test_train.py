@@ -69,7 +69,9 @@ def test_lr_schedule_values():
     assert [lr_factor(s, 20, cfg) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert lr_factor(4, 20, cfg) == pytest.approx(1.0)
     assert lr_factor(19, 20, cfg) == pytest.approx(0.1)
-    assert lr_factor(4 + 15 // 2, 20, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lr_factor(4 + 15 // 2, 20, cfg) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15))
+    )
     lin = OptimConfig(warmup_steps=0, min_lr_ratio=0.0, decay="linear")
     assert [lr_factor(s, 5, lin) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     assert lr_factor(3, 5, OptimConfig(warmup_steps=0, decay="constant")) == 1.0
@@ -77,7 +79,9 @@ def test_lr_schedule_values():
 
 def test_stage_schedule_restarts_warmup_and_decay_at_every_stage():
     cfg = OptimConfig(warmup_steps=1, min_lr_ratio=0.1, decay="linear", stage_schedule=True)
-    sched = Schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2.0, 9, cfg, segments=[2, 3, 4])
+    sched = Schedule(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2.0, 9, cfg, segments=[2, 3, 4]
+    )
     lrs = []
     for _ in range(9):
         lrs.append(sched.lr())
@@ -109,9 +113,23 @@ def test_stage_schedule_resumes_mid_stage_bit_exactly(tmp_path):
 
 
 def test_presets_and_overrides():
-    cfg = make_config(preset="tiny", overrides=["optim.lr=1e-4", "curriculum.stages=0,3", "log.wandb=true",
-                                                "stop_after=7", "model.tokenizer=none", "data.source=synthetic"])
-    assert cfg.optim.lr == 1e-4 and cfg.curriculum.stages == [0, 3] and cfg.log.wandb is True and cfg.stop_after == 7
+    cfg = make_config(
+        preset="tiny",
+        overrides=[
+            "optim.lr=1e-4",
+            "curriculum.stages=0,3",
+            "log.wandb=true",
+            "stop_after=7",
+            "model.tokenizer=none",
+            "data.source=synthetic",
+        ],
+    )
+    assert (
+        cfg.optim.lr == 1e-4
+        and cfg.curriculum.stages == [0, 3]
+        and cfg.log.wandb is True
+        and cfg.stop_after == 7
+    )
     assert make_config().curriculum.stages == [0, 1, 2, 3]  # no model: the embedded default
     assert make_config(model="some/llama", data="x.jsonl").curriculum.stages == [1, 2, 3]
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
@@ -129,16 +147,31 @@ def test_presets_and_overrides():
 def test_overrides_are_read_by_the_field_type():
     from a3lm.training.overrides import parse_as
 
-    cfg = apply_overrides(TrainConfig(), ["curriculum.stages=[1, 3]", "model.tokenizer=null", "stop_after=none",
-                                          "data.name=sample-10BT", "model.path=123", "optim.grad_clip=0"])
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "curriculum.stages=[1, 3]",
+            "model.tokenizer=null",
+            "stop_after=none",
+            "data.name=sample-10BT",
+            "model.path=123",
+            "optim.grad_clip=0",
+        ],
+    )
     assert cfg.curriculum.stages == [1, 3] and cfg.model.tokenizer is None and cfg.stop_after is None
     assert cfg.data.name == "sample-10BT" and cfg.model.path == "123" and cfg.optim.grad_clip == 0.0
-    assert parse_as(int | None, "7") == 7 and parse_as(list[int], "0,3") == [0, 3] and parse_as(bool, "Yes") is True
-    for item, message in [("data.micro_batch_size=x", "bad value for data.micro_batch_size: expected an integer, got 'x'"),
-                          ("log.wandb=maybe", "bad value for log.wandb: expected a boolean (true/false), got 'maybe'"),
-                          ("curriculum.stages=1,b", "bad value for curriculum.stages: expected an integer, got 'b'"),
-                          ("optimm.lr=1", "unknown config section 'optimm.lr'"),
-                          ("optim=1", "'optim' is a section")]:
+    assert (
+        parse_as(int | None, "7") == 7
+        and parse_as(list[int], "0,3") == [0, 3]
+        and parse_as(bool, "Yes") is True
+    )
+    for item, message in [
+        ("data.micro_batch_size=x", "bad value for data.micro_batch_size: expected an integer, got 'x'"),
+        ("log.wandb=maybe", "bad value for log.wandb: expected a boolean (true/false), got 'maybe'"),
+        ("curriculum.stages=1,b", "bad value for curriculum.stages: expected an integer, got 'b'"),
+        ("optimm.lr=1", "unknown config section 'optimm.lr'"),
+        ("optim=1", "'optim' is a section"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             apply_overrides(TrainConfig(), [item])
 
@@ -149,14 +182,36 @@ def test_cli_typed_options_and_overrides_set_the_same_config():
     from a3lm.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "--show-config", "--optim.lr", "3e-4", "--curriculum.stages", "1,3",
-                              "--log.progress", "false", "-s", "optim.lr=5e-4", "--model.tokenizer", "none"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--show-config",
+            "--optim.lr",
+            "3e-4",
+            "--curriculum.stages",
+            "1,3",
+            "--log.progress",
+            "false",
+            "-s",
+            "optim.lr=5e-4",
+            "--model.tokenizer",
+            "none",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = json.loads(res.output)
-    assert cfg["optim"]["lr"] == 5e-4 and cfg["curriculum"]["stages"] == [1, 3] and cfg["log"]["progress"] is False
+    assert (
+        cfg["optim"]["lr"] == 5e-4
+        and cfg["curriculum"]["stages"] == [1, 3]
+        and cfg["log"]["progress"] is False
+    )
     assert cfg["model"]["tokenizer"] is None  # `-s` applies last
     res = runner.invoke(app, ["train", "--show-config", "--data.micro_batch_size", "x"])
-    assert res.exit_code == 2 and "error: bad value for --data.micro_batch_size: expected an integer, got 'x'" in res.output
+    assert (
+        res.exit_code == 2
+        and "error: bad value for --data.micro_batch_size: expected an integer, got 'x'" in res.output
+    )
     res = runner.invoke(app, ["train", "--show-config", "-s", "optim.lrr=1"])
     assert res.exit_code == 2 and "error: unknown config key 'optim.lrr'" in res.output
 
@@ -188,8 +243,19 @@ def test_callbacks_see_every_phase_step_and_save(tmp_path):
     cfg.checkpoint.every = 3
     rec = Recorder()
     train(cfg, callbacks=[rec])
-    assert rec.events == [("fit_start", 0), ("phase_start ar", 0), ("step", 1), ("step", 2), ("save", 2),
-                          ("phase_start a3", 2), ("step", 3), ("save", 3), ("step", 4), ("save", 4), ("fit_end", 4)]
+    assert rec.events == [
+        ("fit_start", 0),
+        ("phase_start ar", 0),
+        ("step", 1),
+        ("step", 2),
+        ("save", 2),
+        ("phase_start a3", 2),
+        ("step", 3),
+        ("save", 3),
+        ("step", 4),
+        ("save", 4),
+        ("fit_end", 4),
+    ]
 
 
 def test_metrics_log_resumes_from_checkpoints_with_or_without_its_state(tmp_path):
@@ -215,13 +281,25 @@ def _weights_of_seed(out: Path, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_seed_reseeds_the_init_groupings_and_data_unless_set(tmp_path):
-    a, b, c = _weights_of_seed(tmp_path / "a", 0), _weights_of_seed(tmp_path / "b", 0), _weights_of_seed(tmp_path / "c", 1)
+    a, b, c = (
+        _weights_of_seed(tmp_path / "a", 0),
+        _weights_of_seed(tmp_path / "b", 0),
+        _weights_of_seed(tmp_path / "c", 1),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(a[k], c[k]) for k in a if a[k].numel() > 1 and a[k].std() > 0)
     saved = json.loads((tmp_path / "c" / "config.json").read_text())  # the seeds the run used
-    assert (saved["model"]["init_seed"], saved["curriculum"]["seed"], saved["data"]["synthetic_seed"]) == (1, 1, 1)
+    assert (saved["model"]["init_seed"], saved["curriculum"]["seed"], saved["data"]["synthetic_seed"]) == (
+        1,
+        1,
+        1,
+    )
     cfg = TrainConfig(seed=3, model=ModelConfig(init_seed=0), curriculum=CurriculumConfig(seed=5)).seeded()
-    assert (cfg.model.init_seed, cfg.curriculum.seed, cfg.data.synthetic_seed) == (0, 5, 3)  # explicit ones stay
+    assert (cfg.model.init_seed, cfg.curriculum.seed, cfg.data.synthetic_seed) == (
+        0,
+        5,
+        3,
+    )  # explicit ones stay
     tok = build.load_tokenizer(TrainConfig())
     rows = [build_loader(TrainConfig(seed=s).seeded().data, tok).next_batch()["input_ids"] for s in (0, 1)]
     assert not torch.equal(*rows)  # the synthetic corpus too
@@ -253,8 +331,12 @@ def test_a_model_from_scratch_takes_the_tokenizers_special_ids(tmp_path):
 
     from a3lm.model.debug import tiny_byte_bpe
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_byte_bpe(), bos_token="<|im_start|>",
-                                  eos_token="<|endoftext|>", pad_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tiny_byte_bpe(),
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
     tok.save_pretrained(tmp_path / "tok")
     (tmp_path / "a.txt").write_text("the cat sat on the mat.\na big dog ran.\n")
     cfg = tiny_cfg(tmp_path / "run", stages=[0, 1], stage0_steps=1, stage1_steps=1)
@@ -275,7 +357,9 @@ def _held_out_loss(trainer: Trainer) -> float:
     words = torch.stack([corpus[i] for i in range(64)])
     ids = torch.cat([torch.full((64, 1), 1), words + 4, torch.full((64, 1), 2)], dim=1)
     mask = torch.ones_like(ids)
-    gids = draw_group_ids(policy_at(trainer.cfg.curriculum, trainer.total_steps - 1), mask, rank_generator(99, 0))
+    gids = draw_group_ids(
+        policy_at(trainer.cfg.curriculum, trainer.total_steps - 1), mask, rank_generator(99, 0)
+    )
     with torch.no_grad():
         return float(trainer.model(input_ids=ids, group_ids=gids, attention_mask=mask, labels=ids).loss)
 
@@ -315,7 +399,9 @@ def test_resume_equals_uninterrupted_and_final_models_open(tmp_path):
     for name in ("final", "ar_final"):
         a, b = weights(tmp_path / "full" / name), weights(parts / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert metrics(tmp_path / "full") == metrics(parts)  # losses, lrs, stages, tokens: identical, no duplicates
+    assert metrics(tmp_path / "full") == metrics(
+        parts
+    )  # losses, lrs, stages, tokens: identical, no duplicates
     assert [m["stage"] for m in metrics(parts)] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert len(ckpt.list_checkpoints(parts / "checkpoints")) == 2  # keep = 2
 
@@ -371,18 +457,26 @@ def test_a_damaged_checkpoint_is_one_clear_error_naming_the_previous_one(tmp_pat
     second, first = root / ckpt.checkpoint_name(4), root / ckpt.checkpoint_name(2)
     shard = next((second / "state").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
-    with pytest.raises(OSError, match=rf"^checkpoint {re.escape(str(second))} is unreadable "
-                                      rf"\(state/{shard.name} has \d+ bytes, \d+ when saved\); delete it to "
-                                      rf"resume from the previous checkpoint {re.escape(str(first))}$"):
+    with pytest.raises(
+        OSError,
+        match=rf"^checkpoint {re.escape(str(second))} is unreadable "
+        rf"\(state/{shard.name} has \d+ bytes, \d+ when saved\); delete it to "
+        rf"resume from the previous checkpoint {re.escape(str(first))}$",
+    ):
         Trainer(cfg)
     shutil.rmtree(second)
     (first / "data_rank0.safetensors").unlink()
-    with pytest.raises(OSError, match=r"step_00000002 is unreadable \(FileNotFoundError: "
-                                      r".*data_rank0.safetensors\); no earlier checkpoint is kept: delete it "
-                                      "to start the run over$"):
+    with pytest.raises(
+        OSError,
+        match=r"step_00000002 is unreadable \(FileNotFoundError: "
+        r".*data_rank0.safetensors\); no earlier checkpoint is kept: delete it "
+        "to start the run over$",
+    ):
         Trainer(cfg)
     (first / "meta.json").write_text("")
-    with pytest.raises(OSError, match=r"step_00000002 is unreadable \(meta.json is not JSON: Expecting value"):
+    with pytest.raises(
+        OSError, match=r"step_00000002 is unreadable \(meta.json is not JSON: Expecting value"
+    ):
         Trainer(cfg)
 
 
@@ -439,13 +533,40 @@ def test_cli_train_runs_and_reports_bad_input(tmp_path):
     from a3lm.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "--output", str(tmp_path / "bad"), "--data", str(tmp_path / "nope.txt"),
-                              "-s", "model.tokenizer=unused"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--output",
+            str(tmp_path / "bad"),
+            "--data",
+            str(tmp_path / "nope.txt"),
+            "-s",
+            "model.tokenizer=unused",
+        ],
+    )
     assert res.exit_code == 2 and "nope.txt' does not exist" in res.output
     assert not (tmp_path / "bad").exists()  # nothing written: the corrected command starts cleanly
-    res = runner.invoke(app, ["train", "--output", str(tmp_path / "run"), "-s", "curriculum.stages=1,3",
-                              "-s", "curriculum.stage1_steps=1", "-s", "curriculum.stage3_steps=1",
-                              "-s", "data.micro_batch_size=2", "-s", "model.hidden_size=16", "-s", "log.progress=false"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--output",
+            str(tmp_path / "run"),
+            "-s",
+            "curriculum.stages=1,3",
+            "-s",
+            "curriculum.stage1_steps=1",
+            "-s",
+            "curriculum.stage3_steps=1",
+            "-s",
+            "data.micro_batch_size=2",
+            "-s",
+            "model.hidden_size=16",
+            "-s",
+            "log.progress=false",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["curriculum"]["stages"] == [1, 3]
@@ -479,8 +600,13 @@ def _dist_worker(rank: int, world: int, port: int, out: str, parallel: str) -> N
     import os
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     cfg = tiny_cfg(Path(out), stages=[0, 3], stage0_steps=2, stage3_steps=3)
     cfg.parallel = parallel
     cfg.stop_after = 3  # stop mid stage 3, then resume in a new trainer (in the same process group:
@@ -493,7 +619,9 @@ def _dist_worker(rank: int, world: int, port: int, out: str, parallel: str) -> N
     if parallel == "fsdp":
         params = (p.full_tensor() for p in params)
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
-    draws = draw_group_ids(policy_at(cfg.curriculum, 4), torch.ones(4, 10, dtype=torch.long), trainer.group_gen)
+    draws = draw_group_ids(
+        policy_at(cfg.curriculum, 4), torch.ones(4, 10, dtype=torch.long), trainer.group_gen
+    )
     Path(out, f"rank{rank}.json").write_text(json.dumps({"params": digest, "groups": draws.tolist()}))
     torch.distributed.destroy_process_group()
 
@@ -525,7 +653,9 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     m = metrics(out)
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5]
     assert m[-1]["tokens"] == 5 * 2 * 4 * 10  # steps x ranks x rows x seq_len
-    assert (out / "final" / "model.safetensors").exists() and (out / "ar_final" / "model.safetensors").exists()
+    assert (out / "final" / "model.safetensors").exists() and (
+        out / "ar_final" / "model.safetensors"
+    ).exists()
 
     # FSDP (sharded) trains the same model: same data, groupings and updates up to float rounding
     fsdp = tmp_path / "fsdp"
@@ -568,8 +698,13 @@ def _reshard_worker(rank: int, world: int, port: int, tmp: str) -> None:
     import os
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     tmp = Path(tmp)
     cfg = _reshard_cfg(tmp / "two_to_one", world)
     cfg.stop_after = 3  # on 2 processes to step 3 (mid A3 phase); the parent finishes it on 1
@@ -594,7 +729,9 @@ def _reshard_worker(rank: int, world: int, port: int, tmp: str) -> None:
     resumed = Trainer(cfg)
     start = resumed.step
     resumed.fit()
-    Path(tmp, f"interrupted_rank{rank}.json").write_text(json.dumps({"error": error, "steps": steps, "start": start}))
+    Path(tmp, f"interrupted_rank{rank}.json").write_text(
+        json.dumps({"error": error, "steps": steps, "start": start})
+    )
     torch.distributed.destroy_process_group()
 
 
@@ -625,7 +762,9 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(tmp_path):
     ref = metrics(tmp_path / "reference")
     for run in ("two_to_one", "one_to_two"):
         m = metrics(tmp_path / run)
-        assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6] and [x["tokens"] for x in m] == [x["tokens"] for x in ref]
+        assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6] and [x["tokens"] for x in m] == [
+            x["tokens"] for x in ref
+        ]
         # the same rows every step (data neither repeated nor skipped): the same losses up to float rounding
         assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in ref], abs=1e-5), run
         a, b = weights(reference), weights(tmp_path / run / "final")

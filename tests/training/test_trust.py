@@ -115,13 +115,18 @@ def test_a_crafted_dcp_metadata_runs_nothing(tmp_path, run_of_two_steps):
     meta = json.loads((last / "meta.json").read_text())
     meta["state_files"]["sizes"][".metadata"] = (last / "state" / ".metadata").stat().st_size
     (last / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(OSError, match=r"state/.metadata does not match the sha256 in meta.json: damaged or "
-                                      "altered"):
+    with pytest.raises(
+        OSError,
+        match=r"state/.metadata does not match the sha256 in meta.json: damaged or "
+        "altered",
+    ):
         Trainer(cfg)
     _set_digest(last)
     before = _files(tmp_path)
-    refused = (r"is unreadable \(state/.metadata refers to (io|builtins).open, which a checkpoint's metadata "
-               r"never holds: refusing to load it\); no earlier")
+    refused = (
+        r"is unreadable \(state/.metadata refers to (io|builtins).open, which a checkpoint's metadata "
+        r"never holds: refusing to load it\); no earlier"
+    )
     with pytest.raises(OSError, match=refused):
         Trainer(cfg)
     assert not marker.exists()
@@ -132,8 +137,11 @@ def test_an_emptied_dcp_metadata_is_one_line_without_torch_tracebacks(run_of_two
     cfg, last = run_of_two_steps
     (last / "state" / ".metadata").write_bytes(b"")
     capfd.readouterr()
-    with pytest.raises(OSError, match=r"is unreadable \(state/.metadata has 0 bytes, \d+ when saved\); "
-                                      "no earlier"):
+    with pytest.raises(
+        OSError,
+        match=r"is unreadable \(state/.metadata has 0 bytes, \d+ when saved\); "
+        "no earlier",
+    ):
         Trainer(cfg)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
@@ -171,12 +179,15 @@ time.sleep(60)
 def test_a_second_train_on_the_same_folder_refuses_naming_the_holder(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", stages=[1], stage1_steps=2)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE,
-                              text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        busy = (rf"^run folder {tmp_path / 'run'} is in use by another a3lm train \(PID {holder.pid}\): "
-                "wait for it to finish, or choose another --output$")
+        busy = (
+            rf"^run folder {tmp_path / 'run'} is in use by another a3lm train \(PID {holder.pid}\): "
+            "wait for it to finish, or choose another --output$"
+        )
         with pytest.raises(RunFolderBusy, match=busy):
             train(cfg)
         assert not (tmp_path / "run" / "config.json").exists()  # the refused start wrote nothing
@@ -189,6 +200,9 @@ def test_a_second_train_on_the_same_folder_refuses_naming_the_holder(tmp_path):
 def test_a_run_config_that_is_not_json_is_named(tmp_path, run_of_two_steps):
     cfg, _ = run_of_two_steps
     (tmp_path / "run" / "config.json").write_text("{oops")
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'run' / 'config.json'} is not JSON \(.*\): this run "
-                                         "folder's config is damaged$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{tmp_path / 'run' / 'config.json'} is not JSON \(.*\): this run "
+        "folder's config is damaged$",
+    ):
         Trainer(cfg)

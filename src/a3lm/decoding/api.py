@@ -39,7 +39,11 @@ from a3lm.model.modeling import A3ForCausalLM, max_positions
 
 def eos_ids_of(model: A3ForCausalLM, cfg: DecodingConfig) -> torch.Tensor | None:
     """Every id that ends a row (the config's, else the model's: Llama 3 lists several), or None."""
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(model.config.text_config, "eos_token_id", None)
+    eos = (
+        cfg.eos_token_id
+        if cfg.eos_token_id is not None
+        else getattr(model.config.text_config, "eos_token_id", None)
+    )
     if not cfg.stop_at_eos or eos is None:
         return None
     return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=model.device)
@@ -52,17 +56,30 @@ def pad_id_of(model: A3ForCausalLM, cfg: DecodingConfig) -> int:
     return 0 if pad is None else pad
 
 
-def _run(model, canvas: Canvas, cfg: DecodingConfig, generator, eos_ids, output_logits,
-         order_generators: Sequence[torch.Generator] | None, on_step: StepHook | None = None) -> GenerationOutput:  # fmt: skip
+def _run(
+    model,
+    canvas: Canvas,
+    cfg: DecodingConfig,
+    generator,
+    eos_ids,
+    output_logits,
+    order_generators: Sequence[torch.Generator] | None,
+    on_step: StepHook | None = None,
+) -> GenerationOutput:
     generator = generator if generator is not None else cfg.make_generator(model.device)
     if order_generators is not None and len(order_generators) != canvas.ids.shape[0]:
-        raise ValueError(f"order_generators needs one generator per row: got {len(order_generators)} for {canvas.ids.shape[0]} rows")
+        raise ValueError(
+            f"order_generators needs one generator per row: got {len(order_generators)} for "
+            f"{canvas.ids.shape[0]} rows"
+        )
     order_source = generator if order_generators is None else order_generators
     pad = pad_id_of(model, cfg)
     if cfg.speculative:
         from a3lm.decoding.speculative import decode_speculative
 
-        return decode_speculative(model, canvas, cfg, generator, eos_ids, pad, output_logits, order_source, on_step)
+        return decode_speculative(
+            model, canvas, cfg, generator, eos_ids, pad, output_logits, order_source, on_step
+        )
     blank = canvas.real & ~canvas.known
     fill_group = None if cfg.dynamic else fill_groups(blank, cfg.order, cfg.group_size, order_source)
     return decode_groups(model, canvas, fill_group, cfg, generator, eos_ids, pad, output_logits, on_step)
@@ -108,14 +125,24 @@ def sample(
         raise ValueError(f"length must be >= 1, got {length}")
     device = model.device
     input_ids = input_ids.to(device)
-    prompt_real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+    prompt_real = (
+        torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.to(device).bool()
+    )
     lengths_B = prompt_real.sum(1)
     if bool((lengths_B == 0).any()):
-        raise ValueError(f"empty prompt in row {int((lengths_B == 0).nonzero()[0])}: sampling needs at least one token (BOS)")
+        raise ValueError(
+            f"empty prompt in row {int((lengths_B == 0).nonzero()[0])}: sampling needs at least one token "
+            "(BOS)"
+        )
     B, N = input_ids.shape[0], int(lengths_B.max()) + length
     max_pos = max_positions(model)
     if max_pos is not None and N > max_pos:
-        raise ValueError(f"prompt ({int(lengths_B.max())} tokens) + length ({length}) = {N} exceeds the model's maximum of {max_pos} positions")
+        raise ValueError(
+            f"prompt ({int(lengths_B.max())} tokens) + length ({length}) = {N} exceeds the model's maximum "
+            f"of {max_pos} positions"
+        )
     eos_ids = eos_ids_of(model, cfg)
 
     # left-align: prompt token of rank r goes to column r, the continuation follows it
@@ -124,7 +151,9 @@ def sample(
     rank = prompt_real.long().cumsum(1) - 1
     rows = torch.arange(B, device=device)[:, None].expand_as(rank)
     ids[rows[prompt_real], rank[prompt_real]] = input_ids[prompt_real]
-    canvas = Canvas.start(ids, cols < (lengths_B + length)[:, None], cols < lengths_B[:, None], cols.contiguous())
+    canvas = Canvas.start(
+        ids, cols < (lengths_B + length)[:, None], cols < lengths_B[:, None], cols.contiguous()
+    )
     return _run(model, canvas, cfg, generator, eos_ids, output_logits, order_generators, on_step)
 
 
@@ -151,7 +180,10 @@ def infill(
     """
     cfg = DecodingConfig.build(config, **options)
     if input_ids.dim() != 2 or known_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and known_mask must both be [B, N], got {tuple(input_ids.shape)} and {tuple(known_mask.shape)}")
+        raise ValueError(
+            f"input_ids and known_mask must both be [B, N], got {tuple(input_ids.shape)} and "
+            f"{tuple(known_mask.shape)}"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
@@ -163,8 +195,6 @@ def infill(
     positions = (real.long().cumsum(1) - 1).clamp(min=0)  # counted over real tokens, as in the model
     canvas = Canvas.start(input_ids.to(device), real, known, positions)
     return _run(model, canvas, cfg, generator, None, output_logits, order_generators, on_step)
-
-
 
 
 def load_pretrained(path: str) -> tuple[A3ForCausalLM, PreTrainedTokenizerBase]:

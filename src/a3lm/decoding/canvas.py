@@ -81,11 +81,24 @@ class Canvas:
         known = known_BN.bool() & real
         n_known_B = known.sum(1)
         if bool((n_known_B == 0).any()):
-            raise ValueError(f"row {int((n_known_B == 0).nonzero()[0])} has no known token: decoding needs a prompt (at least BOS)")
+            raise ValueError(
+                f"row {int((n_known_B == 0).nonzero()[0])} has no known token: decoding needs a prompt (at "
+                "least BOS)"
+            )
         group = torch.where(known, known.long().cumsum(1) - 1, PAD_GROUP)
         finished = torch.zeros(ids_BN.shape[0], dtype=torch.bool, device=ids_BN.device)
         after_eos = torch.zeros_like(real)
-        return cls(ids_BN.clone(), real, known, positions_BN, known.clone(), group, torch.where(known, 0, -1), finished, after_eos)
+        return cls(
+            ids_BN.clone(),
+            real,
+            known,
+            positions_BN,
+            known.clone(),
+            group,
+            torch.where(known, 0, -1),
+            finished,
+            after_eos,
+        )
 
     @property
     def n_known(self) -> torch.Tensor:
@@ -108,7 +121,11 @@ class Canvas:
             written = torch.zeros_like(t).scatter_add(1, cols_BQ, values * chosen_BQ)
             return torch.where(hit_BN, written, t)
 
-        self.ids, self.group, self.fill_step = put(self.ids, tokens_BQ), put(self.group, groups_BQ), put(self.fill_step, step)
+        self.ids, self.group, self.fill_step = (
+            put(self.ids, tokens_BQ),
+            put(self.group, groups_BQ),
+            put(self.fill_step, step),
+        )
         self.filled = self.filled | hit_BN
 
     def stop_at_eos(self, eos_ids: torch.Tensor | None) -> None:
@@ -118,10 +135,14 @@ class Canvas:
         N = self.ids.shape[1]
         eos = self.filled & ~self.known & torch.isin(self.ids, eos_ids)
         first_B = torch.where(eos.any(1), eos.int().argmax(1), N)
-        self.after_eos = self.real & ~self.known & (torch.arange(N, device=eos.device)[None] > first_B[:, None])
+        self.after_eos = (
+            self.real & ~self.known & (torch.arange(N, device=eos.device)[None] > first_B[:, None])
+        )
         self.finished |= ~(self.real & ~self.filled & ~self.after_eos).any(1) & eos.any(1)
 
-    def output(self, eos_ids: torch.Tensor | None, pad_token_id: int, num_steps: int, **extra) -> GenerationOutput:
+    def output(
+        self, eos_ids: torch.Tensor | None, pad_token_id: int, num_steps: int, **extra
+    ) -> GenerationOutput:
         """The canvas as output; with eos_ids, cut after each row's first generated EOS (`after_eos`, kept
         current by `stop_at_eos` after every commit)."""
         whole = self._as_output(self.real & self.filled, pad_token_id, num_steps, **extra)
@@ -151,8 +172,17 @@ class StepForward:
         self.model = model
         self.cache = ContentCache(batch_size, model.device) if use_cache else None
 
-    def __call__(self, canvas: Canvas, content_cols_BC, content_valid_BC, query_cols_BQ, query_valid_BQ, query_groups_BQ,
-                 ids_BN: torch.Tensor | None = None, group_BN: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        canvas: Canvas,
+        content_cols_BC,
+        content_valid_BC,
+        query_cols_BQ,
+        query_valid_BQ,
+        query_groups_BQ,
+        ids_BN: torch.Tensor | None = None,
+        group_BN: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [B, Q, V] of query slots (canvas columns) of the given groups, after appending the
         content at content_cols. ids_BN / group_BN: the canvas's with uncommitted content (drafts)."""
         ids = canvas.ids if ids_BN is None else ids_BN
@@ -160,18 +190,29 @@ class StepForward:
         pos = canvas.positions
         if self.cache is not None:
             return self.model.decode_step(
-                self.cache, ids.gather(1, content_cols_BC), pos.gather(1, content_cols_BC), group.gather(1, content_cols_BC),
-                content_valid_BC, pos.gather(1, query_cols_BQ), query_groups_BQ,
-            )  # fmt: skip
+                self.cache,
+                ids.gather(1, content_cols_BC),
+                pos.gather(1, content_cols_BC),
+                group.gather(1, content_cols_BC),
+                content_valid_BC,
+                pos.gather(1, query_cols_BQ),
+                query_groups_BQ,
+            )
         # reference: the whole canvas. Unassigned positions get a group above every query's (never seen);
         # the query slots scored carry their query group (their content is never seen either)
         group = torch.where(group >= 0, group, 2 * ids.shape[1] + 1)
-        group = scatter_where(group, query_cols_BQ, query_valid_BQ, query_groups_BQ).masked_fill(~canvas.real, PAD_GROUP)
-        logits_BNV = self.model(input_ids=ids, group_ids=group, attention_mask=canvas.real.long(), position_ids=pos).logits
+        group = scatter_where(group, query_cols_BQ, query_valid_BQ, query_groups_BQ).masked_fill(
+            ~canvas.real, PAD_GROUP
+        )
+        logits_BNV = self.model(
+            input_ids=ids, group_ids=group, attention_mask=canvas.real.long(), position_ids=pos
+        ).logits
         return logits_BNV.gather(1, query_cols_BQ[..., None].expand(-1, -1, logits_BNV.shape[-1]))
 
 
-def scatter_where(target_BN: torch.Tensor, cols_BQ: torch.Tensor, where_BQ: torch.Tensor, values) -> torch.Tensor:
+def scatter_where(
+    target_BN: torch.Tensor, cols_BQ: torch.Tensor, where_BQ: torch.Tensor, values
+) -> torch.Tensor:
     """target with values written at cols where `where` holds (each written column at most once per row;
     cols of the other slots may repeat and point anywhere)."""
     values = torch.as_tensor(values, device=target_BN.device).to(target_BN.dtype).expand(cols_BQ.shape)
@@ -190,7 +231,9 @@ def mask_to_cols(mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cols, valid
 
 
-def compact(cols_BQ: torch.Tensor, keep_BQ: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(
+    cols_BQ: torch.Tensor, keep_BQ: torch.Tensor, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept slots of each row moved to the front: cols [B, W], valid [B, W] (W: the most kept)."""
     width = int(keep_BQ.sum(1).max()) if width is None else width
     first = (~keep_BQ).to(torch.int8).argsort(dim=1, stable=True)[:, :width]

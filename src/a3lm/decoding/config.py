@@ -75,16 +75,24 @@ class DecodingConfig:
             raise ValueError(f"per_step (k) must be >= 1, got {self.per_step}")
         if self.threshold is not None:
             if self.per_step != 1:
-                raise ValueError("give either per_step (commit k per step) or threshold (commit all above p), not both")
+                raise ValueError(
+                    "give either per_step (commit k per step) or threshold (commit all above p), not both"
+                )
             if not 0.0 < self.threshold < 1.0:
                 raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
             if self.criterion not in ("confidence", "margin"):
-                raise ValueError(f"threshold compares a probability: use criterion confidence or margin, not {self.criterion!r}")
+                raise ValueError(
+                    "threshold compares a probability: use criterion confidence or margin, not "
+                    f"{self.criterion!r}"
+                )
         if self.speculative < 0:
-            raise ValueError(f"speculative (drafts per forward) must be >= 1, or 0 for off; got {self.speculative}")
+            raise ValueError(
+                f"speculative (drafts per forward) must be >= 1, or 0 for off; got {self.speculative}"
+            )
         if self.speculative_schedule not in SPECULATIVE_SCHEDULES:
             raise ValueError(
-                f"unknown speculative_schedule {self.speculative_schedule!r}; choose one of {', '.join(SPECULATIVE_SCHEDULES)}"
+                f"unknown speculative_schedule {self.speculative_schedule!r}; choose one of "
+                f"{', '.join(SPECULATIVE_SCHEDULES)}"
             )
         if not math.isfinite(self.temperature) or self.temperature < 0:  # nan < 0 is False: checked apart
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
@@ -99,17 +107,28 @@ class DecodingConfig:
         if self.dynamic and self.speculative:
             raise ValueError("dynamic and speculative decoding exclude each other: choose one")
         if self.dynamic and (self.group_size != 1 or custom_order):
-            raise ValueError("group_size and order do not apply to dynamic decoding (it picks positions by criterion)")
-        if not self.dynamic and (self.criterion != "confidence" or self.per_step != 1 or self.threshold is not None):
-            raise ValueError("criterion, per_step and threshold apply to dynamic decoding only: set dynamic=True (--dynamic)")
+            raise ValueError(
+                "group_size and order do not apply to dynamic decoding (it picks positions by criterion)"
+            )
+        if not self.dynamic and (
+            self.criterion != "confidence" or self.per_step != 1 or self.threshold is not None
+        ):
+            raise ValueError(
+                "criterion, per_step and threshold apply to dynamic decoding only: set dynamic=True "
+                "(--dynamic)"
+            )
         if not self.speculative and self.speculative_schedule != "constant":
-            raise ValueError("speculative_schedule applies to speculative decoding only: set speculative=k (--speculative)")
+            raise ValueError(
+                "speculative_schedule applies to speculative decoding only: set speculative=k (--speculative)"
+            )
         if self.speculative and self.group_size != 1:
-            raise ValueError(f"speculative decoding verifies singleton groups: group_size must be 1, got {self.group_size}")
+            raise ValueError(
+                f"speculative decoding verifies singleton groups: group_size must be 1, got {self.group_size}"
+            )
 
     @property
     def mode(self) -> str:
-        """"speculative", "dynamic" or "group"."""
+        """ "speculative", "dynamic" or "group"."""
         return "speculative" if self.speculative else "dynamic" if self.dynamic else "group"
 
     @classmethod

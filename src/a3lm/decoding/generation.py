@@ -33,21 +33,51 @@ from a3lm.decoding.config import DecodingConfig
 from a3lm.model.modeling import A3ForCausalLM, A3PreTrainedModel
 
 A3_OPTIONS = (
-    "order", "group_size", "dynamic", "criterion", "per_step", "threshold", "speculative", "speculative_schedule", "seed",
+    "order",
+    "group_size",
+    "dynamic",
+    "criterion",
+    "per_step",
+    "threshold",
+    "speculative",
+    "speculative_schedule",
+    "seed",
     "stop_at_eos",
-)  # fmt: skip
+)
 # GenerationConfig fields generate() honours; any other field set to a value other than its default is refused
 HONOURED = frozenset(
-    {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-     "bos_token_id", "use_cache", "num_return_sequences", "return_dict_in_generate", "a3", *A3_OPTIONS}
-)  # fmt: skip
+    {
+        "max_new_tokens",
+        "max_length",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "use_cache",
+        "num_return_sequences",
+        "return_dict_in_generate",
+        "a3",
+        *A3_OPTIONS,
+    }
+)
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
 # generate()'s own arguments (not generation-config fields) that A3 decoding has no use for
 REFUSED_ARGUMENTS = (
-    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
-    "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "inputs_embeds", "position_ids",
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "synced_gpus",
+    "assistant_model",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+    "inputs_embeds",
+    "position_ids",
     "past_key_values",
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -91,24 +121,32 @@ def resolve_generation_config(
     unknown = config.update(**kwargs)
     if unknown:
         raise ValueError(
-            f"generate() got unknown option(s) {', '.join(sorted(unknown))}: neither a GenerationConfig field nor an "
+            f"generate() got unknown option(s) {', '.join(sorted(unknown))}: neither a GenerationConfig "
+            "field nor an "
             f"A3 option ({', '.join(A3_OPTIONS)})"
         )
     reference = _default_config()
     refused = [
         f"{key}={value!r}"
         for key, value in config.to_dict().items()
-        if not key.startswith("_") and key != "transformers_version" and key not in HONOURED
+        if not key.startswith("_")
+        and key != "transformers_version"
+        and key not in HONOURED
         and not _same(value, getattr(reference, key, None))
-    ]  # fmt: skip
+    ]
     if refused:
         raise ValueError(
-            f"an A3 model's generate() cannot honour {', '.join(refused)}: it runs a3lm's decoding (greedy, or sampling "
+            f"an A3 model's generate() cannot honour {', '.join(refused)}: it runs a3lm's decoding (greedy, "
+            "or sampling "
             "with temperature / top_k / top_p, in any A3 order), which has no such option"
         )
     options: dict[str, Any] = {}
-    for source in (getattr(config, "a3", None) or {}, {k: getattr(config, k) for k in A3_OPTIONS if hasattr(config, k)},
-                   a3_kw, named_a3):  # fmt: skip
+    for source in (
+        getattr(config, "a3", None) or {},
+        {k: getattr(config, k) for k in A3_OPTIONS if hasattr(config, k)},
+        a3_kw,
+        named_a3,
+    ):
         bad = set(source) - set(A3_OPTIONS)
         if bad:
             raise ValueError(
@@ -123,7 +161,8 @@ def decoding_config(config: GenerationConfig, options: dict[str, Any]) -> Decodi
     if config.do_sample:
         if not config.temperature or config.temperature <= 0:
             raise ValueError(
-                f"do_sample=True needs temperature > 0, got {config.temperature}: use do_sample=False for greedy"
+                f"do_sample=True needs temperature > 0, got {config.temperature}: use do_sample=False for "
+                "greedy"
             )
         sampling = {
             "temperature": float(config.temperature),
@@ -186,7 +225,8 @@ def _input_ids(
         return torch.tensor([[bos]], device=model.device)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
-            f"input_ids must be a [B, L] tensor of token ids, got {getattr(input_ids, 'shape', type(input_ids))}"
+            "input_ids must be a [B, L] tensor of token ids, got "
+            f"{getattr(input_ids, 'shape', type(input_ids))}"
         )
     return input_ids
 
@@ -249,7 +289,8 @@ def generate(
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - L
     if max_new < 1:
         raise ValueError(
-            f"nothing to generate: max_length={config.max_length} leaves no room after the {L} input tokens; set max_new_tokens"
+            f"nothing to generate: max_length={config.max_length} leaves no room after the {L} input tokens; "
+            "set max_new_tokens"
         )
     n_return = config.num_return_sequences or 1
     if n_return > 1:
@@ -270,7 +311,8 @@ def generate(
     if streamer is not None:
         if B != 1:
             raise ValueError(
-                f"a streamer takes one sequence: got {B} rows (batch {B // n_return} x num_return_sequences {n_return})"
+                f"a streamer takes one sequence: got {B} rows (batch {B // n_return} x num_return_sequences "
+                f"{n_return})"
             )
         streamer.put(input_ids.cpu())
         stops = cfg.stop_at_eos and cfg.eos_token_id is not None
@@ -286,7 +328,8 @@ def generate(
     if streamer is not None:
         streamer.end()
 
-    # the canvas holds row b's prompt at columns 0..l_b-1 and its continuation after it: move it after the input
+    # the canvas holds row b's prompt at columns 0..l_b-1 and its continuation after it: move it after
+    # the input
     cols_BT = lengths_B[:, None] + torch.arange(max_new, device=device)[None]
     new_BT = out.sequences.gather(1, cols_BT)
     kept_BT = out.attention_mask.gather(1, cols_BT).bool()

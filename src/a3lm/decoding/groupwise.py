@@ -59,7 +59,9 @@ def group_schedule(fill_group_BN: torch.Tensor) -> list[tuple[torch.Tensor, torc
     return schedule
 
 
-def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _next_queries(
+    canvas: Canvas, schedule, step: int, stops_at_eos: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The query slots of the next step (cols [B, Q], valid [B, Q]), or None when decoding is done:
     the schedule's next group (group-wise), or every unfilled position (dynamic). Finished rows get none."""
     if schedule is None:
@@ -77,8 +79,17 @@ def _next_queries(canvas: Canvas, schedule, step: int, stops_at_eos: bool) -> tu
 
 
 @torch.no_grad()
-def decode_groups(model, canvas: Canvas, fill_group_BN, cfg: DecodingConfig, generator, eos_ids, pad_token_id,
-            output_logits: bool, on_step: StepHook | None = None) -> GenerationOutput:  # fmt: skip
+def decode_groups(
+    model,
+    canvas: Canvas,
+    fill_group_BN,
+    cfg: DecodingConfig,
+    generator,
+    eos_ids,
+    pad_token_id,
+    output_logits: bool,
+    on_step: StepHook | None = None,
+) -> GenerationOutput:
     """Group-wise (fill_group_BN: relative group of every blank) or dynamic (None) decoding."""
     forward = StepForward(model, canvas.ids.shape[0], cfg.use_cache)
     step_logits: list[StepLogits] | None = [] if output_logits else None

@@ -106,7 +106,13 @@ def _verify(canvas: Canvas, forward: StepForward, d: _Drafts, p_BDV, groups_BD, 
         rejected_B = n_acc_B < d.valid.sum(1)
         canvas.commit(d.cols, d.tokens, lead_BD, groups_BD, step)
         residual_col = d.cols.gather(1, n_acc_B.clamp(max=D - 1)[:, None])
-        canvas.commit(residual_col, residual_B[:, None], rejected_B[:, None], groups_BD.gather(1, n_acc_B.clamp(max=D - 1)[:, None]), step)
+        canvas.commit(
+            residual_col,
+            residual_B[:, None],
+            rejected_B[:, None],
+            groups_BD.gather(1, n_acc_B.clamp(max=D - 1)[:, None]),
+            step,
+        )
     if D and forward.cache is not None:  # drafts are the last D cached slots
         drop = torch.zeros_like(forward.cache.key_valid_BK)
         drop[:, -D:] = ~lead_BD
@@ -116,9 +122,16 @@ def _verify(canvas: Canvas, forward: StepForward, d: _Drafts, p_BDV, groups_BD, 
 
 @torch.no_grad()
 def decode_speculative(
-    model: A3ForCausalLM, canvas: Canvas, cfg: DecodingConfig, generator: torch.Generator, eos_ids: torch.Tensor | None,
-    pad_token_id: int, output_logits: bool, order_generator: Generators = None, on_step: StepHook | None = None,
-) -> GenerationOutput:  # fmt: skip
+    model: A3ForCausalLM,
+    canvas: Canvas,
+    cfg: DecodingConfig,
+    generator: torch.Generator,
+    eos_ids: torch.Tensor | None,
+    pad_token_id: int,
+    output_logits: bool,
+    order_generator: Generators = None,
+    on_step: StepHook | None = None,
+) -> GenerationOutput:
     """Speculative decoding of the canvas's blanks in the singleton order cfg.order, windows of
     k = cfg.speculative positions (adapted after each forward under the heuristic schedule).
 
@@ -131,7 +144,9 @@ def decode_speculative(
     n_known_B, top = canvas.n_known, 2 * N + 1  # `top`: a query group that sees every committed token
     done_B = torch.zeros(B, dtype=torch.long, device=canvas.ids.device)  # blanks committed (by rank)
     cols, _ = window.at(done_B, 0)  # no drafts before the first forward
-    d = _Drafts(*mask_to_cols(canvas.known), cols, torch.zeros_like(cols), torch.zeros_like(cols, dtype=torch.bool))
+    d = _Drafts(
+        *mask_to_cols(canvas.known), cols, torch.zeros_like(cols), torch.zeros_like(cols, dtype=torch.bool)
+    )
     steps = drafted = accepted = 0
     while True:
         n_valid_B = d.valid.sum(1)
@@ -141,34 +156,62 @@ def decode_speculative(
             break
         steps += 1
         D = d.cols.shape[1]  # drafts to verify: the previous window's, less its first position
-        groups_BD = n_known_B[:, None] + done_B[:, None] + torch.arange(D, device=done_B.device)  # the rank in the order
+        groups_BD = (
+            n_known_B[:, None] + done_B[:, None] + torch.arange(D, device=done_B.device)
+        )  # the rank in the order
         query_cols = torch.cat([d.cols, next_cols], dim=1)
         query_valid = torch.cat([d.valid, next_valid], dim=1)
         logits_BQV = forward(
-            canvas, torch.cat([d.pending_cols, d.cols], 1), torch.cat([d.pending_valid, d.valid], 1), query_cols,
-            query_valid, torch.cat([groups_BD, torch.full_like(next_cols, top)], dim=1),
+            canvas,
+            torch.cat([d.pending_cols, d.cols], 1),
+            torch.cat([d.pending_valid, d.valid], 1),
+            query_cols,
+            query_valid,
+            torch.cat([groups_BD, torch.full_like(next_cols, top)], dim=1),
             ids_BN=scatter_where(canvas.ids, d.cols, d.valid, d.tokens),
             group_BN=scatter_where(canvas.group, d.cols, d.valid, groups_BD),
-        )  # fmt: skip
+        )
         if step_logits is not None:
             step_logits.append(StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV.float()))
         probs_BQV = token_probs(logits_BQV, cfg)
-        committed_B, rejected_B, residual_col = _verify(canvas, forward, d, probs_BQV[:, :D], groups_BD, done_B, steps, generator)
-        drafted, accepted = drafted + int(d.valid.sum()), accepted + int((committed_B - rejected_B.long()).sum())
+        committed_B, rejected_B, residual_col = _verify(
+            canvas, forward, d, probs_BQV[:, :D], groups_BD, done_B, steps, generator
+        )
+        drafted, accepted = (
+            drafted + int(d.valid.sum()),
+            accepted + int((committed_B - rejected_B.long()).sum()),
+        )
         if cfg.speculative_schedule == "heuristic" and bool(d.valid.any()):
             # at least one draft (to keep measuring), at most a window as long as the longest row's blanks
-            k = max(min(cfg.speculative, 2), k - 1) if bool(rejected_B.any()) else min(k + 2, window.cols_BM.shape[1])
+            k = (
+                max(min(cfg.speculative, 2), k - 1)
+                if bool(rejected_B.any())
+                else min(k + 2, window.cols_BM.shape[1])
+            )
         done_B = done_B + committed_B
         canvas.stop_at_eos(eos_ids)
-        d, done_B = _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, steps,
-                                 generator, eos_ids)  # fmt: skip
+        d, done_B = _next_drafts(
+            canvas,
+            probs_BQV,
+            done_B,
+            rejected_B,
+            residual_col,
+            next_cols,
+            next_valid,
+            steps,
+            generator,
+            eos_ids,
+        )
         if on_step is not None:  # every token committed this step was scored by this forward
             on_step(canvas, steps, StepLogits(query_cols.masked_fill(~query_valid, -1), logits_BQV))
-    return canvas.output(eos_ids, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted)
+    return canvas.output(
+        eos_ids, pad_token_id, steps, step_logits=step_logits, drafted=drafted, accepted=accepted
+    )
 
 
-def _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, step: int, generator,
-                 eos_ids) -> tuple[_Drafts, torch.Tensor]:  # fmt: skip
+def _next_drafts(
+    canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols, next_valid, step: int, generator, eos_ids
+) -> tuple[_Drafts, torch.Tensor]:
     """The next forward's pending token and drafts, drawn from this forward's window rows.
 
     A row that accepted every draft commits the first position of the window after them (its q is
@@ -180,7 +223,9 @@ def _next_drafts(canvas, probs_BQV, done_B, rejected_B, residual_col, next_cols,
     K = next_cols.shape[1]
     tokens_BK = draw(probs_BQV[:, -K:], generator)
     first_ok = next_valid[:, 0] & ~rejected_B & ~canvas.finished
-    canvas.commit(next_cols[:, :1], tokens_BK[:, :1], first_ok[:, None], (canvas.n_known + done_B)[:, None], step)
+    canvas.commit(
+        next_cols[:, :1], tokens_BK[:, :1], first_ok[:, None], (canvas.n_known + done_B)[:, None], step
+    )
     done_B = done_B + first_ok.long()
     canvas.stop_at_eos(eos_ids)
     more = first_ok & ~canvas.finished

@@ -21,7 +21,8 @@ _BLANK = re.compile(r"\[BLANK:(\d+)\]")
 
 
 def parse_blanks(text: str) -> list[str | int]:
-    """Split "The cat [BLANK:8] on the mat." into text pieces and blank lengths: ["The cat ", 8, " on the mat."]."""
+    """Split "The cat [BLANK:8] on the mat." into text pieces and blank lengths: ["The cat ", 8, " on the
+    mat."]."""
     pieces: list[str | int] = []
     start = 0
     for m in _BLANK.finditer(text):
@@ -41,8 +42,9 @@ def parse_blanks(text: str) -> list[str | int]:
     return [p for p in pieces if p != ""]
 
 
-def encode_with_blanks(tokenizer: PreTrainedTokenizerBase, text: str,
-                       limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with_blanks(
+    tokenizer: PreTrainedTokenizerBase, text: str, limits: Limits | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize text with [BLANK:n] spans: input_ids [1, N] (the row start first, blanks hold pad ids)
     and known_mask [1, N] (False at blanks). `limits`: the text's size and the blanks' lengths are
     checked against them before anything is tokenized or built.
@@ -87,12 +89,11 @@ def render_fill_order(tokens: list[str], fill_step: list[int], blank: str = "_")
     lines = []
     for t in [0, *steps]:
         words = [
-            f"[{tok}]" if s == t > 0 else tok if 0 <= s <= t else blank for tok, s in zip(tokens, fill_step, strict=True)
+            f"[{tok}]" if s == t > 0 else tok if 0 <= s <= t else blank
+            for tok, s in zip(tokens, fill_step, strict=True)
         ]
         lines.append(f"step {t:>{width}}: " + " ".join(words))
     return "\n".join(lines)
-
-
 
 
 def _piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
@@ -103,7 +104,9 @@ def _piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return text.strip() or repr(text)
 
 
-def _text_and_picture(tokenizer: PreTrainedTokenizerBase, out: GenerationOutput, reply_only: bool = False) -> tuple[str, str]:
+def _text_and_picture(
+    tokenizer: PreTrainedTokenizerBase, out: GenerationOutput, reply_only: bool = False
+) -> tuple[str, str]:
     """The decoded text (special tokens left out; reply_only: the generated tokens alone) and the
     fill-order picture (one decoded piece per token, special tokens left out too; ids past the
     vocabulary, from a padded embedding, as <id>)."""
@@ -136,8 +139,13 @@ def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
 
 
 def sample_text(
-    model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: DecodingConfig | None = None,
-    length: int | None = None, chat: bool = False, **kwargs
+    model: A3ForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    config: DecodingConfig | None = None,
+    length: int | None = None,
+    chat: bool = False,
+    **kwargs,
 ) -> tuple[str, str]:
     """Continue one text prompt (keywords as in `sample`; "" = from the row start alone); returns
     (text, fill-order picture). chat: the prompt is a user message put in the tokenizer's chat
@@ -152,17 +160,28 @@ def sample_text(
         max_pos = max_positions(model)
         room = DEFAULT_LENGTH if max_pos is None else max_pos - input_ids.shape[1]
         if room < 1:
-            raise ValueError(f"the prompt ({input_ids.shape[1]} tokens) fills the model's {max_pos} positions: nothing left to sample")
+            raise ValueError(
+                f"the prompt ({input_ids.shape[1]} tokens) fills the model's {max_pos} positions: nothing "
+                "left to sample"
+            )
         length = min(DEFAULT_LENGTH, room)
-    eos_given = kwargs.get("eos_token_id") is not None or (config is not None and config.eos_token_id is not None)
+    eos_given = kwargs.get("eos_token_id") is not None or (
+        config is not None and config.eos_token_id is not None
+    )
     if not eos_given and tokenizer.eos_token_id is not None:  # the tokenizer's EOS, and the model's own
         model_eos = getattr(model.config.text_config, "eos_token_id", None)
-        model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+        model_eos = (
+            [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+        )
         kwargs["eos_token_id"] = sorted({tokenizer.eos_token_id, *model_eos})
-    return _text_and_picture(tokenizer, sample(model, input_ids, config=config, length=length, **kwargs), reply_only=chat)
+    return _text_and_picture(
+        tokenizer, sample(model, input_ids, config=config, length=length, **kwargs), reply_only=chat
+    )
 
 
-def infill_text(model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> tuple[str, str]:
+def infill_text(
+    model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, text: str, **kwargs
+) -> tuple[str, str]:
     """Fill the [BLANK:n] spans of one text (keywords as in `infill`); returns (text, fill-order picture)."""
     warn_unknown_words(tokenizer, _BLANK.sub(" ", text))
     input_ids, known = encode_with_blanks(tokenizer, text, limits_for(model))

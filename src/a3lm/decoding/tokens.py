@@ -71,7 +71,10 @@ def scoring_probs(logits_XV: torch.Tensor, probs_XV: torch.Tensor, config: Decod
 
 
 def criterion_scores(
-    criterion: str, probs_BQV: torch.Tensor, generator: torch.Generator | None = None, top_probs_BQ: torch.Tensor | None = None
+    criterion: str,
+    probs_BQV: torch.Tensor,
+    generator: torch.Generator | None = None,
+    top_probs_BQ: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Higher = commit first. confidence: max prob; margin: top-1 minus top-2 prob; entropy: minus the
     entropy; random: uniform noise. Returns [B, Q].

@@ -35,12 +35,23 @@ def demo_training(length: int = 16) -> TrainConfig:
         # HMM need the visible words sorted by distance, and each head attends to about one distance.
         # Stage 3 alone for 2000 steps: random orders +0.06-0.07 nats/word over the truth with 4 heads,
         # +0.02-0.03 with 8 (README, demo section).
-        model=ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-                          max_position_embeddings=max(64, length + 2)),
+        model=ModelConfig(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=max(64, length + 2),
+        ),
         data=DataConfig(seq_len=length + 2, micro_batch_size=64, synthetic_length=length),
         # stage 0: the AR model is within 0.002 nats/word of the truth after 800 steps
-        curriculum=CurriculumConfig(stages=[0, 1, 2, 3], stage0_steps=800, stage1_steps=150, stage2_steps=450,
-                                    stage3_steps=1400, infill_share=0.1),
+        curriculum=CurriculumConfig(
+            stages=[0, 1, 2, 3],
+            stage0_steps=800,
+            stage1_steps=150,
+            stage2_steps=450,
+            stage3_steps=1400,
+            infill_share=0.1,
+        ),
         # The tiny model learns fastest at the stage-0 rate in stages 1-3 too. stage_schedule: warmup and
         # decay restart at every stage, so stage 3 starts at the peak LR as the ablation does. Measured
         # (seed 0, 8 heads): the curriculum's worst gap +0.051 with one schedule over stages 1-3, +0.037
@@ -86,18 +97,24 @@ class DemoConfig:
 
     def validate(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ValueError(f"--scale must be a positive number (it multiplies every step count), got {self.scale}")
+            raise ValueError(
+                f"--scale must be a positive number (it multiplies every step count), got {self.scale}"
+            )
         for name in ("seeds", "eval_docs", "eval_points", "gen_samples", "bootstrap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1 (or left out for torch's default), got {self.threads}")
         if self.train.curriculum.stages != [0, 1, 2, 3]:
-            raise ValueError("the demo trains stage 0, then stages 1-3 and the stage-3-only ablation: "
-                             f"curriculum.stages must be [0, 1, 2, 3], got {self.train.curriculum.stages}")
+            raise ValueError(
+                "the demo trains stage 0, then stages 1-3 and the stage-3-only ablation: "
+                f"curriculum.stages must be [0, 1, 2, 3], got {self.train.curriculum.stages}"
+            )
         if self.train.data.seq_len != self.length + 2:
-            raise ValueError(f"the demo's rows are whole documents: data.seq_len must be data.synthetic_length + 2 "
-                             f"= {self.length + 2}, got {self.train.data.seq_len}")
+            raise ValueError(
+                f"the demo's rows are whole documents: data.seq_len must be data.synthetic_length + 2 "
+                f"= {self.length + 2}, got {self.train.data.seq_len}"
+            )
         self.train.validate()
 
     @property
@@ -127,26 +144,46 @@ def run_config(cfg: DemoConfig, run: str, seed: int) -> TrainConfig:
     steps = {f"stage{k}_steps": scaled(t.curriculum.steps(k), cfg.scale) for k in range(4)}
     cur = replace(t.curriculum, stages=[0] if run == "ar" else [1, 2, 3], seed=seed, **steps)
     run_cfg = replace(
-        t, output=str(run_dir(cfg, seed, run)), seed=seed, curriculum=cur,
-        model=replace(t.model, path=None if run == "ar" else str(run_dir(cfg, seed, "ar") / AR_DIR), init_seed=seed),
+        t,
+        output=str(run_dir(cfg, seed, run)),
+        seed=seed,
+        curriculum=cur,
+        model=replace(
+            t.model, path=None if run == "ar" else str(run_dir(cfg, seed, "ar") / AR_DIR), init_seed=seed
+        ),
         # stages 1-3 read a different stretch of the (endless) corpus than stage 0 did, and every
         # seed its own stretches
         data=replace(t.data, synthetic_seed=2 * seed + (0 if run == "ar" else 1)),
-        optim=copy.copy(t.optim), checkpoint=copy.copy(t.checkpoint), log=copy.copy(t.log),
+        optim=copy.copy(t.optim),
+        checkpoint=copy.copy(t.checkpoint),
+        log=copy.copy(t.log),
     )
     return stage3_only(run_cfg) if run == "ablation" else run_cfg
 
 
 def quick_config(output: str) -> DemoConfig:
     """A few steps of everything (tests, a smoke check): minutes become seconds, numbers mean nothing."""
-    train = apply_overrides(demo_training(), [
-        "model.hidden_size=32", "curriculum.stage0_steps=6", "curriculum.stage1_steps=2", "curriculum.stage2_steps=4",
-        "curriculum.stage3_steps=6", "data.micro_batch_size=8", "optim.warmup_steps=1", "checkpoint.every=4"])
-    return DemoConfig(output=output, train=train, eval_docs=16, eval_points=2, gen_samples=4, gen_show=2, bootstrap=100)
+    train = apply_overrides(
+        demo_training(),
+        [
+            "model.hidden_size=32",
+            "curriculum.stage0_steps=6",
+            "curriculum.stage1_steps=2",
+            "curriculum.stage2_steps=4",
+            "curriculum.stage3_steps=6",
+            "data.micro_batch_size=8",
+            "optim.warmup_steps=1",
+            "checkpoint.every=4",
+        ],
+    )
+    return DemoConfig(
+        output=output, train=train, eval_docs=16, eval_points=2, gen_samples=4, gen_show=2, bootstrap=100
+    )
 
 
-def with_overrides(cfg: DemoConfig, overrides: list[str] | None = None, settings: dict[str, Any] | None = None,
-                   **kw: Any) -> DemoConfig:
+def with_overrides(
+    cfg: DemoConfig, overrides: list[str] | None = None, settings: dict[str, Any] | None = None, **kw: Any
+) -> DemoConfig:
     """A copy of cfg with the given non-None demo fields (`kw`) replaced, then its `train` config's
     typed `settings` ({dotted key: value}) and `key=value` overrides (`-s`) applied."""
     out = replace(cfg, train=copy.deepcopy(cfg.train), **{k: v for k, v in kw.items() if v is not None})

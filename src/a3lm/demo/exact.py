@@ -12,9 +12,9 @@ every other position (the group itself included) is marginalised out:
     p(x_i = w | x_O) = sum_s p(z_i = s | x_O) emit[s, w],   O = {j : group(j) < group(i)}.
 
 Each target position i gets its own evidence set O, so we run one chain per (sample, position):
-B*L chains of length L over S states, batched, in float64 with a normaliser per step. BOS/EOS are the caller's business: in a row
-[BOS w_1..w_L EOS] BOS carries no information and EOS is certain (log-prob 0), so the caller slices
-the word positions out and passes their group ids here.
+B*L chains of length L over S states, batched, in float64 with a normaliser per step. BOS/EOS are the
+caller's business: in a row [BOS w_1..w_L EOS] BOS carries no information and EOS is certain
+(log-prob 0), so the caller slices the word positions out and passes their group ids here.
 
 Only the relative order of group ids matters, so ids may be any integers (the earliest group of the
 words is predicted from nothing observed: its conditionals are the marginals p(x_i)).
@@ -45,7 +45,9 @@ def _check(words: torch.Tensor, group_ids: torch.Tensor | None, n_words: int) ->
     if words.dim() != 2:
         raise ValueError(f"words must be [B, L] word indices, got shape {tuple(words.shape)}")
     if words.numel() and (words.min() < 0 or words.max() >= n_words):
-        raise ValueError(f"word indices must be in [0, {n_words}), got range [{int(words.min())}, {int(words.max())}]")
+        raise ValueError(
+            f"word indices must be in [0, {n_words}), got range [{int(words.min())}, {int(words.max())}]"
+        )
     if group_ids is not None and group_ids.shape != words.shape:
         raise ValueError(f"group_ids {tuple(group_ids.shape)} and words {tuple(words.shape)} differ in shape")
 
@@ -69,7 +71,9 @@ def _forward_backward(
     start, trans, emit = _tables(hmm, words.device)
     M, L = words.shape
     # evidence likelihood per (chain, position, state): emit[s, x_t] if observed, else 1
-    ev = torch.where(observed[..., None], emit.T[words], torch.ones((), dtype=torch.float64, device=words.device))
+    ev = torch.where(
+        observed[..., None], emit.T[words], torch.ones((), dtype=torch.float64, device=words.device)
+    )
     prior = torch.empty_like(ev)  # prior[:, t] ∝ p(z_t, x_{O, <t}), normalised per row
     beta = torch.empty_like(ev)  # beta[:, t] ∝ p(x_{O, >t} | z_t), normalised per row
     log_evidence = torch.zeros(M, dtype=torch.float64, device=words.device)
@@ -98,7 +102,9 @@ def posterior_word_logprobs(hmm: HMMLike, words: torch.Tensor, observed: torch.T
     return (post @ emit).log()
 
 
-def conditional_logprobs(hmm: HMMLike, words: torch.Tensor, group_ids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def conditional_logprobs(
+    hmm: HMMLike, words: torch.Tensor, group_ids: torch.Tensor, chunk: int = 8192
+) -> torch.Tensor:
     """Exact log p(x_i | x_{j : group(j) < group(i)}) for every position: [B, L] float64.
 
     words [B, L] word indices; group_ids [B, L] (smaller = earlier; ties = the same group, whose

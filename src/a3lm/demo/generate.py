@@ -44,7 +44,9 @@ def decoding_modes() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _to_words(ids: torch.Tensor, token_to_word: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_words(
+    ids: torch.Tensor, token_to_word: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Word indices [B, L] of rows [BOS w.. ] and whether every token is a word (else: impossible)."""
     w = token_to_word[ids[:, 1 : length + 1].clamp(max=len(token_to_word) - 1)]
     ok = (w >= 0).all(1) & (ids[:, 1 : length + 1] < len(token_to_word)).all(1)
@@ -52,7 +54,11 @@ def _to_words(ids: torch.Tensor, token_to_word: torch.Tensor, length: int) -> tu
 
 
 def generate_all(
-    model: A3ForCausalLM, hmm: synthetic.HMM, tokenizer: Any, heldout_ids: torch.Tensor, cfg: DemoConfig,
+    model: A3ForCausalLM,
+    hmm: synthetic.HMM,
+    tokenizer: Any,
+    heldout_ids: torch.Tensor,
+    cfg: DemoConfig,
     on_mode: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], list[Generation]]:
     """Sample every decoding mode; returns (statistics per mode, shown examples).
@@ -81,7 +87,7 @@ def generate_all(
             if known is not None:  # bracket the infilled words
                 toks = text.split(" ")
                 lo = int((~known[b, 1 : L + 1]).int().argmax())
-                text = " ".join(toks[:lo] + ["[", *toks[lo : lo + blanks], "]"] + toks[lo + blanks:])
+                text = " ".join(toks[:lo] + ["[", *toks[lo : lo + blanks], "]"] + toks[lo + blanks :])
             shown.append(Generation(mode, text, float(joint[b]), None if cond is None else float(cond[b])))
 
     for i, (mode, kwargs) in enumerate(decoding_modes()):
@@ -99,13 +105,22 @@ def generate_all(
     return stats, shown
 
 
-INFILL_MODES = (("infilling middle, s=1 (left to right)", {}),
-                ("infilling middle, dynamic confidence", {"dynamic": True, "criterion": "confidence"}))
+INFILL_MODES = (
+    ("infilling middle, s=1 (left to right)", {}),
+    ("infilling middle, dynamic confidence", {"dynamic": True, "criterion": "confidence"}),
+)
 
 
 def oracle_decode(
-    hmm: synthetic.HMM, words: torch.Tensor, known: torch.Tensor, generator: torch.Generator, *,
-    group_size: int = 1, order: Order = "left-to-right", dynamic: bool = False, criterion: str = "confidence",
+    hmm: synthetic.HMM,
+    words: torch.Tensor,
+    known: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    group_size: int = 1,
+    order: Order = "left-to-right",
+    dynamic: bool = False,
+    criterion: str = "confidence",
     per_step: int = 1,
 ) -> torch.Tensor:
     """Decode like `sampling` but with the source's exact conditionals in place of the model.
@@ -154,11 +169,17 @@ def oracle_stats(hmm: synthetic.HMM, held_words: torch.Tensor, cfg: DemoConfig) 
     return stats
 
 
-def _stat(hmm: synthetic.HMM, mode: str, words: torch.Tensor, ok: torch.Tensor, known: torch.Tensor | None) -> dict:
+def _stat(
+    hmm: synthetic.HMM, mode: str, words: torch.Tensor, ok: torch.Tensor, known: torch.Tensor | None
+) -> dict:
     """Exact NLL per generated word (infilling: of the blanks given the rest) of the possible samples."""
     joint = exact.joint_logprob(hmm, words).masked_fill(~ok, -math.inf)
     logp = joint if known is None else joint - exact.marginal_logprob(hmm, words, known)
     possible = torch.isfinite(joint)
     per_word = -logp[possible] / (words.shape[1] if known is None else int((~known[0]).sum()))
-    return {"mode": mode, "samples": words.shape[0], "impossible": int((~possible).sum()),
-            "nll_per_word": float(per_word.mean()) if possible.any() else math.inf}
+    return {
+        "mode": mode,
+        "samples": words.shape[0],
+        "impossible": int((~possible).sum()),
+        "nll_per_word": float(per_word.mean()) if possible.any() else math.inf,
+    }

@@ -13,13 +13,15 @@ from a3lm.files import atomic_write, write_json_atomic
 def write_report(out: Path, result_json: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """Write results.json, results.md and the plot into `out`: (the markdown, {kind: file})."""
     md = render_markdown(result_json)
-    files = {"markdown": str(out / "results.md"), "json": str(out / "results.json"), "plot": str(out / "nll_vs_step.png")}
+    files = {
+        "markdown": str(out / "results.md"),
+        "json": str(out / "results.json"),
+        "plot": str(out / "nll_vs_step.png"),
+    }
     write_json_atomic(files["json"], result_json)
     atomic_write(files["markdown"], md)
     plot_curves(result_json, Path(files["plot"]))
     return md, files
-
-
 
 
 # -- reporting ---------------------------------------------------------------------------------------
@@ -40,8 +42,11 @@ def _gap_cell(r: dict, run: str) -> str:
     """'+0.012 ± 0.004 [+0.008, +0.016]': mean over seeds ± their sd, then the bootstrap interval."""
     sd = r.get(f"{run}_gap_sd")
     ci = r.get(f"{run}_gap_ci")
-    return (_fmt(r[f"{run}_gap"], True) + ("" if sd is None else f" ± {sd:.3f}")
-            + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"))
+    return (
+        _fmt(r[f"{run}_gap"], True)
+        + ("" if sd is None else f" ± {sd:.3f}")
+        + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+    )
 
 
 def summarize(table: list[dict], too_short: bool = False) -> dict[str, Any]:
@@ -49,10 +54,13 @@ def summarize(table: list[dict], too_short: bool = False) -> dict[str, Any]:
     worst = max(table, key=lambda r: r["curriculum_gap"])
     worst_abl = max(table, key=lambda r: r["ablation_gap"])
     return {
-        "too_short": too_short, "target": TARGET,
-        "worst_order": worst["order"], "worst_gap": worst["curriculum_gap"],
+        "too_short": too_short,
+        "target": TARGET,
+        "worst_order": worst["order"],
+        "worst_gap": worst["curriculum_gap"],
         "target_met": None if too_short else worst["curriculum_gap"] <= TARGET,
-        "ablation_worst_order": worst_abl["order"], "ablation_worst_gap": worst_abl["ablation_gap"],
+        "ablation_worst_order": worst_abl["order"],
+        "ablation_worst_gap": worst_abl["ablation_gap"],
         "mean_gap_curriculum": sum(r["curriculum_gap"] for r in table) / len(table),
         "mean_gap_ablation": sum(r["ablation_gap"] for r in table) / len(table),
         "worst_gap_rest": max(r["curriculum_gap_rest"] for r in table),
@@ -68,15 +76,21 @@ def _header(res: dict) -> list[str]:
     return [
         "# a3lm ground-truth demo",
         "",
-        f"Source: seeded HMM ({src['states']} states, {src['words']} words), documents of {src['length']} words; "
+        f"Source: seeded HMM ({src['states']} states, {src['words']} words), documents of {src['length']} "
+        "words; "
         f"{src['heldout_docs']} held-out documents; source entropy {src['entropy_per_word']:.3f} nats/word.",
-        f"Model: {model['family'].capitalize()}, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+        f"Model: {model['family'].capitalize()}, hidden {model['hidden_size']}, {model['num_hidden_layers']} "
+        "layers, "
         f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} KV). "
-        f"Stage 0 (AR): {steps['ar']} steps; curriculum (stages 1-2-3: {' + '.join(map(str, steps['curriculum']))} "
+        f"Stage 0 (AR): {steps['ar']} steps; curriculum (stages 1-2-3: "
+        f"{' + '.join(map(str, steps['curriculum']))} "
         f"steps, {sched}) and ablation (stage 3 only) at the same budget, "
         f"{c['train']['data']['micro_batch_size']} documents per step. "
-        + (f"Every training run repeated with {seeds} seeds ({c['seed']}..{c['seed'] + seeds - 1}). " if seeds > 1 else
-           f"One seed ({c['seed']}). ")
+        + (
+            f"Every training run repeated with {seeds} seeds ({c['seed']}..{c['seed'] + seeds - 1}). "
+            if seeds > 1
+            else f"One seed ({c['seed']}). "
+        )
         + f"Wall time {res['wall_time_s']:.0f} s"
         + (" (this invocation, which resumed a run)." if res.get("resumed_from_steps") else "."),
         "",
@@ -87,11 +101,15 @@ def render_markdown(res: dict) -> str:
     c, sm = res["config"], res["summary"]
     lines = _header(res)
     if sm["too_short"]:
-        lines += [f"**Too short to mean anything** (fewer than {MIN_A3_STEPS} curriculum steps or {MIN_EVAL_DOCS} "
-                  "held-out documents): the numbers below check that everything runs; no target or verdict is "
-                  "assessed.", ""]
-    noise = ("mean over seeds ± their standard deviation, " if c["seeds"] > 1 else "") + \
-        "[95% bootstrap interval over held-out documents]"
+        lines += [
+            f"**Too short to mean anything** (fewer than {MIN_A3_STEPS} curriculum steps or {MIN_EVAL_DOCS} "
+            "held-out documents): the numbers below check that everything runs; no target or verdict is "
+            "assessed.",
+            "",
+        ]
+    noise = (
+        "mean over seeds ± their standard deviation, " if c["seeds"] > 1 else ""
+    ) + "[95% bootstrap interval over held-out documents]"
     lines += [
         "NLL per word (nats) on held-out documents; *exact* = the source's own conditionals for the same "
         f"factorization; gap = model - exact: {noise}.",
@@ -99,45 +117,64 @@ def render_markdown(res: dict) -> str:
         "*past BOS-only*: the gap over the words that see more than BOS. The first group after BOS sees BOS "
         "alone and must be predicted from its position only (the marginal p(x_i); see `demo.bos_only`).",
         "",
-        "| factorization | exact | curriculum gap | past BOS-only | ablation (stage 3 only) gap | past BOS-only | "
+        "| factorization | exact | curriculum gap | past BOS-only | ablation (stage 3 only) gap | past "
+        "BOS-only | "
         "AR (stage 0) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["table"]:
-        lines.append(f"| {r['order']} ({r['description']}) | {_fmt(r['true'])} | {_gap_cell(r, 'curriculum')} | "
-                     f"{_fmt(r['curriculum_gap_rest'], True)} | {_gap_cell(r, 'ablation')} | "
-                     f"{_fmt(r['ablation_gap_rest'], True)} | {_fmt(r['ar'])} |")
+        lines.append(
+            f"| {r['order']} ({r['description']}) | {_fmt(r['true'])} | {_gap_cell(r, 'curriculum')} | "
+            f"{_fmt(r['curriculum_gap_rest'], True)} | {_gap_cell(r, 'ablation')} | "
+            f"{_fmt(r['ablation_gap_rest'], True)} | {_fmt(r['ar'])} |"
+        )
     v = res["verdict"]["difference"]
     lines += [""]
     if not sm["too_short"]:
-        lines.append(f"Target, every factorization within {TARGET} nats/word of the exact NLL (curriculum): "
-                     + ("met" if sm["target_met"] else "NOT met")
-                     + f" (worst: {sm['worst_order']}, {sm['worst_gap']:+.3f}; ablation's worst: "
-                     f"{sm['ablation_worst_order']}, {sm['ablation_worst_gap']:+.3f}).")
-    lines.append(f"Curriculum vs ablation, gap difference averaged over the factorizations: {v['mean']:+.3f}"
-                 + ("" if v["sd"] is None else f" ± {v['sd']:.3f} over seeds")
-                 + f" [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]: {res['verdict']['text']}.")
+        lines.append(
+            f"Target, every factorization within {TARGET} nats/word of the exact NLL (curriculum): "
+            + ("met" if sm["target_met"] else "NOT met")
+            + f" (worst: {sm['worst_order']}, {sm['worst_gap']:+.3f}; ablation's worst: "
+            f"{sm['ablation_worst_order']}, {sm['ablation_worst_gap']:+.3f})."
+        )
+    lines.append(
+        f"Curriculum vs ablation, gap difference averaged over the factorizations: {v['mean']:+.3f}"
+        + ("" if v["sd"] is None else f" ± {v['sd']:.3f} over seeds")
+        + f" [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]: {res['verdict']['text']}."
+    )
     lines += _decoding_lines(res)
     return "\n".join(lines) + "\n"
 
 
 def _decoding_lines(res: dict) -> list[str]:
     src, c = res["source"], res["config"]
-    lines = ["", "## Decoding modes", "",
-             f"Samples of the first seed's models, {c['gen_samples']} per mode (temperature 1), scored under the source. "
-             "*impossible*: samples the source cannot produce (a word it never emits there, or a special token); "
-             "*NLL/word*: exact NLL per generated word, averaged over the **possible** samples only (the impossible "
-             f"ones have infinite NLL and are excluded). A perfect model's left-to-right samples average the entropy, "
-             f"{src['entropy_per_word']:.3f}; infilling: log p(middle | sides) per blank word.", "",
-             "*oracle* decodes the same way with the source's exact conditionals in place of a model: what a "
-             "perfect model would get (groups are products of marginals, so s > 1 makes impossible sequences "
-             "even then).", "",
-             "| mode | curriculum impossible | NLL/word | ablation impossible | NLL/word | oracle impossible | NLL/word |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Decoding modes",
+        "",
+        f"Samples of the first seed's models, {c['gen_samples']} per mode (temperature 1), scored under the "
+        "source. "
+        "*impossible*: samples the source cannot produce (a word it never emits there, or a special token); "
+        "*NLL/word*: exact NLL per generated word, averaged over the **possible** samples only (the "
+        "impossible "
+        "ones have infinite NLL and are excluded). A perfect model's left-to-right samples average the "
+        "entropy, "
+        f"{src['entropy_per_word']:.3f}; infilling: log p(middle | sides) per blank word.",
+        "",
+        "*oracle* decodes the same way with the source's exact conditionals in place of a model: what a "
+        "perfect model would get (groups are products of marginals, so s > 1 makes impossible sequences "
+        "even then).",
+        "",
+        "| mode | curriculum impossible | NLL/word | ablation impossible | NLL/word | oracle impossible | "
+        "NLL/word |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     by = {run: {s["mode"]: s for s in res["generation_stats"][run]} for run in ("ablation", "oracle")}
     for s in res["generation_stats"]["curriculum"]:
-        cells = [f"{x['impossible']}/{x['samples']} | {_fmt(x['nll_per_word'])}"
-                 for x in (s, by["ablation"][s["mode"]], by["oracle"][s["mode"]])]
+        cells = [
+            f"{x['impossible']}/{x['samples']} | {_fmt(x['nll_per_word'])}"
+            for x in (s, by["ablation"][s["mode"]], by["oracle"][s["mode"]])
+        ]
         lines.append(f"| {s['mode']} | " + " | ".join(cells) + " |")
     lines += ["", "Examples (curriculum model); log p = exact log-probability under the source:", ""]
     mode = None
@@ -145,14 +182,25 @@ def _decoding_lines(res: dict) -> list[str]:
         if g["mode"] != mode:
             mode = g["mode"]
             lines.append(f"- **{mode}**")
-        extra = "" if g["exact_conditional"] is None else f", log p(middle | sides) = {_fmt(g['exact_conditional'])}"
+        extra = (
+            ""
+            if g["exact_conditional"] is None
+            else f", log p(middle | sides) = {_fmt(g['exact_conditional'])}"
+        )
         lines.append(f"  - `{g['text']}`  (log p = {_fmt(g['exact_logprob'])}{extra})")
     return lines
 
 
-RUN_STYLE = {"curriculum": dict(color="C0", marker="o", ls="-"), "ablation": dict(color="C1", marker="s", ls="--"),
-             "ar": dict(color="C2", marker="^", ls=":")}
-RUN_LABEL = {"curriculum": "curriculum (stages 1-2-3)", "ablation": "ablation (stage 3 only)", "ar": "AR (stage 0)"}
+RUN_STYLE = {
+    "curriculum": dict(color="C0", marker="o", ls="-"),
+    "ablation": dict(color="C1", marker="s", ls="--"),
+    "ar": dict(color="C2", marker="^", ls=":"),
+}
+RUN_LABEL = {
+    "curriculum": "curriculum (stages 1-2-3)",
+    "ablation": "ablation (stage 3 only)",
+    "ar": "AR (stage 0)",
+}
 
 
 def _mean_curve(curves: dict, run: str, name: str) -> tuple[list[int], list[float]]:
@@ -180,7 +228,9 @@ def plot_curves(res: dict, path: Path) -> None:
     edges = [0, *bounds, a3_total]
     for ax, r in zip(axes.flat, rows, strict=False):
         name = r["order"]
-        spans = [(f"stage {i + 1}", lo, hi) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))]
+        spans = [
+            (f"stage {i + 1}", lo, hi) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+        ]
         if name == "left-to-right":
             spans.insert(0, ("stage 0 (AR)", -ar_total, 0))
         width = spans[-1][2] - spans[0][1]
@@ -188,14 +238,27 @@ def plot_curves(res: dict, path: Path) -> None:
             ax.axvspan(lo, hi, color="0.94" if i % 2 == 0 else "0.86", lw=0, zorder=0)
             if (hi - lo) < 0.15 * width:  # a narrow stage: its number only
                 label = label.split()[1]
-            ax.text((lo + hi) / 2, 0.97, label, transform=ax.get_xaxis_transform(), ha="center", va="top",
-                    fontsize=7, color="0.3")
+            ax.text(
+                (lo + hi) / 2,
+                0.97,
+                label,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
         runs = ("curriculum", "ablation") + (("ar",) if name == "left-to-right" else ())
         for run in runs:
             for c in curves.values() if len(curves) > 1 else ():  # each seed, faintly
                 xs = sorted(map(int, c[run]))
-                ax.plot([x - (ar_total if run == "ar" else 0) for x in xs], [c[run][str(x)][name] for x in xs],
-                        color=RUN_STYLE[run]["color"], lw=0.6, alpha=0.35)
+                ax.plot(
+                    [x - (ar_total if run == "ar" else 0) for x in xs],
+                    [c[run][str(x)][name] for x in xs],
+                    color=RUN_STYLE[run]["color"],
+                    lw=0.6,
+                    alpha=0.35,
+                )
             xs, ys = _mean_curve(curves, run, name)
             if run == "ar":  # stage 0 runs before step 0 of the any-order runs
                 xs = [x - ar_total for x in xs]
@@ -207,14 +270,25 @@ def plot_curves(res: dict, path: Path) -> None:
         ax.set_ylim(r["true"] - 0.05, max(r["true"] + 0.6, max(finals) + 0.1))
         ax.set_xlabel("step (stage 0 before 0)" if name == "left-to-right" else "step")
         ax.set_ylabel("NLL / word")
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()  # the first panel has every series
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(labels), fontsize=9,
-               frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.95),
+        ncol=len(labels),
+        fontsize=9,
+        frameon=False,
+    )
     seeds = res["config"]["seeds"]
-    fig.suptitle("held-out NLL per word vs training step; shaded: the curriculum's stages"
-                 + (f"; mean of {seeds} seeds (faint: each seed)" if seeds > 1 else ""), y=0.995, fontsize=10)
+    fig.suptitle(
+        "held-out NLL per word vs training step; shaded: the curriculum's stages"
+        + (f"; mean of {seeds} seeds (faint: each seed)" if seeds > 1 else ""),
+        y=0.995,
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.91))
     fig.savefig(path, dpi=110)
     plt.close(fig)

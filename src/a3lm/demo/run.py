@@ -96,21 +96,25 @@ def _open_output(cfg: DemoConfig) -> Path:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{demo_json} is not JSON ({e}): delete it or choose another --output") from e
         if not isinstance(saved, dict) or saved | _free(cfg) != asdict(cfg):
-            raise ValueError(f"{out} holds a demo with a different configuration ({demo_json}); "
-                             "choose another --output")
+            raise ValueError(
+                f"{out} holds a demo with a different configuration ({demo_json}); choose another --output"
+            )
     write_json_atomic(demo_json, asdict(cfg))
     return out
 
 
-def _train_all(cfg: DemoConfig, configs: dict[tuple[int, str], TrainConfig], held: HeldOut,
-               bar: Any) -> tuple[dict, dict]:
+def _train_all(
+    cfg: DemoConfig, configs: dict[tuple[int, str], TrainConfig], held: HeldOut, bar: Any
+) -> tuple[dict, dict]:
     """Every run in order (each seed: AR, then the curriculum and the ablation from it);
     returns ({seed: {run: curve}}, {seed: {run: wall seconds}})."""
     curves: dict[int, dict[str, dict[int, dict[str, float]]]] = {s: {} for s in cfg.seed_list}
     train_wall: dict[int, dict[str, float]] = {s: {} for s in cfg.seed_list}
     for (s, run), tcfg in configs.items():
         t0 = time.perf_counter()
-        curves[s][run] = _train_run(run, tcfg, cfg, held, bar, seed_note=f"seed {s}: " if cfg.seeds > 1 else "")
+        curves[s][run] = _train_run(
+            run, tcfg, cfg, held, bar, seed_note=f"seed {s}: " if cfg.seeds > 1 else ""
+        )
         train_wall[s][run] = time.perf_counter() - t0
     return curves, train_wall
 
@@ -119,15 +123,18 @@ def _final_model(cfg: DemoConfig, seed: int, run: str) -> A3ForCausalLM:
     return A3ForCausalLM.from_pretrained(run_dir(cfg, seed, run) / FINAL_DIR)
 
 
-def _generations(cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any, held: HeldOut,
-                 bar: Any) -> tuple[dict[str, Any], list[Generation]]:
-    """Every decoding mode's statistics from the first seed's models and the oracle; the curriculum's examples."""
+def _generations(
+    cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any, held: HeldOut, bar: Any
+) -> tuple[dict[str, Any], list[Generation]]:
+    """Every decoding mode's statistics from the first seed's models and the oracle; the curriculum's
+    examples."""
     gens: dict[str, Any] = {}
     shown: list[Generation] = []
     for run in ("curriculum", "ablation"):
         model = _final_model(cfg, cfg.seed, run).eval()
-        stats, examples = generate_all(model, hmm, tokenizer, held.ids, cfg,
-                                       on_mode=lambda m, r=run: bar.set_description(f"{r}: {m}"))
+        stats, examples = generate_all(
+            model, hmm, tokenizer, held.ids, cfg, on_mode=lambda m, r=run: bar.set_description(f"{r}: {m}")
+        )
         gens[run] = stats
         if run == "curriculum":
             shown = examples
@@ -139,9 +146,11 @@ def _generations(cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any, held: Held
 def run_steps(cfg: DemoConfig) -> dict[str, Any]:
     """The step counts the runs train (scaled): stage 0, each curriculum stage, the ablation."""
     cur = run_config(cfg, "curriculum", cfg.seed).curriculum
-    return {"ar": run_config(cfg, "ar", cfg.seed).curriculum.total_steps,
-            "curriculum": [e - b for _, b, e in cur.spans()],
-            "ablation": run_config(cfg, "ablation", cfg.seed).curriculum.total_steps}
+    return {
+        "ar": run_config(cfg, "ar", cfg.seed).curriculum.total_steps,
+        "curriculum": [e - b for _, b, e in cur.spans()],
+        "ablation": run_config(cfg, "ablation", cfg.seed).curriculum.total_steps,
+    }
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -161,26 +170,42 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     configs = {(s, r): run_config(cfg, r, s) for s in cfg.seed_list for r in RUNS}
     totals = {k: c.curriculum.total_steps for k, c in configs.items()}
     done = sum(min(_done_steps(Path(c.output)), totals[k]) for k, c in configs.items())
-    bar = tqdm(total=sum(totals.values()), initial=done, unit="step", dynamic_ncols=True, disable=not cfg.progress)
+    bar = tqdm(
+        total=sum(totals.values()), initial=done, unit="step", dynamic_ncols=True, disable=not cfg.progress
+    )
     with quiet_transformers(reports=False), bar:
         curves, train_wall = _train_all(cfg, configs, held, bar)
         # 3. the table: every seed's final models on every factorization, per document
         bar.set_description("final evaluation")
-        lps = {(s, r): model_token_logprobs(_final_model(cfg, s, r), held.ids, held.facts)
-               for s in cfg.seed_list for r in ("curriculum", "ablation")}
-        table = build_table(cfg, held, lps, [curves[s]["ar"][totals[(s, "ar")]]["left-to-right"] for s in cfg.seed_list])
+        lps = {
+            (s, r): model_token_logprobs(_final_model(cfg, s, r), held.ids, held.facts)
+            for s in cfg.seed_list
+            for r in ("curriculum", "ablation")
+        }
+        table = build_table(
+            cfg, held, lps, [curves[s]["ar"][totals[(s, "ar")]]["left-to-right"] for s in cfg.seed_list]
+        )
         # 4. generations of every decoding mode from the first seed's models, and with the oracle
         gens, shown = _generations(cfg, hmm, tokenizer, held, bar)
     result_json = {
         "config": asdict(cfg),
         "steps": run_steps(cfg),
-        "source": {"states": len(hmm.states), "words": len(hmm.words), "length": cfg.length,
-                   "heldout_docs": cfg.eval_docs, "entropy_per_word": float(-exact.joint_logprob(hmm, held.words).mean()) / cfg.length},
+        "source": {
+            "states": len(hmm.states),
+            "words": len(hmm.words),
+            "length": cfg.length,
+            "heldout_docs": cfg.eval_docs,
+            "entropy_per_word": float(-exact.joint_logprob(hmm, held.words).mean()) / cfg.length,
+        },
         "table": table,
         "verdict": verdict(cfg, held, lps),
-        "curves": {str(s): {r: {str(k): v for k, v in sorted(c.items())} for r, c in runs.items()}
-                   for s, runs in curves.items()},
-        "stage_boundaries": {"curriculum": [e for _, _, e in configs[(cfg.seed, "curriculum")].curriculum.spans()][:-1]},
+        "curves": {
+            str(s): {r: {str(k): v for k, v in sorted(c.items())} for r, c in runs.items()}
+            for s, runs in curves.items()
+        },
+        "stage_boundaries": {
+            "curriculum": [e for _, _, e in configs[(cfg.seed, "curriculum")].curriculum.spans()][:-1]
+        },
         "generation_stats": gens,
         "generations": [asdict(g) for g in shown],
         "wall_time_s": time.perf_counter() - t_start,
@@ -189,17 +214,22 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         "summary": summarize(table, cfg.too_short),
     }
     md, files = write_report(out, result_json)
-    return DemoResult(output=out, table=result_json["table"], markdown=md, wall_time_s=result_json["wall_time_s"],
-                      files=files)
-
-
+    return DemoResult(
+        output=out,
+        table=result_json["table"],
+        markdown=md,
+        wall_time_s=result_json["wall_time_s"],
+        files=files,
+    )
 
 
 class Evaluations(Callback):
     """The held-out NLL per word of one run at a few steps, appended to <run>/demo_evals.jsonl: a
     resumed run keeps the evaluations it has and makes only those still due."""
 
-    def __init__(self, run: str, tcfg: TrainConfig, cfg: DemoConfig, held: HeldOut, on_start: Callable[[], None]):
+    def __init__(
+        self, run: str, tcfg: TrainConfig, cfg: DemoConfig, held: HeldOut, on_start: Callable[[], None]
+    ):
         self.run, self.held, self.length, self.on_start = run, held, cfg.length, on_start
         self.want = _eval_steps(tcfg.curriculum.total_steps, cfg.eval_points)
         self.path = Path(tcfg.output) / EVALS_FILE
@@ -235,7 +265,9 @@ class SharedBar(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.bar.update(1)
-        self.bar.set_description(f"{self.label}: {describe(policy_at(trainer.cfg.curriculum, trainer.step - 1))}")
+        self.bar.set_description(
+            f"{self.label}: {describe(policy_at(trainer.cfg.curriculum, trainer.step - 1))}"
+        )
         self.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
 
 
@@ -250,6 +282,8 @@ def _train_run(
     evals = Evaluations(run, tcfg, cfg, held, on_start=lambda: bar.set_description(f"{label}: evaluating"))
     bar.set_description(f"{label}: starting")
     final = train(tcfg, callbacks=[SharedBar(bar, label), evals])  # train()'s clean-up on failure included
-    if tcfg.curriculum.total_steps not in evals.evals:  # finished before this process (killed before its evaluation)
+    if (
+        tcfg.curriculum.total_steps not in evals.evals
+    ):  # finished before this process (killed before its evaluation)
         evals.evaluate(A3ForCausalLM.from_pretrained(final).eval(), tcfg.curriculum.total_steps)
     return evals.curve()

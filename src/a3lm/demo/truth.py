@@ -1,4 +1,5 @@
-"""Ground truth and the statistics against it: exact NLLs, per-document gaps, bootstrap spreads, the verdict."""
+"""Ground truth and the statistics against it: exact NLLs, per-document gaps, bootstrap spreads, the
+verdict."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def document_factorizations(n_docs: int, length: int, seed: int) -> list[Factori
 def true_nlls(hmm: synthetic.HMM, words: torch.Tensor, facts: list[Factorization]) -> dict[str, float]:
     """The source's exact NLL per word of every factorization (words [B, L] word indices)."""
     L = words.shape[1]
-    return {f.name: exact.true_nll(hmm, words, f.group_ids[:, 1 : L + 1], f.target_mask[:, 1 : L + 1]).nll
-            for f in facts}
+    return {
+        f.name: exact.true_nll(hmm, words, f.group_ids[:, 1 : L + 1], f.target_mask[:, 1 : L + 1]).nll
+        for f in facts
+    }
 
 
 # -- evaluation of models --------------------------------------------------------------------------
@@ -47,7 +50,9 @@ def bos_only(f: Factorization) -> torch.Tensor:
     return f.target_mask & (sees == 1)
 
 
-def true_token_logprobs(hmm: synthetic.HMM, words: torch.Tensor, facts: list[Factorization]) -> dict[str, torch.Tensor]:
+def true_token_logprobs(
+    hmm: synthetic.HMM, words: torch.Tensor, facts: list[Factorization]
+) -> dict[str, torch.Tensor]:
     """The source's exact log p of every target under every factorization: {name: [B, N]} float64, 0 off
     the targets (rows [BOS w_1..w_L EOS]; words [B, L] word indices)."""
     L = words.shape[1]
@@ -63,14 +68,21 @@ def true_token_logprobs(hmm: synthetic.HMM, words: torch.Tensor, facts: list[Fac
 def model_token_logprobs(
     model: A3ForCausalLM, ids: torch.Tensor, facts: list[Factorization], batch: int = 256
 ) -> dict[str, torch.Tensor]:
-    """The model's log p of every target under every factorization: {name: [B, N]} float64, 0 off the targets."""
+    """The model's log p of every target under every factorization: {name: [B, N]} float64, 0 off the
+    targets."""
     was_training = model.training
     model.eval()
     out = {}
     for f in facts:
-        parts = [sequence_logprobs(model, ids[lo : lo + batch], f.group_ids[lo : lo + batch],
-                                   target_mask=f.target_mask[lo : lo + batch]).token
-                 for lo in range(0, ids.shape[0], batch)]
+        parts = [
+            sequence_logprobs(
+                model,
+                ids[lo : lo + batch],
+                f.group_ids[lo : lo + batch],
+                target_mask=f.target_mask[lo : lo + batch],
+            ).token
+            for lo in range(0, ids.shape[0], batch)
+        ]
         out[f.name] = torch.cat(parts).double().masked_fill(~f.target_mask, 0.0)
     model.train(was_training)
     return out
@@ -88,8 +100,12 @@ def spread(gaps_KB: torch.Tensor, n_boot: int, seed: int = 0) -> dict[str, Any]:
     idx = torch.randint(B, (n_boot, B), generator=torch.Generator().manual_seed(seed))
     boot = gaps_KB[:, idx].mean(-1).mean(0)  # [n_boot]
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
-    return {"mean": float(per_seed.mean()), "sd": float(per_seed.std()) if K > 1 else None,
-            "per_seed": per_seed.tolist(), "ci": [lo, hi]}
+    return {
+        "mean": float(per_seed.mean()),
+        "sd": float(per_seed.std()) if K > 1 else None,
+        "per_seed": per_seed.tolist(),
+        "ci": [lo, hi],
+    }
 
 
 def doc_gaps(model_lp: torch.Tensor, true_lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -107,39 +123,54 @@ def _eval_steps(total: int, points: int) -> set[int]:
     return {0, total} | {round(total * k / points) for k in range(1, points)}
 
 
-
-
-def build_table(cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str, torch.Tensor]],
-                ar_final: list[float]) -> list[dict]:
+def build_table(
+    cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str, torch.Tensor]], ar_final: list[float]
+) -> list[dict]:
     """One row per factorization: the truth, and per run the NLL and the gap (mean, spread, bootstrap
     interval over documents, and the gap past the BOS-only first group)."""
     table = []
     for f in held.facts:
         true = held.truth(f.name)
-        row: dict[str, Any] = {"order": f.name, "description": f.description, "true": true,
-                               "ar": sum(ar_final) / len(ar_final) if f.name == "left-to-right" else None}
+        row: dict[str, Any] = {
+            "order": f.name,
+            "description": f.description,
+            "true": true,
+            "ar": sum(ar_final) / len(ar_final) if f.name == "left-to-right" else None,
+        }
         rest = f.target_mask & ~bos_only(f)
         for run in ("curriculum", "ablation"):
             per_seed = [lps[(s, run)][f.name] for s in cfg.seed_list]
-            gaps = torch.stack([doc_gaps(lp, held.true_lp[f.name], f.target_mask) for lp in per_seed])  # [K, B]
+            gaps = torch.stack(
+                [doc_gaps(lp, held.true_lp[f.name], f.target_mask) for lp in per_seed]
+            )  # [K, B]
             st = spread(gaps, cfg.bootstrap)
             row[run] = true + st["mean"]
             row[f"{run}_gap"] = st["mean"]
-            row[f"{run}_gap_sd"], row[f"{run}_gap_ci"], row[f"{run}_gap_seeds"] = st["sd"], st["ci"], st["per_seed"]
-            row[f"{run}_gap_rest"] = sum(float(((held.true_lp[f.name] - lp) * rest).sum() / rest.sum())
-                                         for lp in per_seed) / len(per_seed)
+            row[f"{run}_gap_sd"], row[f"{run}_gap_ci"], row[f"{run}_gap_seeds"] = (
+                st["sd"],
+                st["ci"],
+                st["per_seed"],
+            )
+            row[f"{run}_gap_rest"] = sum(
+                float(((held.true_lp[f.name] - lp) * rest).sum() / rest.sum()) for lp in per_seed
+            ) / len(per_seed)
         table.append(row)
     return table
 
 
-def verdict(cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str, torch.Tensor]]) -> dict[str, Any]:
+def verdict(
+    cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str, torch.Tensor]]
+) -> dict[str, Any]:
     """Curriculum vs ablation: the difference of their gaps averaged over the table's factorizations,
     paired by seed and document; stated only when it exceeds both the run-to-run spread and the
     evaluation noise."""
     diffs = []
     for s in cfg.seed_list:
-        d = [doc_gaps(lps[(s, "curriculum")][f.name], held.true_lp[f.name], f.target_mask)
-             - doc_gaps(lps[(s, "ablation")][f.name], held.true_lp[f.name], f.target_mask) for f in held.facts]
+        d = [
+            doc_gaps(lps[(s, "curriculum")][f.name], held.true_lp[f.name], f.target_mask)
+            - doc_gaps(lps[(s, "ablation")][f.name], held.true_lp[f.name], f.target_mask)
+            for f in held.facts
+        ]
         diffs.append(torch.stack(d).mean(0))
     st = spread(torch.stack(diffs), cfg.bootstrap)
     lo, hi = st["ci"]
@@ -148,8 +179,11 @@ def verdict(cfg: DemoConfig, held: HeldOut, lps: dict[tuple[int, str], dict[str,
     elif st["sd"] is None:
         text = "one seed: the run-to-run spread is not measured, so no verdict (use --seeds 3)"
     elif abs(st["mean"]) > st["sd"] and (lo > 0 or hi < 0):
-        text = ("the curriculum is closer to the truth than the stage-3-only ablation" if st["mean"] < 0 else
-                "the stage-3-only ablation is closer to the truth than the curriculum")
+        text = (
+            "the curriculum is closer to the truth than the stage-3-only ablation"
+            if st["mean"] < 0
+            else "the stage-3-only ablation is closer to the truth than the curriculum"
+        )
     else:
         text = "no difference at this budget"
     return {"difference": st, "text": text}
@@ -174,7 +208,13 @@ def held_out_set(cfg: DemoConfig, hmm: synthetic.HMM, tokenizer: Any) -> HeldOut
     L, n = cfg.length, cfg.eval_docs
     words = synthetic.sample_documents(hmm, n, L, torch.Generator().manual_seed(10_000 + cfg.seed))
     word_to_token = torch.tensor(tokenizer.convert_tokens_to_ids(hmm.words))
-    ids = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), word_to_token[words],
-                     torch.full((n, 1), tokenizer.eos_token_id)], dim=1)
+    ids = torch.cat(
+        [
+            torch.full((n, 1), tokenizer.bos_token_id),
+            word_to_token[words],
+            torch.full((n, 1), tokenizer.eos_token_id),
+        ],
+        dim=1,
+    )
     facts = document_factorizations(n, L, seed=cfg.seed)
     return HeldOut(words, ids, facts, true_token_logprobs(hmm, words, facts))

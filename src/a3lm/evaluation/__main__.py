@@ -30,7 +30,9 @@ def local_data_args(argv: list[str], tmp: str) -> list[str]:
     data_dir, rest = argv[i + 1], argv[:i] + argv[i + 2 :]
     tasks = [t for t in HARNESS_TASKS.values() if t.local_file(data_dir).is_file()]
     if not tasks:
-        raise MissingDataError(missing_data_message(list(HARNESS_TASKS.values()), data_dir, f"no benchmark data in {data_dir}."))
+        raise MissingDataError(
+            missing_data_message(list(HARNESS_TASKS.values()), data_dir, f"no benchmark data in {data_dir}.")
+        )
     return [*rest, "--include_path", str(local_task_dir(tasks, data_dir, tmp))]
 
 

@@ -2,8 +2,9 @@
 
 The context is a run of left-to-right singleton groups with BOS first (as the model saw prompts in
 curriculum stage 1); the continuation comes after every context token, its tokens in a chosen order
-and group size: `groups.infill_groups` with the context known, as infilling and decoding group. The result is exact for that factorization: different orders are different (valid)
-models of the same text, so `order` is part of every reported number.
+and group size: `groups.infill_groups` with the context known, as infilling and decoding group. The
+result is exact for that factorization: different orders are different (valid) models of the same
+text, so `order` is part of every reported number.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _truncate(context: list[int], continuation: list[int], max_length: int | Non
     keep = max_length - len(continuation) - 1
     if keep < 0:
         raise ValueError(
-            f"continuation of {len(continuation)} tokens does not fit the model's {max_length} positions with BOS"
+            f"continuation of {len(continuation)} tokens does not fit the model's {max_length} "
+            "positions with BOS"
         )
     return context[:1] + (context[-keep:] if keep else [])
 
@@ -83,22 +85,29 @@ def score_continuations(
     if max_length is None:
         max_length = max_positions(model)
     if not isinstance(model, A3ForCausalLM) and (order, group_size) != ("left-to-right", 1):
-        raise ValueError(f"a plain AR model scores left to right one token at a time, not {order} with groups of {group_size}")
+        raise ValueError(
+            "a plain AR model scores left to right one token at a time, "
+            f"not {order} with groups of {group_size}"
+        )
     prepared = [_prepare(context, continuation, max_length) for context, continuation in requests]
     by_length = sorted(range(len(prepared)), key=lambda i: -sum(map(len, prepared[i])))
     results: list[ContinuationScore | None] = [None] * len(prepared)
     batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
     for batch in tqdm(batches, desc=f"loglikelihood ({order}, s={group_size})", disable=not progress):
         # a random order is drawn per request from its own tokens: it depends on the request, not its batch
-        generators = [request_generator(seed, requests[i][0], prepared[i][1]) if order.startswith("random") else None
-                      for i in batch]  # fmt: skip
+        generators = [
+            request_generator(seed, requests[i][0], prepared[i][1]) if order.startswith("random") else None
+            for i in batch
+        ]
         rows = _batch([prepared[i] for i in batch], order, group_size, generators, pad_token_id)
         for i, score in zip(batch, _score_batch(model, *rows), strict=True):
             results[i] = score
     return results  # type: ignore[return-value]
 
 
-def _prepare(context: Sequence[int], continuation: Sequence[int], max_length: int | None) -> tuple[list[int], list[int]]:
+def _prepare(
+    context: Sequence[int], continuation: Sequence[int], max_length: int | None
+) -> tuple[list[int], list[int]]:
     context, continuation = list(context), list(continuation)
     if not context:
         raise ValueError("empty context: the context needs at least BOS (the first group is context only)")
@@ -107,8 +116,13 @@ def _prepare(context: Sequence[int], continuation: Sequence[int], max_length: in
     return _truncate(context, continuation, max_length), continuation
 
 
-def _batch(pairs: list[tuple[list[int], list[int]]], order: str, group_size: int,
-           generators: list[torch.Generator | None], pad_token_id: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def _batch(
+    pairs: list[tuple[list[int], list[int]]],
+    order: str,
+    group_size: int,
+    generators: list[torch.Generator | None],
+    pad_token_id: int,
+) -> tuple[torch.Tensor, ...]:
     """(input_ids, attention_mask, group_ids, targets) [B, N], right-padded: each row's context known
     first (left-to-right singletons, BOS the earliest), then its continuation in `order`."""
     B, N = len(pairs), max(len(c) + len(x) for c, x in pairs)
@@ -127,8 +141,13 @@ def _batch(pairs: list[tuple[list[int], list[int]]], order: str, group_size: int
     return input_ids, attention_mask, group_ids, targets
 
 
-def _score_batch(model: A3ForCausalLM | PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 group_ids: torch.Tensor, targets: torch.Tensor) -> list[ContinuationScore]:  # fmt: skip
+def _score_batch(
+    model: A3ForCausalLM | PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    targets: torch.Tensor,
+) -> list[ContinuationScore]:
     """One padded forward: each row's summed log p of its targets, and whether greedy decoding gives them."""
     device = model.device
     input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
@@ -142,7 +161,9 @@ def _score_batch(model: A3ForCausalLM | PreTrainedModel, input_ids: torch.Tensor
 
 
 @torch.no_grad()
-def token_logits(model, input_ids: torch.Tensor, group_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_logits(
+    model, input_ids: torch.Tensor, group_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """[B, N, V] logits whose row i is the distribution of token i (BOS's row is never a target).
 
     An A3 model's query stream is that already (under group_ids). A plain causal LM (the AR base) is
@@ -187,4 +208,6 @@ def loglikelihood(
     """log p(continuation | context) of string pairs, under `order` with groups of `group_size`."""
     requests = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return score_continuations(model, requests, order, group_size, batch_size, seed, pad_token_id=pad, progress=progress)
+    return score_continuations(
+        model, requests, order, group_size, batch_size, seed, pad_token_id=pad, progress=progress
+    )

@@ -48,7 +48,9 @@ def unigram_entropy(tokens: Sequence[int]) -> float:
 
 
 @torch.no_grad()
-def judge_nll(judge: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 8) -> tuple[float, int]:
+def judge_nll(
+    judge: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 8
+) -> tuple[float, int]:
     """(total NLL in nats, number of scored tokens) of texts under the judge, each text after BOS.
 
     Texts longer than the judge's max_position_embeddings are cut to fit.
@@ -106,27 +108,44 @@ def generate_samples(
     top-k and top-p."""
     is_a3 = isinstance(model, A3ForCausalLM)
     if not is_a3 and (config.mode, config.order, config.group_size) != ("group", "left-to-right", 1):
-        raise ValueError(f"the AR base model samples left to right only (genppl mode group), not in {config.mode} mode")
+        raise ValueError(
+            f"the AR base model samples left to right only (genppl mode group), not in {config.mode} mode"
+        )
     generator = torch.Generator(device=model.device).manual_seed(seed)
     samples = []
-    for start in tqdm(range(0, num_samples, batch_size), desc=f"genppl samples ({config.mode})", disable=not progress):
+    for start in tqdm(
+        range(0, num_samples, batch_size), desc=f"genppl samples ({config.mode})", disable=not progress
+    ):
         B = min(batch_size, num_samples - start)
         prompt = torch.full((B, 1), prefix_token_id(tokenizer), dtype=torch.long, device=model.device)
         if not is_a3:
-            samples += ar_generate(model, prompt, torch.ones_like(prompt), length, config.temperature, config.top_k,
-                                   config.top_p, pad_token_id=tokenizer.pad_token_id or 0, seed=seed + start,
-                                   stop_at_eos=False)  # fmt: skip
+            samples += ar_generate(
+                model,
+                prompt,
+                torch.ones_like(prompt),
+                length,
+                config.temperature,
+                config.top_k,
+                config.top_p,
+                pad_token_id=tokenizer.pad_token_id or 0,
+                seed=seed + start,
+                stop_at_eos=False,
+            )
             continue
         out = sample(model, prompt, length=length, config=config, generator=generator, stop_at_eos=False)
         samples += out.sequences[:, 1:].tolist()
     return samples
 
 
-def mode_config(mode: str, group: DecodingConfig, dynamic: DecodingConfig, temperature: float) -> DecodingConfig:
+def mode_config(
+    mode: str, group: DecodingConfig, dynamic: DecodingConfig, temperature: float
+) -> DecodingConfig:
     """The config of one genppl mode: "group" is `group`, a criterion is `dynamic` with that criterion;
     both at the genppl temperature."""
     if mode not in GENPPL_MODES:
-        raise ValueError(f"unknown generative-perplexity mode {mode!r}; choose from {', '.join(GENPPL_MODES)}")
+        raise ValueError(
+            f"unknown generative-perplexity mode {mode!r}; choose from {', '.join(GENPPL_MODES)}"
+        )
     if mode == "group":
         return DecodingConfig.build(group, temperature=temperature)
     return DecodingConfig.build(dynamic, criterion=mode, temperature=temperature)
@@ -158,8 +177,14 @@ def evaluate_genppl(
         entropies = [unigram_entropy(s) for s in samples]
         results[mode] = {"gen_ppl": math.exp(total / count), "unigram_entropy": sum(entropies) / len(samples)}
         records[mode] = [
-            {"prompt": "", "text": text, "judge_nll": nll, "judge_tokens": n,
-             "judge_ppl": math.exp(nll / n) if n else None, "unigram_entropy": h}  # fmt: skip
+            {
+                "prompt": "",
+                "text": text,
+                "judge_nll": nll,
+                "judge_tokens": n,
+                "judge_ppl": math.exp(nll / n) if n else None,
+                "unigram_entropy": h,
+            }
             for text, (nll, n), h in zip(texts, nlls, entropies, strict=True)
         ]
     return results, records

@@ -43,12 +43,14 @@ DEFAULT_MAX_GEN_TOKS = 256  # as the harness's HFLM
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """"cuda" when a GPU is there and nothing is asked for, else what is asked for; "cuda" on a
+    """ "cuda" when a GPU is there and nothing is asked for, else what is asked for; "cuda" on a
     machine without CUDA (the `lm_eval` command's default device) falls back to the CPU, with a warning."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        warnings.warn(f"device {device!r} asked for, but this machine has no CUDA: running on the CPU", stacklevel=2)
+        warnings.warn(
+            f"device {device!r} asked for, but this machine has no CUDA: running on the CPU", stacklevel=2
+        )
         return torch.device("cpu")
     return torch.device(device)
 
@@ -60,6 +62,51 @@ def load_model(pretrained: str, device: str | None = None, dtype: str = "auto") 
     model = A3ForCausalLM.from_pretrained(pretrained, dtype=torch_dtype).to(resolve_device(device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=False)
     return model, tokenizer
+
+
+def stop_strings(until: str | list[str] | None, eos_text: str | None) -> list[str]:
+    """The harness's `until` as a list, with the EOS token's text added."""
+    stops = [until] if isinstance(until, str) else list(until or [])
+    return stops + [eos_text] if eos_text and eos_text not in stops else stops
+
+
+def rolling_windows(
+    tokens: list[int], prefix_token_id: int, max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """The harness's disjoint rolling windows of max_length - 2 tokens (BOS goes in front of each)."""
+    windows = get_rolling_token_windows(tokens, prefix_token_id, max_length - 2, context_len=1)
+    return list(map(make_disjoint_window, windows))
+
+
+def left_padded(prompts: list[list[int]], keep: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, L] of left-padded prompts, each cut to BOS + its last keep - 1
+    tokens (the sampler left-aligns every row itself)."""
+    prompts = [p if len(p) <= keep else p[:1] + p[len(p) - keep + 1 :] for p in prompts]
+    B, L = len(prompts), max(map(len, prompts))
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        input_ids[b, L - len(p) :] = torch.tensor(p)
+        attention_mask[b, L - len(p) :] = 1
+    return input_ids, attention_mask
+
+
+def open_model(
+    pretrained: str | torch.nn.Module, tokenizer: Any, device: str | None, dtype: str, load: Any
+) -> tuple[torch.nn.Module, Any, str]:
+    """(model in eval mode, tokenizer, its path or name): an in-memory model with its tokenizer, or a
+    folder / Hub id opened by `load(path, device, dtype)` (its own tokenizer unless one is given)."""
+    if isinstance(pretrained, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError(f"pass the tokenizer along with an in-memory {type(pretrained).__name__}")
+        model = pretrained.eval() if device is None else pretrained.to(resolve_device(device)).eval()
+        path = getattr(pretrained.config, "_name_or_path", "") or "<in-memory>"
+    else:
+        model, loaded_tokenizer = load(str(pretrained), device, dtype)
+        tokenizer, path = tokenizer or loaded_tokenizer, str(pretrained)
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+    return model, tokenizer, path
 
 
 @register_model("a3lm")
@@ -103,18 +150,9 @@ class A3LM(TemplateLM):
         **unused: Any,  # the harness passes max_batch_size and friends to every model
     ) -> None:
         super().__init__()
-        if isinstance(pretrained, torch.nn.Module):
-            if tokenizer is None:
-                raise ValueError(f"pass the tokenizer along with an in-memory {type(pretrained).__name__}")
-            self.model = pretrained.eval() if device is None else pretrained.to(resolve_device(device)).eval()
-            self.model_path = getattr(pretrained.config, "_name_or_path", "") or "<in-memory>"
-        else:
-            self.model, loaded_tokenizer = self.load(str(pretrained), device, dtype)
-            tokenizer = tokenizer or loaded_tokenizer
-            self.model_path = str(pretrained)
-        if isinstance(tokenizer, str):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer, self.model_path = open_model(
+            pretrained, tokenizer, device, dtype, self.load
+        )
         check_order(order, named=True)
         if gen_mode not in ("group", "dynamic"):
             raise ValueError(f"unknown gen_mode {gen_mode!r}; choose group or dynamic")
@@ -127,10 +165,15 @@ class A3LM(TemplateLM):
         # a config handed in decides the sampling too; one built from arguments leaves it to the task
         self.task_sampling = decoding is None
         self.decoding = decoding or DecodingConfig(
-            order=gen_order, group_size=int(gen_group_size), dynamic=gen_mode == "dynamic", criterion=criterion,
-            per_step=int(per_step), threshold=None if threshold is None else float(threshold),
-            speculative=int(speculative), use_cache=bool(use_cache),
-        )  # fmt: skip
+            order=gen_order,
+            group_size=int(gen_group_size),
+            dynamic=gen_mode == "dynamic",
+            criterion=criterion,
+            per_step=int(per_step),
+            threshold=None if threshold is None else float(threshold),
+            speculative=int(speculative),
+            use_cache=bool(use_cache),
+        )
 
     @staticmethod
     def load(pretrained: str, device: str | None, dtype: str) -> tuple[torch.nn.Module, Any]:
@@ -169,15 +212,11 @@ class A3LM(TemplateLM):
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the numbers, for the results JSON."""
-        return {
-            "model": self.model_path,
-            "order": self.order,
-            "group_size": self.group_size,
-            "seed": self.seed,
-            "max_length": self.max_length,
-            "max_gen_toks": self.max_gen_toks,
-            "decoding": describe_decoding(self.decoding) | ({"sampling": "the task's"} if self.task_sampling else {}),
-        }
+        keys = ("order", "group_size", "seed", "max_length", "max_gen_toks")
+        decoding = describe_decoding(self.decoding) | (
+            {"sampling": "the task's"} if self.task_sampling else {}
+        )
+        return {"model": self.model_path, **{k: getattr(self, k) for k in keys}, "decoding": decoding}
 
     def get_model_info(self) -> dict[str, Any]:
         return {"a3lm": self.settings()}
@@ -186,7 +225,10 @@ class A3LM(TemplateLM):
         return context if context[:1] == [self.prefix_token_id] else [self.prefix_token_id, *context]
 
     def _loglikelihood_tokens(
-        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kwargs: Any,
     ) -> list[tuple[float, bool]]:
         scores = score_continuations(
             self.model,
@@ -213,10 +255,8 @@ class A3LM(TemplateLM):
         """
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
-            tokens = self.tok_encode(text)
-            for context, continuation in map(
-                make_disjoint_window,
-                get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length - 2, context_len=1),
+            for context, continuation in rolling_windows(
+                self.tok_encode(text), self.prefix_token_id, self.max_length
             ):
                 windows.append((self._with_prefix(context), continuation))
                 owner.append(i)
@@ -264,41 +304,51 @@ class A3LM(TemplateLM):
         gen_kwargs as the harness passes them: until (str or list), max_gen_toks, do_sample, temperature
         (greedy unless do_sample with temperature > 0), top_k, top_p.
         """
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
-        if eos_text and eos_text not in until:
-            until.append(eos_text)
+        until = stop_strings(gen_kwargs.get("until"), eos_text)
         length = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
         temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample", False) else 0.0
         # keep BOS and the end of the context: the prompt + generation must fit in max_length positions
         keep = self.max_length - length
         if keep < 1:
-            raise ValueError(f"max_gen_toks={length} leaves no room for a prompt in {self.max_length} positions")
+            raise ValueError(
+                f"max_gen_toks={length} leaves no room for a prompt in {self.max_length} positions"
+            )
         prompts = [self._with_prefix(self.tok_encode(c)) for c in contexts]
-        prompts = [p if len(p) <= keep else p[:1] + p[len(p) - keep + 1 :] for p in prompts]
-        B, L = len(prompts), max(map(len, prompts))
-        input_ids = torch.full((B, L), self.pad_id_of(), dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding; the sampler left-aligns every row itself
-            input_ids[b, L - len(p) :] = torch.tensor(p)
-            attention_mask[b, L - len(p) :] = 1
-        rows = self.sample_rows(input_ids.to(self.device), attention_mask.to(self.device), length, temperature, gen_kwargs)
+        input_ids, attention_mask = left_padded(prompts, keep, self.pad_id_of())
+        rows = self.sample_rows(
+            input_ids.to(self.device), attention_mask.to(self.device), length, temperature, gen_kwargs
+        )
         return [cut_at_stop(self.tok_decode(row), until) for row in rows]
 
     def sample_rows(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, temperature: float, gen_kwargs: dict
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        length: int,
+        temperature: float,
+        gen_kwargs: dict,
     ) -> list[list[int]]:
-        """The generated ids of each left-padded prompt row (up to its first EOS), decoded by self.decoding."""
-        sampling_options = {"temperature": temperature, "top_k": gen_kwargs.get("top_k"), "top_p": gen_kwargs.get("top_p")}
+        """The generated ids of each left-padded prompt row (up to its first EOS), decoded by
+        self.decoding."""
+        top = {k: gen_kwargs.get(k) for k in ("top_k", "top_p")}
         # a random fill order per request, from its own prompt: greedy answers do not depend on the batch
-        orders = [generation_generator(self.seed, ids[real.bool()].tolist(), length)
-                  for ids, real in zip(input_ids, attention_mask, strict=True)]  # fmt: skip
+        orders = [
+            generation_generator(self.seed, ids[real.bool()].tolist(), length)
+            for ids, real in zip(input_ids, attention_mask, strict=True)
+        ]
         out = sample(
-            self.model, input_ids, attention_mask, length=length, config=self.decoding, seed=self.seed,
-            order_generators=orders, eos_token_id=self.eot_token_id, pad_token_id=self.pad_id_of(),
-            **(sampling_options if self.task_sampling else {}),
-        )  # fmt: skip
+            self.model,
+            input_ids,
+            attention_mask,
+            length=length,
+            config=self.decoding,
+            seed=self.seed,
+            order_generators=orders,
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self.pad_id_of(),
+            **({"temperature": temperature, **top} if self.task_sampling else {}),
+        )
         lengths = attention_mask.sum(1).tolist()
         return [
             out.sequences[b, n:][out.attention_mask[b, n:].bool()].tolist() for b, n in enumerate(lengths)
@@ -330,15 +380,25 @@ class BaseLM(A3LM):
     ) -> None:
         for key in ("order", "group_size", "gen_mode", "gen_order", "gen_group_size"):
             if kwargs.pop(key, None) not in (None, "left-to-right", 1, "1", "group"):
-                raise ValueError(f"the AR base model is scored and decoded left to right one token at a time: drop {key}")
+                raise ValueError(
+                    f"the AR base model is scored and decoded left to right one token at a time: drop {key}"
+                )
         decoding = kwargs.pop("decoding", None)
         if decoding is None and (temperature, top_k, top_p) != (None, None, None):
             decoding = DecodingConfig(
                 temperature=0.0 if temperature is None else float(temperature),
-                top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-            )  # fmt: skip
-        if decoding is not None and (decoding.mode, decoding.order, decoding.group_size) != ("group", "left-to-right", 1):
-            raise ValueError("the AR base model decodes left to right one token at a time: give it temperature, top-k, top-p only")
+                top_k=None if top_k is None else int(top_k),
+                top_p=None if top_p is None else float(top_p),
+            )
+        if decoding is not None and (decoding.mode, decoding.order, decoding.group_size) != (
+            "group",
+            "left-to-right",
+            1,
+        ):
+            raise ValueError(
+                "the AR base model decodes left to right one token at a time: "
+                "give it temperature, top-k, top-p only"
+            )
         super().__init__(pretrained, tokenizer, decoding=decoding, **kwargs)
 
     @staticmethod
@@ -348,30 +408,53 @@ class BaseLM(A3LM):
     def settings(self) -> dict[str, Any]:
         settings = super().settings() | {"model_kind": "base (plain AR)"}
         d = self.decoding
-        sampling_options = {"sampling": "the task's"} if self.task_sampling else {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p}
+        sampling_options = (
+            {"sampling": "the task's"}
+            if self.task_sampling
+            else {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p}
+        )
         settings["decoding"] = {"mode": "left-to-right (generate)", **sampling_options}
         return settings
 
     def sample_rows(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, temperature: float, gen_kwargs: dict
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        length: int,
+        temperature: float,
+        gen_kwargs: dict,
     ) -> list[list[int]]:
         d = self.decoding
         top_k, top_p = gen_kwargs.get("top_k"), gen_kwargs.get("top_p")
         if not self.task_sampling:
             temperature, top_k, top_p = d.temperature, d.top_k, d.top_p
         return ar_generate(
-            self.model, input_ids, attention_mask, length, temperature, top_k, top_p,
-            eos_token_id=self.eot_token_id, pad_token_id=self.pad_id_of(), seed=self.seed,
-        )  # fmt: skip
+            self.model,
+            input_ids,
+            attention_mask,
+            length,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self.pad_id_of(),
+            seed=self.seed,
+        )
 
 
-def load_base_model(pretrained: str, device: str | None = None, dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
+def load_base_model(
+    pretrained: str, device: str | None = None, dtype: str = "auto"
+) -> tuple[torch.nn.Module, Any]:
     """A plain causal LM (eval mode) and its tokenizer: a folder, a .gguf file, 'smollm2' or a Hub id."""
     from a3lm.model.convert import load_causal_lm, resolve_source
 
-    model, tokenizer = load_causal_lm(resolve_source(pretrained), dtype if dtype == "auto" else getattr(torch, dtype))
+    model, tokenizer = load_causal_lm(
+        resolve_source(pretrained), dtype if dtype == "auto" else getattr(torch, dtype)
+    )
     if isinstance(model, A3ForCausalLM):
-        raise ValueError(f"{pretrained} is an A3 checkpoint: pass it as --model, and its AR base model as --base")
+        raise ValueError(
+            f"{pretrained} is an A3 checkpoint: pass it as --model, and its AR base model as --base"
+        )
     return model.to(resolve_device(device)), tokenizer
 
 
@@ -403,7 +486,11 @@ def ar_generate(
     else:
         options["min_new_tokens"] = length
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=length, pad_token_id=pad_token_id, **options
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=length,
+        pad_token_id=pad_token_id,
+        **options,
     )[:, input_ids.shape[1] :].tolist()
     if stop_at_eos and eos_token_id is not None:
         out = [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in out]
@@ -412,13 +499,22 @@ def ar_generate(
 
 def describe_decoding(config: DecodingConfig) -> dict[str, Any]:
     """What the results JSON records of a DecodingConfig: its mode and the options that act in it."""
-    acting = {"group": ("order", "group_size"), "speculative": ("order", "speculative", "speculative_schedule"),
-              "dynamic": ("criterion", "per_step", "threshold")}[config.mode]  # fmt: skip
+    acting = {
+        "group": ("order", "group_size"),
+        "speculative": ("order", "speculative", "speculative_schedule"),
+        "dynamic": ("criterion", "per_step", "threshold"),
+    }[config.mode]
     options = {k: getattr(config, k) for k in acting}
     if not isinstance(options.get("order", ""), str):
         options["order"] = "custom"
-    return {"mode": config.mode, **options, "temperature": config.temperature, "top_k": config.top_k,
-            "top_p": config.top_p, "use_cache": config.use_cache}  # fmt: skip
+    return {
+        "mode": config.mode,
+        **options,
+        "temperature": config.temperature,
+        "top_k": config.top_k,
+        "top_p": config.top_p,
+        "use_cache": config.use_cache,
+    }
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

@@ -32,8 +32,16 @@ from a3lm.model.likelihood import sequence_logprobs
 from a3lm.model.modeling import A3ForCausalLM
 
 # the table's rows (factorizations of a row), not fill orders (groups.ORDERS)
-FACTORIZATION_NAMES = ("left-to-right", "right-to-left", "contiguous-2", "contiguous-4", "random-1", "random-2",
-                       "random-4", "infill-middle")
+FACTORIZATION_NAMES = (
+    "left-to-right",
+    "right-to-left",
+    "contiguous-2",
+    "contiguous-4",
+    "random-1",
+    "random-2",
+    "random-4",
+    "infill-middle",
+)
 
 
 @dataclass
@@ -61,11 +69,21 @@ def factorizations(n_rows: int, n_positions: int, n_targets: int, seed: int) -> 
         Factorization("contiguous-4", "groups of 4, left to right", groups.contiguous(mask, 4), targets),
     ]
     for s in (1, 2, 4):
-        out.append(Factorization(f"random-{s}", f"random order, groups of {s}", groups.random_order(mask, s, gen), targets))
+        out.append(
+            Factorization(
+                f"random-{s}", f"random order, groups of {s}", groups.random_order(mask, s, gen), targets
+            )
+        )
     known = infill_middle_known(n_rows, N, L)
     blank = (~known[0]).nonzero().squeeze(-1).tolist()
-    out.append(Factorization("infill-middle", f"positions {blank[0]}-{blank[-1]} given both sides, left to right",
-                             groups.infill_groups(known, mask), ~known))
+    out.append(
+        Factorization(
+            "infill-middle",
+            f"positions {blank[0]}-{blank[-1]} given both sides, left to right",
+            groups.infill_groups(known, mask),
+            ~known,
+        )
+    )
     return out
 
 
@@ -78,8 +96,13 @@ def infill_middle_known(n_rows: int, n_positions: int, n_targets: int) -> torch.
 
 
 @torch.no_grad()
-def a3_nlls(model: A3ForCausalLM, ids: torch.Tensor, facts: list[Factorization], batch: int = 256,
-            on_batch: Any = None) -> dict[str, float]:
+def a3_nlls(
+    model: A3ForCausalLM,
+    ids: torch.Tensor,
+    facts: list[Factorization],
+    batch: int = 256,
+    on_batch: Any = None,
+) -> dict[str, float]:
     """The model's NLL per target token for every factorization. ids [B, N] token rows."""
     was_training = model.training
     model.eval()
@@ -106,7 +129,9 @@ def ar_nll(model: nn.Module, ids: torch.Tensor, n_targets: int, batch: int = 256
     for lo in range(0, ids.shape[0], batch):
         rows = ids[lo : lo + batch]
         logits = model(input_ids=rows, use_cache=False).logits[:, :n_targets].float()
-        total += float(F.cross_entropy(logits.flatten(0, 1), rows[:, 1 : n_targets + 1].flatten(), reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1), rows[:, 1 : n_targets + 1].flatten(), reduction="sum")
+        )
     model.train(was_training)
     return total / (ids.shape[0] * n_targets)
 
@@ -147,7 +172,9 @@ class NLLConfig:
 
 def _check_same_rows(ids: torch.Tensor, tokenizer: Any, cfg: NLLConfig, who: str) -> None:
     if not torch.equal(heldout_rows(tokenizer, cfg.text, cfg.seq_len, ids.shape[0]), ids):
-        raise ValueError(f"{who} tokenizes the text differently from the first model: their NLLs are not comparable")
+        raise ValueError(
+            f"{who} tokenizes the text differently from the first model: their NLLs are not comparable"
+        )
 
 
 def _finished(output: Path | None, cfg: NLLConfig) -> list[dict[str, Any]]:
@@ -160,19 +187,30 @@ def _finished(output: Path | None, cfg: NLLConfig) -> list[dict[str, Any]]:
         previous = json.loads(output.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{refuse} (not JSON: {e})") from e
-    if not (isinstance(previous, dict) and isinstance(previous.get("settings"), dict)
-            and isinstance(previous.get("results"), list)):
+    if not (
+        isinstance(previous, dict)
+        and isinstance(previous.get("settings"), dict)
+        and isinstance(previous.get("results"), list)
+    ):
         raise ValueError(refuse)
     if {k: previous["settings"].get(k) for k in asdict(cfg)} != asdict(cfg):
         if previous["results"]:
-            warnings.warn(f"{output} was written with other settings: its {len(previous['results'])} scored "
-                          "model(s) are discarded and scored again", stacklevel=2)
+            warnings.warn(
+                f"{output} was written with other settings: its {len(previous['results'])} scored "
+                "model(s) are discarded and scored again",
+                stacklevel=2,
+            )
         return []
     return [r for r in previous["results"] if isinstance(r, dict) and {"model", "kind", "nll"} <= set(r)]
 
 
-def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool = True,
-             output: str | Path | None = None) -> dict[str, Any]:
+def evaluate(
+    models: list[str],
+    base: str | None,
+    cfg: NLLConfig,
+    progress: bool = True,
+    output: str | Path | None = None,
+) -> dict[str, Any]:
     """NLL per token of every factorization for each A3 model (+ the base's left to right); a results dict.
 
     output: written (atomically) after every model, so an interrupted run keeps what it scored; a
@@ -191,8 +229,11 @@ def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool
     for path in models:
         require_a3(path)
     fingerprints = {p: model_fingerprint(p) for p in [*models, *([base] if base else [])]}
-    done = {(r["model"], r["kind"]): r for r in _finished(output, cfg)
-            if r.get("fingerprint") == fingerprints.get(r["model"])}
+    done = {
+        (r["model"], r["kind"]): r
+        for r in _finished(output, cfg)
+        if r.get("fingerprint") == fingerprints.get(r["model"])
+    }
     t0 = time.perf_counter()
     tokenizers = [AutoTokenizer.from_pretrained(p, trust_remote_code=False) for p in models]
     base_model = base_tok = None
@@ -207,14 +248,19 @@ def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool
     n_targets = ids.shape[1] - 1
     facts = factorizations(ids.shape[0], ids.shape[1], n_targets, cfg.seed)
     batches = -(-ids.shape[0] // cfg.batch_size)
-    bar = tqdm(total=batches * (len(facts) * len(models) + (base is not None)), unit="batch", disable=not progress)
+    bar = tqdm(
+        total=batches * (len(facts) * len(models) + (base is not None)), unit="batch", disable=not progress
+    )
     results: list[dict[str, Any]] = []
 
     def result() -> dict[str, Any]:
         scored = {"rows_scored": ids.shape[0], "targets_per_order": ids.shape[0] * n_targets}
-        return {"settings": asdict(cfg) | scored,
-                "orders": [{"name": f.name, "description": f.description} for f in facts],
-                "results": results, "wall_time_s": time.perf_counter() - t0}
+        return {
+            "settings": asdict(cfg) | scored,
+            "orders": [{"name": f.name, "description": f.description} for f in facts],
+            "results": results,
+            "wall_time_s": time.perf_counter() - t0,
+        }
 
     def add(path: str, kind: str, score: Any) -> None:
         """One model's row: the earlier run's, or scored now; the file is rewritten after each."""
@@ -249,14 +295,20 @@ def evaluate(models: list[str], base: str | None, cfg: NLLConfig, progress: bool
 def render_table(res: dict[str, Any]) -> str:
     """Markdown: one row per order, one column per model (NLL per token in nats; the base: left to right)."""
     names = [model_name(r["model"]) for r in res["results"]]
-    head = "| order | " + " | ".join(f"{n} ({r['kind']})" for n, r in zip(names, res["results"], strict=True)) + " |"
+    head = (
+        "| order | "
+        + " | ".join(f"{n} ({r['kind']})" for n, r in zip(names, res["results"], strict=True))
+        + " |"
+    )
     lines = [head, "|---" * (len(names) + 1) + "|"]
     for order in res["orders"]:
-        cells = [f"{r['nll'][order['name']]:.3f}" if order["name"] in r["nll"] else "-" for r in res["results"]]
+        cells = [
+            f"{r['nll'][order['name']]:.3f}" if order["name"] in r["nll"] else "-" for r in res["results"]
+        ]
         lines.append(f"| {order['name']} | " + " | ".join(cells) + " |")
     s = res["settings"]
-    lines.append(f"\nNLL per token (nats) on {s['rows_scored']} rows x {s['seq_len']} tokens of {s['text']!r} "
-                 f"({s['targets_per_order']} targets per order), seed {s['seed']}.")
+    lines.append(
+        f"\nNLL per token (nats) on {s['rows_scored']} rows x {s['seq_len']} tokens of {s['text']!r} "
+        f"({s['targets_per_order']} targets per order), seed {s['seed']}."
+    )
     return "\n".join(lines)
-
-

@@ -58,8 +58,12 @@ def read_stories(path: str | Path) -> list[Story]:
 
 
 _ROC = tuple(f"sentence{i}" for i in range(1, 6))
-_CLOZE = (*(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2",
-          "AnswerRightEnding")
+_CLOZE = (
+    *(f"InputSentence{i}" for i in range(1, 5)),
+    "RandomFifthSentenceQuiz1",
+    "RandomFifthSentenceQuiz2",
+    "AnswerRightEnding",
+)
 
 
 def _row_reader(path: Path, header: set[str]) -> Any:
@@ -78,8 +82,9 @@ def _row_reader(path: Path, header: set[str]) -> Any:
     def story(r: dict[str, str | None], line: int) -> Story:
         missing = [k for k in layout if r.get(k) is None]
         if missing:
-            raise ValueError(f"{path} line {line}: no {missing[0]} "
-                             "(the row has fewer columns than the header)")
+            raise ValueError(
+                f"{path} line {line}: no {missing[0]} (the row has fewer columns than the header)"
+            )
         if layout is _ROC:
             sentences = tuple(r[k].strip() for k in _ROC)  # type: ignore[union-attr]
             return Story(r.get("storyid") or "", sentences)  # type: ignore[arg-type]
@@ -94,7 +99,8 @@ def _row_reader(path: Path, header: set[str]) -> Any:
 
 
 def find_stories_file(data_dir: str | Path) -> Path:
-    """DATA_DIR/rocstories/cloze_test_val__spring2016.csv, else the only other CSV there; a clear error if none."""
+    """DATA_DIR/rocstories/cloze_test_val__spring2016.csv, else the only other CSV there; a clear
+    error if none."""
     folder = Path(data_dir) / "rocstories"
     if (folder / CLOZE_FILE).is_file():
         return folder / CLOZE_FILE
@@ -104,7 +110,9 @@ def find_stories_file(data_dir: str | Path) -> Path:
     from a3lm.evaluation.tasks import MissingDataError
 
     if len(csvs) > 1:
-        raise MissingDataError(f"several CSVs in {folder} ({', '.join(c.name for c in csvs)}): keep one, or name it {CLOZE_FILE}")
+        raise MissingDataError(
+            f"several CSVs in {folder} ({', '.join(c.name for c in csvs)}): keep one, or name it {CLOZE_FILE}"
+        )
     raise MissingDataError(
         f"missing ROCStories data: put the Story Cloze validation CSV at {folder / CLOZE_FILE} (columns "
         "InputStoryid, InputSentence1..4, RandomFifthSentenceQuiz1/2, AnswerRightEnding; from "
@@ -113,10 +121,14 @@ def find_stories_file(data_dir: str | Path) -> Path:
     )
 
 
-def rouge_per_item(predictions: list[str], references: list[str], use_stemmer: bool = True) -> list[dict[str, float]]:
+def rouge_per_item(
+    predictions: list[str], references: list[str], use_stemmer: bool = True
+) -> list[dict[str, float]]:
     """ROUGE-1/2/L F1 (x100) of each prediction against its reference, with rouge-score."""
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"need as many predictions as references (>0), got {len(predictions)} and {len(references)}")
+        raise ValueError(
+            f"need as many predictions as references (>0), got {len(predictions)} and {len(references)}"
+        )
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
     out = []
     for pred, ref in zip(predictions, references, strict=True):
@@ -131,7 +143,9 @@ def rouge(predictions: list[str], references: list[str], use_stemmer: bool = Tru
     return {k: sum(item[k] for item in items) / len(items) for k in ROUGE_TYPES}
 
 
-def infill_batch(tokenizer, stories: list[Story], blank_length: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def infill_batch(
+    tokenizer, stories: list[Story], blank_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids, known_mask, attention_mask [B, N] (right padding): BOS s1 s2 [blank] s4 s5.
 
     The blank has the token length of " " + sentence 3 (how it would be tokenized in the story), or
@@ -184,12 +198,19 @@ def evaluate_rocstories(
         blanks = ~known & attention_mask.bool()
         if isinstance(model, A3ForCausalLM):
             # each story's random fill order from its own tokens: greedy fills do not depend on the batch
-            orders = [generation_generator(seed, ids[real.bool()].tolist(), int(n)) for ids, real, n
-                      in zip(input_ids, attention_mask, blanks.sum(1), strict=True)]  # fmt: skip
+            orders = [
+                generation_generator(seed, ids[real.bool()].tolist(), int(n))
+                for ids, real, n in zip(input_ids, attention_mask, blanks.sum(1), strict=True)
+            ]
             out = infill(
-                model, input_ids.to(model.device), known.to(model.device), attention_mask.to(model.device),
-                config=config, generator=generator, order_generators=orders,
-            )  # fmt: skip
+                model,
+                input_ids.to(model.device),
+                known.to(model.device),
+                attention_mask.to(model.device),
+                config=config,
+                generator=generator,
+                order_generators=orders,
+            )
             fills = [out.sequences[b][blanks[b].to(out.sequences.device)].tolist() for b in range(len(batch))]
         else:
             fills = _ar_fill(model, tokenizer, input_ids, blanks, config, seed + start)
@@ -217,9 +238,17 @@ def _ar_fill(model, tokenizer, input_ids, blanks, config: DecodingConfig, seed: 
         prompt[b, L - n :] = input_ids[b, :n]
         mask[b, L - n :] = 1
     rows = ar_generate(
-        model, prompt.to(model.device), mask.to(model.device), max(lengths), config.temperature,
-        config.top_k, config.top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=seed,
-    )  # fmt: skip
+        model,
+        prompt.to(model.device),
+        mask.to(model.device),
+        max(lengths),
+        config.temperature,
+        config.top_k,
+        config.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        seed=seed,
+    )
     return [row[:n] for row, n in zip(rows, lengths, strict=True)]
 
 

@@ -1,4 +1,5 @@
-"""`a3lm eval`: every benchmark of the paper for the AR base and its A3 adaptations, one table and a results JSON.
+"""`a3lm eval`: every benchmark of the paper for the AR base and its A3 adaptations, one table and a
+results JSON.
 
 Every row goes through the same prompts, BOS convention and data files: the base (any Hugging Face
 causal LM, or a GGUF file) is scored left to right as lm-eval's `hf` model scores it, each A3 model
@@ -70,22 +71,32 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1 (examples per task), got {self.limit}")
         if not self.tasks:
-            raise ValueError(f"no tasks given: --tasks takes a comma-separated list of {', '.join(ALL_TASKS)}")
+            raise ValueError(
+                f"no tasks given: --tasks takes a comma-separated list of {', '.join(ALL_TASKS)}"
+            )
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
         if not self.orders:
-            raise ValueError(f"no scoring order given: --order takes a comma-separated list of {', '.join(ORDERS)}")
+            raise ValueError(
+                f"no scoring order given: --order takes a comma-separated list of {', '.join(ORDERS)}"
+            )
         for order in self.orders:
             check_order(order, named=True)
-        for name, modes, allowed in (("gen mode", [self.gen_mode], ("group", "dynamic")),
-                                     ("infill mode", self.infill_modes, ("group", "dynamic")),
-                                     ("genppl mode", self.genppl_modes, GENPPL_MODES)):  # fmt: skip
+        for name, modes, allowed in (
+            ("gen mode", [self.gen_mode], ("group", "dynamic")),
+            ("infill mode", self.infill_modes, ("group", "dynamic")),
+            ("genppl mode", self.genppl_modes, GENPPL_MODES),
+        ):
             if not modes or any(m not in allowed for m in modes):
                 raise ValueError(f"unknown {name} in {modes}; choose from {', '.join(allowed)}")
         if self.decoding.dynamic or not self.dynamic.dynamic:
-            raise ValueError("EvalConfig.decoding is the group-wise config and EvalConfig.dynamic the dynamic one")
-        for mode in self.genppl_modes:  # each mode's config is valid (e.g. a threshold needs confidence / margin)
+            raise ValueError(
+                "EvalConfig.decoding is the group-wise config and EvalConfig.dynamic the dynamic one"
+            )
+        for (
+            mode
+        ) in self.genppl_modes:  # each mode's config is valid (e.g. a threshold needs confidence / margin)
             mode_config(mode, self.decoding, self.dynamic, self.genppl_temperature)
         self._check_generative_inputs()
 
@@ -104,7 +115,8 @@ class EvalConfig:
             from a3lm.evaluation.rocstories import CLOZE_FILE
 
             raise MissingDataError(
-                f"rocstories reads local CSVs only: pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
+                "rocstories reads local CSVs only: "
+                f"pass --data-dir DATA_DIR with DATA_DIR/rocstories/{CLOZE_FILE}"
             )
         if self.data_dir:
             self._check_local_files()
@@ -167,10 +179,17 @@ def build_lm(row: Row, cfg: EvalConfig, loaded: dict[str, tuple[Any, Any]] | Non
         load = load_base_model if row.kind == "base" else load_model
         loaded[row.path] = load(row.path, cfg.device)
     model, tokenizer = loaded[row.path]
-    common = {"tokenizer": tokenizer, "batch_size": cfg.batch_size, "seed": cfg.seed, "max_gen_toks": cfg.max_gen_toks}
+    common = {
+        "tokenizer": tokenizer,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "max_gen_toks": cfg.max_gen_toks,
+    }
     if row.kind == "base":  # the base samples as the A3 rows do: same temperature, top-k, top-p
         d = cfg.decoding
-        lm = BaseLM(model, decoding=DecodingConfig(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p), **common)
+        lm = BaseLM(
+            model, decoding=DecodingConfig(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p), **common
+        )
     else:
         decoding = cfg.dynamic if cfg.gen_mode == "dynamic" else cfg.row_decoding(row.order)
         lm = A3LM(model, order=row.order, group_size=cfg.group_size, decoding=decoding, **common)
@@ -187,16 +206,31 @@ class RowResults:
     records: list[dict[str, Any]] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, task: str, metrics: dict[str, float], settings: dict[str, Any], outputs: Any = None) -> None:
+    def add(
+        self, task: str, metrics: dict[str, float], settings: dict[str, Any], outputs: Any = None
+    ) -> None:
         r = self.row
         for metric, value in metrics.items():
-            self.records.append({"row": r.label, "name": r.name, "model": r.path, "kind": r.kind, "order": r.order,
-                                 "task": task, "metric": metric, "value": value, "settings": settings})  # fmt: skip
+            self.records.append(
+                {
+                    "row": r.label,
+                    "name": r.name,
+                    "model": r.path,
+                    "kind": r.kind,
+                    "order": r.order,
+                    "task": task,
+                    "metric": metric,
+                    "value": value,
+                    "settings": settings,
+                }
+            )
         if outputs is not None:
             self.outputs[task] = outputs
 
 
-def evaluate_row(row: Row, cfg: EvalConfig, loaded: dict | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def evaluate_row(
+    row: Row, cfg: EvalConfig, loaded: dict | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run cfg.tasks for one row: (records, outputs) of `RowResults`. `loaded` keeps models (and the
     judge) loaded across rows."""
     cfg.validate()
@@ -220,7 +254,11 @@ def _harness_tasks(lm: A3LM, cfg: EvalConfig, res: RowResults) -> None:
     for task in harness:
         settings = lm.settings() | {"num_fewshot": cfg.num_fewshot or 0, "limit": cfg.limit}
         if task != "triviaqa":  # scoring tasks: the generation settings play no part
-            res.add(task, results[task], {k: v for k, v in settings.items() if k not in ("decoding", "max_gen_toks")})
+            res.add(
+                task,
+                results[task],
+                {k: v for k, v in settings.items() if k not in ("decoding", "max_gen_toks")},
+            )
             continue
         answers = triviaqa_answers(samples.get(task, []))
         empty = sum(a["answer"] == "" for a in answers)
@@ -234,13 +272,25 @@ def _rocstories(lm: A3LM, cfg: EvalConfig, group: DecodingConfig, res: RowResult
     for mode in ["ar"] if base else cfg.infill_modes:
         config = cfg.dynamic if mode == "dynamic" else group
         scores, items = evaluate_rocstories(
-            lm.model, lm.tokenizer, stories, config, blank_length=cfg.blank_length, batch_size=cfg.batch_size,
+            lm.model,
+            lm.tokenizer,
+            stories,
+            config,
+            blank_length=cfg.blank_length,
+            batch_size=cfg.batch_size,
             seed=cfg.seed,
-        )  # fmt: skip
+        )
         how = {"context": "prefix only (AR)", "decoding": lm.settings()["decoding"]} if base else {}
-        settings = {"model": res.row.path, "data": str(path), "num_stories": len(stories),
-                    "decoding": describe_decoding(config), **how, "blank_length": cfg.blank_length or "reference",
-                    "seed": cfg.seed, "rouge": "F1 x100, rouge-score, use_stemmer"}  # fmt: skip
+        settings = {
+            "model": res.row.path,
+            "data": str(path),
+            "num_stories": len(stories),
+            "decoding": describe_decoding(config),
+            **how,
+            "blank_length": cfg.blank_length or "reference",
+            "seed": cfg.seed,
+            "rouge": "F1 x100, rouge-score, use_stemmer",
+        }
         res.add(f"rocstories_{mode}", scores, settings, items)
 
 
@@ -252,13 +302,31 @@ def _genppl(lm: A3LM, cfg: EvalConfig, group: DecodingConfig, loaded: dict, res:
     modes = ["group"] if base else cfg.genppl_modes
     configs = {mode: mode_config(mode, group, cfg.dynamic, cfg.genppl_temperature) for mode in modes}
     results, samples = evaluate_genppl(
-        lm.model, lm.tokenizer, judge, judge_tokenizer, configs, cfg.genppl_samples, cfg.genppl_length,
-        cfg.batch_size, cfg.seed,
-    )  # fmt: skip
+        lm.model,
+        lm.tokenizer,
+        judge,
+        judge_tokenizer,
+        configs,
+        cfg.genppl_samples,
+        cfg.genppl_length,
+        cfg.batch_size,
+        cfg.seed,
+    )
     for mode, metrics in results.items():
-        how = {"decoding": describe_decoding(configs[mode]) | {"mode": "left-to-right (generate)"}} if base else {}
-        settings = {"model": res.row.path, "judge": cfg.judge, "decoding": describe_decoding(configs[mode]), **how,
-                    "num_samples": cfg.genppl_samples, "length": cfg.genppl_length, "seed": cfg.seed}  # fmt: skip
+        how = (
+            {"decoding": describe_decoding(configs[mode]) | {"mode": "left-to-right (generate)"}}
+            if base
+            else {}
+        )
+        settings = {
+            "model": res.row.path,
+            "judge": cfg.judge,
+            "decoding": describe_decoding(configs[mode]),
+            **how,
+            "num_samples": cfg.genppl_samples,
+            "length": cfg.genppl_length,
+            "seed": cfg.seed,
+        }
         res.add(f"genppl_{mode}", metrics, settings, samples[mode])
 
 
@@ -269,14 +337,40 @@ def triviaqa_answers(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in samples:
         raw = s["resps"][0][0] if s.get("resps") else ""
         answer = s["filtered_resps"][0] if s.get("filtered_resps") else raw
-        out.append({"id": s.get("doc_id"), "prompt": s["arguments"][0][0], "generation": raw, "answer": answer,
-                    "aliases": s["doc"]["answer"]["aliases"], "exact_match": s.get("exact_match")})  # fmt: skip
+        out.append(
+            {
+                "id": s.get("doc_id"),
+                "prompt": s["arguments"][0][0],
+                "generation": raw,
+                "answer": answer,
+                "aliases": s["doc"]["answer"]["aliases"],
+                "exact_match": s.get("exact_match"),
+            }
+        )
     return out
 
 
 # metrics shown in the table, in the paper's order; the JSON holds every metric (stderr included)
-TABLE_METRICS = ("acc", "acc_norm", "exact_match", "empty", "rouge1", "rouge2", "rougeL", "gen_ppl", "unigram_entropy")
-SHORT = {"acc_norm": "acc_n", "exact_match": "em", "rouge1": "R1", "rouge2": "R2", "rougeL": "RL", "gen_ppl": "ppl", "unigram_entropy": "H"}
+TABLE_METRICS = (
+    "acc",
+    "acc_norm",
+    "exact_match",
+    "empty",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "gen_ppl",
+    "unigram_entropy",
+)
+SHORT = {
+    "acc_norm": "acc_n",
+    "exact_match": "em",
+    "rouge1": "R1",
+    "rouge2": "R2",
+    "rougeL": "RL",
+    "gen_ppl": "ppl",
+    "unigram_entropy": "H",
+}
 PERCENT = ("acc", "acc_norm", "exact_match")
 
 
@@ -304,10 +398,18 @@ def format_table(records: list[dict[str, Any]]) -> str:
     value = {(r.get("row", r["model"]), r["task"], r["metric"]): r["value"] for r in records}
     base = next((label for label, kind in rows if kind == "base"), None)
 
-    header = ["model", *(f"{t.replace('rocstories_', 'roc-').replace('genppl_', 'gen-')} {SHORT.get(m, m)}" for t, m in columns)]
+    header = [
+        "model",
+        *(
+            f"{t.replace('rocstories_', 'roc-').replace('genppl_', 'gen-')} {SHORT.get(m, m)}"
+            for t, m in columns
+        ),
+    ]
     lines = []
     for label, kind in rows:
-        lines.append([label, *(_cell(m, value.get((label, t, m)), value.get((label, t, "count"))) for t, m in columns)])
+        lines.append(
+            [label, *(_cell(m, value.get((label, t, m)), value.get((label, t, "count"))) for t, m in columns)]
+        )
         if base is not None and kind != "base":
             diffs = []
             for t, m in columns:
@@ -315,12 +417,22 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 diffs.append(_cell(m, None if a is None or b is None else a - b, diff=True))
             lines.append(["  - base", *diffs])
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    fmt = lambda line: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))  # noqa: E731
+
+    def fmt(line: list[str]) -> str:
+        return " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+
     return "\n".join([fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, lines)])
 
 
-def make_rows(models: list[str], orders: list[str], base: str | None = None, names: list[str] | None = None,
-              base_name: str | None = None) -> list[Row]:  # fmt: skip
+def make_rows(
+    models: list[str],
+    orders: list[str],
+    base: str | None = None,
+    names: list[str] | None = None,
+    base_name: str | None = None,
+) -> list[Row]:
     """The table's rows: the base (if any) first, then every A3 model once per scoring order."""
     names = list(names or [])
     if len(names) > len(models):
@@ -329,7 +441,9 @@ def make_rows(models: list[str], orders: list[str], base: str | None = None, nam
     rows = [Row(base, "base", base_name or model_name(base))] if base else []
     rows += [Row(m, "a3", n, o) for m, n in zip(models, names, strict=True) for o in orders]
     if len({r.label for r in rows}) != len(rows):
-        raise ValueError(f"two rows share a name ({', '.join(r.label for r in rows)}): tell them apart with --name")
+        raise ValueError(
+            f"two rows share a name ({', '.join(r.label for r in rows)}): tell them apart with --name"
+        )
     return rows
 
 
@@ -384,15 +498,21 @@ def read_results(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{refuse} (not JSON: {e})") from e
     keys = ("config", "rows", "results", "outputs")
-    if not isinstance(previous, dict) or not all(k in previous for k in keys) or not all(
-        isinstance(previous[k], t) for k, t in zip(keys, (dict, list, list, dict), strict=True)
+    if (
+        not isinstance(previous, dict)
+        or not all(k in previous for k in keys)
+        or not all(isinstance(previous[k], t) for k, t in zip(keys, (dict, list, list, dict), strict=True))
     ):
         raise ValueError(refuse)
     return previous
 
 
-def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[Row],
-                  fingerprints: dict[str, dict[str, list[int]]]) -> tuple[list[dict], dict[str, Any]]:  # fmt: skip
+def finished_rows(
+    output: str | Path | None,
+    config: dict[str, Any],
+    rows: list[Row],
+    fingerprints: dict[str, dict[str, list[int]]],
+) -> tuple[list[dict], dict[str, Any]]:
     """(records, outputs) of the rows an earlier run of the same config already wrote to `output`
     (same label, model path and model files: `model_fingerprint`), so that a rerun after an
     interruption does only the rest. A row whose model changed since is evaluated again (with a warning)."""
@@ -403,18 +523,21 @@ def finished_rows(output: str | Path | None, config: dict[str, Any], rows: list[
         old = previous.get("config") or {}
         changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if previous["outputs"]:
-            warnings.warn(f"{output} was written with other settings ({', '.join(changed)}): its "
-                          f"{len(previous['outputs'])} finished row(s) are discarded and evaluated again",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{output} was written with other settings ({', '.join(changed)}): its "
+                f"{len(previous['outputs'])} finished row(s) are discarded and evaluated again",
+                stacklevel=2,
+            )
         return [], {}
     done = {r["label"]: r for r in previous.get("rows", []) if r["label"] in previous.get("outputs", {})}
     same_path = [row for row in rows if done.get(row.label, {}).get("path") == row.path]
     keep = {row.label for row in same_path if done[row.label].get("fingerprint") == fingerprints[row.path]}
     for row in same_path:
         if row.label not in keep:
-            warnings.warn(f"{row.label}: the model files at {row.path} changed since {output} was written: "
-                          "evaluating the row again", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{row.label}: the model files at {row.path} changed since {output} was written: "
+                "evaluating the row again",
+                stacklevel=2,
+            )
     records = [r for r in previous.get("results", []) if r.get("row") in keep]
     return records, {label: previous["outputs"][label] for label in keep}
-
-

@@ -52,21 +52,48 @@ class HarnessTask:
 HARNESS_TASKS = {
     t.name: t
     for t in (
-        HarnessTask("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", "Rowan/hellaswag",
-                    "ctx_a, ctx_b, ctx, activity_label, endings (4), label",
-                    ("ctx_a", "ctx_b", "ctx", "activity_label", "endings", "label")),
-        HarnessTask("piqa", "piqa", "piqa/piqa.yaml", "baber/piqa", "goal, sol1, sol2, label",
-                    ("goal", "sol1", "sol2", "label")),
-        HarnessTask("winogrande", "winogrande", "winogrande/default.yaml", "allenai/winogrande (winogrande_xl)",
-                    "sentence (with _), option1, option2, answer ('1' or '2')",
-                    ("sentence", "option1", "option2", "answer")),
-        HarnessTask("siqa", "social_iqa", "siqa/siqa.yaml", "lighteval/siqa",
-                    "context, question, answerA, answerB, answerC, label ('1'..'3')",
-                    ("context", "question", "answerA", "answerB", "answerC", "label")),
-        HarnessTask("triviaqa", "triviaqa", "triviaqa/default.yaml", "mandarjoshi/trivia_qa (rc.nocontext)",
-                    "question, answer: {aliases: [...], value}", ("question", "answer")),
+        HarnessTask(
+            "hellaswag",
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            "Rowan/hellaswag",
+            "ctx_a, ctx_b, ctx, activity_label, endings (4), label",
+            ("ctx_a", "ctx_b", "ctx", "activity_label", "endings", "label"),
+        ),
+        HarnessTask(
+            "piqa",
+            "piqa",
+            "piqa/piqa.yaml",
+            "baber/piqa",
+            "goal, sol1, sol2, label",
+            ("goal", "sol1", "sol2", "label"),
+        ),
+        HarnessTask(
+            "winogrande",
+            "winogrande",
+            "winogrande/default.yaml",
+            "allenai/winogrande (winogrande_xl)",
+            "sentence (with _), option1, option2, answer ('1' or '2')",
+            ("sentence", "option1", "option2", "answer"),
+        ),
+        HarnessTask(
+            "siqa",
+            "social_iqa",
+            "siqa/siqa.yaml",
+            "lighteval/siqa",
+            "context, question, answerA, answerB, answerC, label ('1'..'3')",
+            ("context", "question", "answerA", "answerB", "answerC", "label"),
+        ),
+        HarnessTask(
+            "triviaqa",
+            "triviaqa",
+            "triviaqa/default.yaml",
+            "mandarjoshi/trivia_qa (rc.nocontext)",
+            "question, answer: {aliases: [...], value}",
+            ("question", "answer"),
+        ),
     )
-}  # fmt: skip
+}
 
 
 def missing_data_message(tasks: list[HarnessTask], data_dir: str | Path | None, reason: str = "") -> str:
@@ -127,11 +154,14 @@ def check_local_file(task: HarnessTask, path: Path) -> None:
 def missing_files_message(tasks: list[HarnessTask], data_dir: str | Path) -> str | None:
     """What `missing_data_message` says of the tasks whose local file is absent (None: none is)."""
     missing = [t for t in tasks if not t.local_file(data_dir).is_file()]
-    return missing_data_message(missing, data_dir, f"missing benchmark data in {data_dir}.") if missing else None
+    return (
+        missing_data_message(missing, data_dir, f"missing benchmark data in {data_dir}.") if missing else None
+    )
 
 
 def local_task_dir(tasks: list[HarnessTask], data_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write one yaml per task into out_dir: the harness's config with the dataset swapped for a local file."""
+    """Write one yaml per task into out_dir: the harness's config with the dataset swapped for a
+    local file."""
     if message := missing_files_message(tasks, data_dir):
         raise MissingDataError(message)
     for t in tasks:
@@ -177,7 +207,9 @@ def run_harness(
         if task_manager is None:
             if data_dir is not None:
                 # our yamls only: faster than indexing every harness task, and no name clash
-                task_manager = TaskManager(include_path=str(local_task_dir(specs, data_dir, tmp)), include_defaults=False)
+                task_manager = TaskManager(
+                    include_path=str(local_task_dir(specs, data_dir, tmp)), include_defaults=False
+                )
             else:
                 task_manager = TaskManager()
         try:

@@ -1,4 +1,5 @@
-"""Two-stream attention: the fused CPU kernel, the dense reference, and their registration with transformers."""
+"""Two-stream attention: the fused CPU kernel, the dense reference, and their registration with
+transformers."""
 
 from __future__ import annotations
 
@@ -80,13 +81,22 @@ def _broadcast_kv(x_BGSD: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _flash(query, key, value, bias, scale: float, chunks: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU flash attention (out [B, H, R, D], lse [B, H, R]), by chunks of rows over their key prefixes."""
     if chunks is None:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=bias, scale=scale)
-    outs, lses = zip(*(
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query[:, :, r0:r1], key[:, :, :n], value[:, :, :n], attn_mask=bias[:, :, r0:r1, :n], scale=scale
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=bias, scale=scale
         )
-        for r0, r1, n in chunks
-    ), strict=True)  # fmt: skip
+    outs, lses = zip(
+        *(
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, r0:r1],
+                key[:, :, :n],
+                value[:, :, :n],
+                attn_mask=bias[:, :, r0:r1, :n],
+                scale=scale,
+            )
+            for r0, r1, n in chunks
+        ),
+        strict=True,
+    )
     # Joined in the kernel's own [B, R, H, D] memory order, so that the caller's transpose back to it
     # stays a view: a copy there would be one more activation per layer kept for backward.
     out = torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
@@ -102,9 +112,17 @@ def _flash_backward(grad_out, query, key, value, out, lse, bias, scale: float, c
     for r0, r1, n in chunks:
         rows = slice(r0, r1)
         dq_c, dk_c, dv_c = backward(
-            grad_out[:, :, rows], query[:, :, rows], key[:, :, :n], value[:, :, :n], out[:, :, rows].contiguous(),
-            lse[:, :, rows].contiguous(), 0.0, False, attn_mask=bias[:, :, rows, :n], scale=scale,
-        )  # fmt: skip
+            grad_out[:, :, rows],
+            query[:, :, rows],
+            key[:, :, :n],
+            value[:, :, :n],
+            out[:, :, rows].contiguous(),
+            lse[:, :, rows].contiguous(),
+            0.0,
+            False,
+            attn_mask=bias[:, :, rows, :n],
+            scale=scale,
+        )
         dq[:, :, rows] = dq_c
         dk[:, :, :n] += dk_c
         dv[:, :, :n] += dv_c
@@ -162,14 +180,26 @@ class TwoStreamAttention(torch.autograd.Function):
         query, key, value, bias, out, lse = ctx.saved_tensors
         n_self, scale, K = ctx.n_self, ctx.scale, bias.shape[-1]
         grad_out = grad_out.contiguous()
-        dq, dk, dv = _flash_backward(grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, bias, scale, ctx.chunks)
+        dq, dk, dv = _flash_backward(
+            grad_out, query, key[:, :, :K], value[:, :, :K], out, lse, bias, scale, ctx.chunks
+        )
         if not n_self:
             return dq, dk, dv, None, None, None, None, None
         G, rows = key.shape[1], slice(query.shape[2] - n_self, None)
-        q, g, o, own_k, own_v = query[:, :, rows], grad_out[:, :, rows], out[:, :, rows], key[:, :, K:], value[:, :, K:]
-        p_own = (_own_slot_score(q, own_k).to(lse.dtype) * scale - lse[:, :, rows]).exp().to(q.dtype)[..., None]
+        q, g, o, own_k, own_v = (
+            query[:, :, rows],
+            grad_out[:, :, rows],
+            out[:, :, rows],
+            key[:, :, K:],
+            value[:, :, K:],
+        )
+        p_own = (
+            (_own_slot_score(q, own_k).to(lse.dtype) * scale - lse[:, :, rows]).exp().to(q.dtype)[..., None]
+        )
         # d score_own = p_own (dO . v_own - rowsum(dO * out)), times the softmax scale
-        d_own = p_own * ((g * _broadcast_kv(own_v, q.shape[1])).sum(-1, keepdim=True) - (g * o).sum(-1, keepdim=True))
+        d_own = p_own * (
+            (g * _broadcast_kv(own_v, q.shape[1])).sum(-1, keepdim=True) - (g * o).sum(-1, keepdim=True)
+        )
         d_own = d_own * scale
         dq[:, :, rows] += d_own * _broadcast_kv(own_k, q.shape[1])
         dk = torch.cat([dk, _per_kv_head(d_own * q, G)], dim=2)
@@ -222,11 +252,15 @@ def a3_attention(
         key, value = key[:, :, :n_keys], value[:, :, :n_keys]
         gqa = key.shape[1] != query.shape[1]
         if query.is_cuda:
-            out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+            out = _compiled_flex_attention()(
+                query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa
+            )
         else:
             with warnings.catch_warnings():  # eager flex on CPU is the test path: unfused is expected
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+                out = flex_attention(
+                    query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa
+                )
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError("a3 attention needs the explicit 4D two-stream mask")
@@ -242,7 +276,9 @@ def a3_attention(
     skipped = (a3_last_layer_content_rows or 0) if _is_last_layer(module) else 0
     query, attention_mask = query[:, :, skipped:], attention_mask[:, :, skipped:]
     if skipped and a3_row_chunks is not None:
-        a3_row_chunks = [(max(r0, skipped) - skipped, r1 - skipped, n) for r0, r1, n in a3_row_chunks if r1 > skipped]
+        a3_row_chunks = [
+            (max(r0, skipped) - skipped, r1 - skipped, n) for r0, r1, n in a3_row_chunks if r1 > skipped
+        ]
     dropout = dropout if module.training else 0.0
     if query.device.type == "cpu" and not dropout and not softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -287,27 +323,58 @@ def dense_two_stream_reference(
     key, value = _repeat_kv(key, value, query.shape[1])
     if softcap:  # SDPA cannot soft-cap: every row through the explicit softmax
         rows_content = query.shape[2] - n_self
-        parts = [_attend_with_self(query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
-                                   None, None, mask[:, :, :rows_content], scaling, dropout, softcap)]
+        parts = [
+            _attend_with_self(
+                query[:, :, :rows_content],
+                key[:, :, :n_content],
+                value[:, :, :n_content],
+                None,
+                None,
+                mask[:, :, :rows_content],
+                scaling,
+                dropout,
+                softcap,
+            )
+        ]
         if n_self:
-            parts.append(_attend_with_self(
-                query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
-                key[:, :, n_content:], value[:, :, n_content:], mask[:, :, rows_content:],
-                scaling, dropout, softcap,
-            ))  # fmt: skip
+            parts.append(
+                _attend_with_self(
+                    query[:, :, rows_content:],
+                    key[:, :, :n_content],
+                    value[:, :, :n_content],
+                    key[:, :, n_content:],
+                    value[:, :, n_content:],
+                    mask[:, :, rows_content:],
+                    scaling,
+                    dropout,
+                    softcap,
+                )
+            )
         return torch.cat(parts, dim=2)
     if n_self == 0:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+        )
     rows_content = query.shape[2] - n_self
     out_query = _attend_with_self(
-        query[:, :, rows_content:], key[:, :, :n_content], value[:, :, :n_content],
-        key[:, :, n_content:], value[:, :, n_content:], mask[:, :, rows_content:], scaling, dropout,
-    )  # fmt: skip
+        query[:, :, rows_content:],
+        key[:, :, :n_content],
+        value[:, :, :n_content],
+        key[:, :, n_content:],
+        value[:, :, n_content:],
+        mask[:, :, rows_content:],
+        scaling,
+        dropout,
+    )
     if rows_content:
         out_content = F.scaled_dot_product_attention(
-            query[:, :, :rows_content], key[:, :, :n_content], value[:, :, :n_content],
-            attn_mask=mask[:, :, :rows_content], dropout_p=dropout, scale=scaling,
-        )  # fmt: skip
+            query[:, :, :rows_content],
+            key[:, :, :n_content],
+            value[:, :, :n_content],
+            attn_mask=mask[:, :, :rows_content],
+            dropout_p=dropout,
+            scale=scaling,
+        )
         out_query = torch.cat([out_content, out_query], dim=2)
     return out_query
 

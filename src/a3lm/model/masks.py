@@ -67,7 +67,9 @@ def row_chunks(mask_B1RK: torch.Tensor, rows: int) -> list[tuple[int, int, int]]
     seen_RK = mask_B1RK[:, 0].any(dim=0)
     ends_R = K - seen_RK.flip(-1).to(torch.uint8).argmax(dim=-1)  # one past each row's last seen key
     ends = torch.nn.functional.pad(ends_R, (0, -R % rows)).view(-1, rows).amax(-1).tolist()
-    return [(start, min(start + rows, R), n_keys) for start, n_keys in zip(range(0, R, rows), ends, strict=True)]
+    return [
+        (start, min(start + rows, R), n_keys) for start, n_keys in zip(range(0, R, rows), ends, strict=True)
+    ]
 
 
 def own_slot_mask(n_content: int, n_query: int, device: torch.device | None = None) -> torch.Tensor:
@@ -129,7 +131,10 @@ class BlockMaskCache:
         """The BlockMask built for this one-row grouping [N], or None."""
         for groups_N, self_slot, size, mask in self._entries:
             same_kind = (self_slot, size, groups_N.device, groups_N.shape) == (
-                query_self, block_size, group_ids_N.device, group_ids_N.shape
+                query_self,
+                block_size,
+                group_ids_N.device,
+                group_ids_N.shape,
             )
             if same_kind and torch.equal(groups_N, group_ids_N):
                 return mask
@@ -176,7 +181,13 @@ def flex_two_stream_block_mask(
 
     n_keys = 2 * N if query_self else N
     mask = create_block_mask(
-        mask_mod, None if shared else B, None, 2 * N, n_keys, device=group_ids_BN.device, BLOCK_SIZE=block_size
+        mask_mod,
+        None if shared else B,
+        None,
+        2 * N,
+        n_keys,
+        device=group_ids_BN.device,
+        BLOCK_SIZE=block_size,
     )
     if shared and cache is not None:
         cache.put(group_ids_BN[0], query_self, block_size, mask)

@@ -15,9 +15,17 @@ if TYPE_CHECKING:
 
 # forward = down_proj(act_fn(gate_proj(x)) * up_proj(x)) (SiLU, or GELU-tanh in the Gemmas)
 GATED_MLPS = (
-    "LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP", "Olmo2MLP",
-    "GraniteMLP", "SmolLM3MLP",
-)  # fmt: skip
+    "LlamaMLP",
+    "Qwen2MLP",
+    "Qwen3MLP",
+    "MistralMLP",
+    "GemmaMLP",
+    "Gemma2MLP",
+    "Gemma3MLP",
+    "Olmo2MLP",
+    "GraniteMLP",
+    "SmolLM3MLP",
+)
 # forward: gate, up = gate_up_proj(x).chunk(2); down_proj(up * activation_fn(gate))
 FUSED_GATED_MLPS = ("Phi3MLP",)
 
@@ -77,7 +85,8 @@ def recompute_gated_mlps(decoder: nn.Module):
     forwards = dict.fromkeys(GATED_MLPS, _recomputing_forward)
     forwards.update(dict.fromkeys(FUSED_GATED_MLPS, _recomputing_fused_forward))
     mlps = [
-        m for m in decoder.modules()
+        m
+        for m in decoder.modules()
         if type(m).__name__ in forwards and "forward" not in vars(m) and type(m.down_proj) is nn.Linear
     ]
     for mlp in mlps:

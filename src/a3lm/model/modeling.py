@@ -136,7 +136,10 @@ def _last_layer_query_rows_only(decoder: nn.Module, n_content: int):
         return zeros_before(out, n_content)
 
     handles = [
-        h for m in modules if m is not None for h in (m.register_forward_pre_hook(query_half), m.register_forward_hook(pad_content))
+        h
+        for m in modules
+        if m is not None
+        for h in (m.register_forward_pre_hook(query_half), m.register_forward_hook(pad_content))
     ]
     try:
         yield
@@ -152,6 +155,48 @@ def _cache_argument(decoder_class: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
+def uses_flex(config: A3Config, device: torch.device) -> bool:
+    """Whether attention runs as a FlexAttention BlockMask (refused for windows and soft-capping)."""
+    backend = config.attention_backend
+    text = config.text_config
+    unfit = sliding_window(text) is not None or getattr(text, "attn_logit_softcapping", None)
+    if unfit and backend == "flex":
+        raise ValueError(
+            f"attention_backend 'flex' does not run {text.model_type}'s sliding windows or soft-capping: "
+            "use 'sdpa'"
+        )
+    return not unfit and (backend == "flex" or (backend == "auto" and device.type == "cuda"))
+
+
+def window_kwargs(
+    config: A3Config,
+    mask: torch.Tensor,
+    query_positions_BQ: torch.Tensor,
+    key_positions_BK: torch.Tensor,
+    query_rows: int,
+) -> dict[str, torch.Tensor]:
+    """{"a3_window_mask": the bool mask [B, 1, Q, K] cut to the sliding window} for a windowed decoder
+    (the last `query_rows` rows are query slots, with an own slot when query_self_attention); {} else."""
+    window = sliding_window(config.text_config)
+    if window is None:
+        return {}
+    Q = query_positions_BQ.shape[1]
+    own_Q = (torch.arange(Q, device=mask.device) >= Q - query_rows) & config.query_self_attention
+    own_BQ = own_Q.expand_as(query_positions_BQ)
+    return {"a3_window_mask": windowed_mask(mask, query_positions_BQ, key_positions_BK, window, own_BQ)}
+
+
+@contextlib.contextmanager
+def _layer_savings(decoder: nn.Module, config: A3Config, n_content: int, full_last_layer: bool):
+    """The last layer on query rows only (unless content states are wanted), and gated MLPs that
+    recompute in backward (not inside checkpointed layers: they already rerun everything)."""
+    recompute = config.recompute_mlp and torch.is_grad_enabled() and not decoder.is_activation_checkpointing
+    with contextlib.ExitStack() as stack:
+        if not full_last_layer:
+            stack.enter_context(_last_layer_query_rows_only(decoder, n_content))
+        if recompute:
+            stack.enter_context(recompute_gated_mlps(decoder))
+        yield
 
 
 class A3PreTrainedModel(PreTrainedModel):
@@ -168,7 +213,9 @@ class A3PreTrainedModel(PreTrainedModel):
     # No `_no_split_modules` here: `post_init` gathers the wrapped decoder's own (its layer class, e.g.
     # LlamaDecoderLayer), so FSDP and device maps split any decoder family at its layers.
 
-    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+    def get_correct_attn_implementation(
+        self, requested_attention: str | None, is_init_check: bool = False
+    ) -> str:
         """Always the two-stream function: the decoder's other implementations know nothing of the two
         streams (the content-only key axis, the own slot), so a request for one is refused, not ignored."""
         if requested_attention not in (None, ATTN_IMPLEMENTATION):
@@ -213,33 +260,47 @@ class A3PreTrainedModel(PreTrainedModel):
             std = self.config.query_init_std
             if std is None:  # children are initialised (or loaded) first: match the embeddings' scale
                 emb = self.model.get_input_embeddings().weight
-                std = float(emb.float().std()) if emb.device.type != "meta" else self.config.text_config.initializer_range
+                std = (
+                    float(emb.float().std())
+                    if emb.device.type != "meta"
+                    else self.config.text_config.initializer_range
+                )
             init.normal_(self.query_embed, mean=0.0, std=std)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         """Open an A3 checkpoint, or convert a plain decoder checkpoint (only `query_embed` is new)."""
         check_model_path(str(pretrained_model_name_or_path))
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs
+        }
         if config is None:
             # a3lm runs only the families it knows: never a checkpoint's own code
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False,
-                                                **hub_kwargs)
+            config = AutoConfig.from_pretrained(
+                pretrained_model_name_or_path, trust_remote_code=False, **hub_kwargs
+            )
         if not isinstance(config, A3Config):
             config = A3Config(text_config=config)
         check_weights_fit(str(pretrained_model_name_or_path), lambda: cls(config))
         try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config,
-                                             **{"trust_remote_code": False, **kwargs})
+            loaded = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                config=config,
+                **{"trust_remote_code": False, **kwargs},
+            )
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {pretrained_model_name_or_path}: {err}") from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
-        # the saved generation_config.json (GenerationMixin's loader, which A3 does not inherit, reads it there)
+        # the saved generation_config.json (GenerationMixin's loader, which A3 does not inherit, reads it
+        # there)
         if kwargs.get("generation_config") is not None:
             model.generation_config = kwargs["generation_config"]
         elif not kwargs.get("gguf_file"):
             with contextlib.suppress(OSError):
-                model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                model.generation_config = GenerationConfig.from_pretrained(
+                    pretrained_model_name_or_path, **hub_kwargs
+                )
         return loaded
 
     @torch.no_grad()
@@ -309,31 +370,6 @@ class A3ForCausalLM(A3PreTrainedModel):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def uses_flex(self, device: torch.device) -> bool:
-        backend = self.config.attention_backend
-        text = self.config.text_config
-        unfit = sliding_window(text) is not None or getattr(text, "attn_logit_softcapping", None)
-        if unfit and backend == "flex":
-            raise ValueError(
-                f"attention_backend 'flex' does not run {text.model_type}'s sliding windows or soft-capping: "
-                "use 'sdpa'"
-            )
-        return not unfit and (backend == "flex" or (backend == "auto" and device.type == "cuda"))
-
-    def _window_kwargs(
-        self, mask: torch.Tensor, query_positions_BQ: torch.Tensor, key_positions_BK: torch.Tensor,
-        query_rows: int,
-    ) -> dict[str, torch.Tensor]:
-        """{"a3_window_mask": the bool mask [B, 1, Q, K] cut to the sliding window} for a windowed decoder
-        (the last `query_rows` rows are query slots, with an own slot when query_self_attention); {} else."""
-        window = sliding_window(self.config.text_config)
-        if window is None:
-            return {}
-        Q = query_positions_BQ.shape[1]
-        own_Q = (torch.arange(Q, device=mask.device) >= Q - query_rows) & self.config.query_self_attention
-        own_BQ = own_Q.expand_as(query_positions_BQ)
-        return {"a3_window_mask": windowed_mask(mask, query_positions_BQ, key_positions_BK, window, own_BQ)}
-
     def _run_decoder(
         self,
         content_ids_BC: torch.Tensor,
@@ -350,10 +386,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         its content rows' keys and values, and the returned content rows are meaningless.
         """
         n_content = content_ids_BC.shape[1]
-        skip = contextlib.nullcontext() if full_last_layer else _last_layer_query_rows_only(self.model, n_content)
-        # Checkpointed layers already rerun everything in backward: recomputing inside them would run twice.
-        recompute = self.config.recompute_mlp and torch.is_grad_enabled() and not self.model.is_activation_checkpointing
-        with skip, recompute_gated_mlps(self.model) if recompute else contextlib.nullcontext():
+        with _layer_savings(self.model, self.config, n_content, full_last_layer):
             return self.model(
                 inputs_embeds=self.stream_embeds(content_ids_BC, num_queries),
                 attention_mask=mask,
@@ -385,8 +418,12 @@ class A3ForCausalLM(A3PreTrainedModel):
         """
         B, C = content_ids_BC.shape
         Q = query_positions_BQ.shape[1]
-        for name, t, width in (("content_positions", content_positions_BC, C), ("content_groups", content_groups_BC, C),
-                               ("content_valid", content_valid_BC, C), ("query_groups", query_groups_BQ, Q)):  # fmt: skip
+        for name, t, width in (
+            ("content_positions", content_positions_BC, C),
+            ("content_groups", content_groups_BC, C),
+            ("content_valid", content_valid_BC, C),
+            ("query_groups", query_groups_BQ, Q),
+        ):
             if t.shape != (B, width):
                 raise ValueError(f"{name} must be [B, {width}] = {(B, width)}, got {tuple(t.shape)}")
         if cache.num_keys + C == 0:
@@ -394,10 +431,16 @@ class A3ForCausalLM(A3PreTrainedModel):
         cache.append(content_groups_BC, content_valid_BC, content_positions_BC)
         strict = torch.arange(C + Q, device=content_ids_BC.device) >= C  # query slots: earlier groups only
         mask = group_attention_mask(
-            torch.cat([content_groups_BC, query_groups_BQ], dim=1), strict.expand(B, -1), cache.key_groups_BK, cache.key_valid_BK
+            torch.cat([content_groups_BC, query_groups_BQ], dim=1),
+            strict.expand(B, -1),
+            cache.key_groups_BK,
+            cache.key_valid_BK,
         )
         positions = torch.cat([content_positions_BC, query_positions_BQ], dim=1)
-        masks = {"attention_mask": mask, **self._window_kwargs(mask, positions, cache.key_positions_BK, Q)}
+        masks = {
+            "attention_mask": mask,
+            **window_kwargs(self.config, mask, positions, cache.key_positions_BK, Q),
+        }
         for name, m in masks.items():
             if self.config.query_self_attention and Q:
                 m = torch.cat([m, own_slot_mask(C, Q, device=m.device).expand(B, 1, -1, -1)], dim=-1)
@@ -434,7 +477,7 @@ class A3ForCausalLM(A3PreTrainedModel):
         perm = None
         # Group-sorted positions make every row's visible keys a prefix: FlexAttention skips the tiles
         # after it, the fused CPU kernel the chunks of keys after it. RoPE carries the true positions.
-        flex = self.uses_flex(device)
+        flex = uses_flex(self.config, device)
         if flex or (device.type == "cpu" and N >= MIN_ROW_CHUNK):
             perm = sort_by_group(group_ids_BN, attention_mask_BN)
             input_ids_BN, group_ids_BN, attention_mask_BN, position_ids_BN = (
@@ -446,10 +489,12 @@ class A3ForCausalLM(A3PreTrainedModel):
             )
         else:
             mask = two_stream_mask(group_ids_BN, attention_mask_BN)  # built once, shared by every layer
-            if perm is not None:  # 16 chunks over the 2N rows: fewer calls lose the prefixes' savings, more add overhead
+            if (
+                perm is not None
+            ):  # 16 chunks over the 2N rows: fewer calls lose the prefixes' savings, more add overhead
                 kwargs["a3_row_chunks"] = row_chunks(mask, max(MIN_ROW_CHUNK, 2 * N // 16))
             positions_2N = torch.cat([position_ids_BN, position_ids_BN], dim=1)
-            kwargs.update(self._window_kwargs(mask, positions_2N, position_ids_BN, N))
+            kwargs.update(window_kwargs(self.config, mask, positions_2N, position_ids_BN, N))
             if device.type == "cpu":  # the fused CPU kernel's form, converted once, not per layer
                 dtype = self.get_input_embeddings().weight.dtype
                 mask = additive_mask(mask, dtype)
@@ -458,10 +503,14 @@ class A3ForCausalLM(A3PreTrainedModel):
         # Checkpointed layers rerun in backward, after the hooks are gone: keep the last layer whole then.
         full_last_layer = keep_content or self.model.is_activation_checkpointing
         position_ids = torch.cat([position_ids_BN, position_ids_BN], dim=1)
-        hidden = self._run_decoder(input_ids_BN, N, mask, position_ids, full_last_layer, use_cache=False, **kwargs)
+        hidden = self._run_decoder(
+            input_ids_BN, N, mask, position_ids, full_last_layer, use_cache=False, **kwargs
+        )
         if perm is not None:  # back to position order
             inverse = perm.argsort(dim=1)
-            hidden = Reorder.apply(hidden, torch.cat([inverse, inverse + N], dim=1), torch.cat([perm, perm + N], dim=1))
+            hidden = Reorder.apply(
+                hidden, torch.cat([inverse, inverse + N], dim=1), torch.cat([perm, perm + N], dim=1)
+            )
         return hidden
 
     def forward(
@@ -494,11 +543,18 @@ class A3ForCausalLM(A3PreTrainedModel):
             position_ids = default_position_ids(attention_mask)
         max_pos = getattr(self.config.text_config, "max_position_embeddings", None)
         if max_pos is not None and int(position_ids.max()) >= max_pos:
-            raise ValueError(f"sequence positions up to {int(position_ids.max())} exceed the model's maximum {max_pos}")
+            raise ValueError(
+                f"sequence positions up to {int(position_ids.max())} exceed the model's maximum {max_pos}"
+            )
 
         group_ids = group_ids.to(input_ids.device)
         hidden = self.two_stream_hidden_states(
-            input_ids, group_ids, attention_mask, position_ids, keep_content=output_content_hidden_states, **kwargs
+            input_ids,
+            group_ids,
+            attention_mask,
+            position_ids,
+            keep_content=output_content_hidden_states,
+            **kwargs,
         )
         logits = self.logits(hidden[:, N:])  # the lm_head runs on the query half only
 
@@ -509,7 +565,9 @@ class A3ForCausalLM(A3PreTrainedModel):
             targets = predictable(group_ids, attention_mask) & (labels != -100)
             num_targets = targets.sum()
             if int(num_targets) == 0:
-                raise ValueError("no predictable target in the batch: every label is -100, padding or context")
+                raise ValueError(
+                    "no predictable target in the batch: every label is -100, padding or context"
+                )
             # ignore_index rather than logits[targets]: no [B, N, V] gather copy (and its backward's zeros)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~targets, -100).flatten())
         return A3Output(
@@ -518,8 +576,6 @@ class A3ForCausalLM(A3PreTrainedModel):
             content_hidden_states=hidden[:, :N] if output_content_hidden_states else None,
             num_targets=num_targets,
         )
-
-
 
 
 AutoConfig.register("a3", A3Config)

@@ -71,10 +71,19 @@ class Server:
         order = req.order if isinstance(req.order, str) else torch.tensor(req.order)
         try:
             return DecodingConfig(
-                order=order, group_size=req.group_size, dynamic=req.dynamic, criterion=req.criterion, per_step=req.per_step,
-                threshold=req.threshold, speculative=req.speculative, temperature=req.temperature, top_p=req.top_p,
-                seed=req.seed, stop_at_eos=not req.ignore_eos, eos_token_id=self.eos_ids or None,
-            )  # fmt: skip
+                order=order,
+                group_size=req.group_size,
+                dynamic=req.dynamic,
+                criterion=req.criterion,
+                per_step=req.per_step,
+                threshold=req.threshold,
+                speculative=req.speculative,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop_at_eos=not req.ignore_eos,
+                eos_token_id=self.eos_ids or None,
+            )
         except (ValueError, TypeError) as err:
             raise APIError(400, str(err)) from None
 
@@ -82,19 +91,30 @@ class Server:
         if n_prompt > self.limits.max_prompt_tokens:
             raise APIError(
                 400,
-                f"the prompt has {n_prompt} tokens; this server takes at most {self.limits.max_prompt_tokens}",
+                f"the prompt has {n_prompt} tokens; "
+                f"this server takes at most {self.limits.max_prompt_tokens}",
                 "prompt",
             )
         if n_new > self.limits.max_tokens:
             raise APIError(400, f"max_tokens: at most {self.limits.max_tokens} (got {n_new})", "max_tokens")
         if self.max_positions is not None and n_prompt + n_new > self.max_positions:
-            raise APIError(400, f"the prompt ({n_prompt} tokens) + max_tokens ({n_new}) = {n_prompt + n_new} tokens exceed "
-                                f"the model's maximum of {self.max_positions} positions", "max_tokens")  # fmt: skip
+            raise APIError(
+                400,
+                f"the prompt ({n_prompt} tokens) + max_tokens ({n_new}) = {n_prompt + n_new} tokens exceed "
+                f"the model's maximum of {self.max_positions} positions",
+                "max_tokens",
+            )
 
     def completion_job(self, req: CompletionRequest) -> Job:
         cfg = self.config(req)
-        common = {"n": req.n, "config": cfg, "loop": asyncio.get_running_loop(), "stream": req.stream,
-                  "top_logprobs": req.logprobs, "stops": req.stop}  # fmt: skip
+        common = {
+            "n": req.n,
+            "config": cfg,
+            "loop": asyncio.get_running_loop(),
+            "stream": req.stream,
+            "top_logprobs": req.logprobs,
+            "stops": req.stop,
+        }
         if req.blanks or req.suffix is not None:
             text = req.prompt if req.blanks else self._suffix_text(req)
             try:
@@ -121,7 +141,8 @@ class Server:
         if "[BLANK" in req.prompt or "[BLANK" in (req.suffix or ""):
             raise APIError(
                 400,
-                "prompt and suffix hold a [BLANK mark: to fill [BLANK:n] marks, send blanks=true and no suffix",
+                "prompt and suffix hold a [BLANK mark: "
+                "to fill [BLANK:n] marks, send blanks=true and no suffix",
                 "prompt",
             )
         return f"{req.prompt}[BLANK:{req.max_tokens or DEFAULT_COMPLETION_TOKENS}]{req.suffix}"
@@ -138,8 +159,18 @@ class Server:
         room = self.limits.max_tokens if self.max_positions is None else self.max_positions - len(ids)
         length = req.max_completion_tokens or req.max_tokens or max(1, min(self.limits.max_tokens, room))
         self.check_length(len(ids), length)
-        return Job("sample", ids, None, length, req.n, cfg, asyncio.get_running_loop(), stream=req.stream,
-                   top_logprobs=req.top_logprobs if req.logprobs else None, stops=req.stop)  # fmt: skip
+        return Job(
+            "sample",
+            ids,
+            None,
+            length,
+            req.n,
+            cfg,
+            asyncio.get_running_loop(),
+            stream=req.stream,
+            top_logprobs=req.top_logprobs if req.logprobs else None,
+            stops=req.stop,
+        )
 
     # -- jobs -> responses -------------------------------------------------------------------------
 
@@ -151,8 +182,15 @@ class Server:
 
 
 def a3_fields(row: RowResult) -> dict:
-    return {"event": "end", "token_ids": row.token_ids, "positions": row.positions, "fill_steps": row.fill_steps,
-            "fill_order": row.fill_order, "token_logprobs": row.logprobs, "logprob": sum(row.logprobs)}  # fmt: skip
+    return {
+        "event": "end",
+        "token_ids": row.token_ids,
+        "positions": row.positions,
+        "fill_steps": row.fill_steps,
+        "fill_order": row.fill_order,
+        "token_logprobs": row.logprobs,
+        "logprob": sum(row.logprobs),
+    }
 
 
 def completion_logprobs(tokenizer, row: RowResult) -> dict:
@@ -171,8 +209,12 @@ def chat_logprobs(tokenizer, row: RowResult) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     tops = row.top_logprobs or [{} for _ in row.token_ids]
-    return {"content": [{**entry(piece(tokenizer, i), lp), "top_logprobs": [entry(t, v) for t, v in top.items()]}
-                        for i, lp, top in zip(row.token_ids, row.logprobs, tops, strict=True)]}  # fmt: skip
+    return {
+        "content": [
+            {**entry(piece(tokenizer, i), lp), "top_logprobs": [entry(t, v) for t, v in top.items()]}
+            for i, lp, top in zip(row.token_ids, row.logprobs, tops, strict=True)
+        ]
+    }
 
 
 async def wait_result(job: Job, request: Request, engine: Engine) -> list[RowResult]:
@@ -228,8 +270,12 @@ async def next_event(job: Job, request: Request) -> tuple[str, object]:
 
 async def stream_events(server: Server, job: Job, request: Request, chat: bool) -> AsyncIterator[str]:
     """Server-sent events of a streamed job; the client leaving cancels the job (frees its rows)."""
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name,
-            "object": "chat.completion.chunk" if chat else "text_completion"}  # fmt: skip
+    head = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": server.name,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+    }
     sent = [""] * job.n
 
     def choice(
@@ -302,8 +348,18 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "a3lm",
-                                            "max_model_len": server.max_positions}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "a3lm",
+                    "max_model_len": server.max_positions,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -339,8 +395,14 @@ def create_app(
                     "a3": a3_fields(row),
                 }
             )
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": name, "choices": choices, "usage": usage(job, rows)}  # fmt: skip
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": choices,
+            "usage": usage(job, rows),
+        }
 
     return app
 

@@ -201,8 +201,12 @@ class Engine:
         else:
             out = infill(self.model, ids_BL, known_BL, real_BL, config=cfg, on_step=hook)
         whole = out.untruncated or out
-        logits_BNV = self.model(input_ids=whole.sequences, group_ids=whole.group_ids, attention_mask=whole.attention_mask,
-                                position_ids=whole.position_ids).logits  # fmt: skip
+        logits_BNV = self.model(
+            input_ids=whole.sequences,
+            group_ids=whole.group_ids,
+            attention_mask=whole.attention_mask,
+            position_ids=whole.position_ids,
+        ).logits
         results, r = [], 0
         for job in jobs:
             results.append((job, [self._row(job, out, logits_BNV, b) for b in range(r, r + job.n)]))
@@ -225,17 +229,24 @@ class Engine:
         top = None
         if job.top_logprobs:
             values, ids = logp_GV.topk(job.top_logprobs, dim=-1)
-            top = [{piece(self.tokenizer, i): v for i, v in zip(row_i, row_v, strict=True)}
-                   for row_i, row_v in zip(ids.tolist(), values.tolist(), strict=True)]  # fmt: skip
+            top = [
+                {piece(self.tokenizer, i): v for i, v in zip(row_i, row_v, strict=True)}
+                for row_i, row_v in zip(ids.tolist(), values.tolist(), strict=True)
+            ]
         shown = out.sequences[b, real_N if job.whole_text else gen_N].tolist()
         text = self.tokenizer.decode(shown, skip_special_tokens=True)
         eos = job.kind == "sample" and any(i in _eos_list(job.config) for i in token_ids.tolist())
         text, stopped = cut_at_stop(text, job.stops)
         return RowResult(
-            text=text, token_ids=token_ids.tolist(), positions=cols.tolist(), fill_steps=out.fill_step[b, cols].tolist(),
-            fill_order=(out.group_ids[b, cols] - n_known).tolist(), logprobs=logprobs.tolist(), top_logprobs=top,
+            text=text,
+            token_ids=token_ids.tolist(),
+            positions=cols.tolist(),
+            fill_steps=out.fill_step[b, cols].tolist(),
+            fill_order=(out.group_ids[b, cols] - n_known).tolist(),
+            logprobs=logprobs.tolist(),
+            top_logprobs=top,
             finish_reason="stop" if eos or stopped else "length",
-        )  # fmt: skip
+        )
 
 
 def _eos_list(cfg: DecodingConfig) -> list[int]:
@@ -299,8 +310,15 @@ class _StepHook:
         token_ids = ids_N[cols].tolist()
         start = 0 if job.whole_text else len(job.ids) if job.kind == "sample" else None
         delta = self.texts[b].update(_prefix_text(tok, job, ids_N, shown_N, start))
-        return {"index": index, "text": delta, "step": step, "positions": cols.tolist(), "token_ids": token_ids,
-                "tokens": [piece(tok, i) for i in token_ids], "logprobs": logp_N[cols].tolist()}  # fmt: skip
+        return {
+            "index": index,
+            "text": delta,
+            "step": step,
+            "positions": cols.tolist(),
+            "token_ids": token_ids,
+            "tokens": [piece(tok, i) for i in token_ids],
+            "logprobs": logp_N[cols].tolist(),
+        }
 
 
 def _prefix_text(tokenizer, job: Job, ids_N: torch.Tensor, shown_N: torch.Tensor, start: int | None) -> str:

@@ -35,7 +35,9 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     from a3lm.data.synthetic import default_hmm
     from a3lm.tokenizer import word_tokenizer
 
-    return word_tokenizer(default_hmm(cfg.data.hmm_seed).words, model_max_length=cfg.model.max_position_embeddings)
+    return word_tokenizer(
+        default_hmm(cfg.data.hmm_seed).words, model_max_length=cfg.model.max_position_embeddings
+    )
 
 
 def initial_base_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
@@ -47,20 +49,31 @@ def initial_base_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
 
         config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=False)
         if getattr(config, "model_type", None) == "a3":
-            raise ValueError(f"{cfg.model.path} is already an A3 model: stage 0 (plain AR) needs a base decoder")
+            raise ValueError(
+                f"{cfg.model.path} is already an A3 model: stage 0 (plain AR) needs a base decoder"
+            )
         try:
-            return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
-                                                        trust_remote_code=False)
+            return AutoModelForCausalLM.from_pretrained(
+                cfg.model.path, dtype=torch.float32, trust_remote_code=False
+            )
         except SafetensorError as err:
             raise OSError(f"corrupt checkpoint in {cfg.model.path}: {err}") from err
     from a3lm.model.debug import tiny_base_model
 
     m = cfg.model
-    return tiny_base_model(m.family, seed=m.init_seed, vocab_size=len(tokenizer), hidden_size=m.hidden_size,
-                           num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-                           num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+    return tiny_base_model(
+        m.family,
+        seed=m.init_seed,
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def initial_a3_model(cfg: TrainConfig, tokenizer: Any) -> A3ForCausalLM:

@@ -205,12 +205,26 @@ def _read_state_file(path: Path) -> Any:
 
 # What DCP's .metadata pickle refers to: its own dataclasses, torch.Size, dtypes and layouts, a path.
 _DCP_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -221,8 +235,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if (module, name) in _DCP_METADATA_CLASSES or dtype:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{STATE_DIR}/{DCP_METADATA} refers to {module}.{name}, which a "
-                                     "checkpoint's metadata never holds: refusing to load it")
+        raise pickle.UnpicklingError(
+            f"{STATE_DIR}/{DCP_METADATA} refers to {module}.{name}, which a "
+            "checkpoint's metadata never holds: refusing to load it"
+        )
 
 
 class _SafeReader(FileSystemReader):
@@ -262,8 +278,10 @@ def state_digest(state_dir: Path) -> dict[str, Any]:
     """What meta.json records of the DCP folder: every file's size, and the sha256 of the pickled
     .metadata (the shards are read only as tensors and weights_only items: their sizes suffice)."""
     files = sorted(p for p in Path(state_dir).iterdir() if p.is_file())
-    return {"sizes": {p.name: p.stat().st_size for p in files},
-            "sha256": {DCP_METADATA: _sha256(Path(state_dir) / DCP_METADATA)}}
+    return {
+        "sizes": {p.name: p.stat().st_size for p in files},
+        "sha256": {DCP_METADATA: _sha256(Path(state_dir) / DCP_METADATA)},
+    }
 
 
 def verify_state(path: Path, meta: dict[str, Any]) -> None:
@@ -280,8 +298,9 @@ def verify_state(path: Path, meta: dict[str, Any]) -> None:
             raise _unreadable(path, f"{STATE_DIR}/{name} has {f.stat().st_size} bytes, {size} when saved")
     for name, digest in recorded["sha256"].items():
         if _sha256(state / name) != digest:
-            raise _unreadable(path, f"{STATE_DIR}/{name} does not match the sha256 in {META_FILE}: "
-                                    "damaged or altered")
+            raise _unreadable(
+                path, f"{STATE_DIR}/{name} does not match the sha256 in {META_FILE}: damaged or altered"
+            )
 
 
 # -- the checkpoint manager --------------------------------------------------------------------------
@@ -309,9 +328,21 @@ class CheckpointManager:
     Every rank calls `save`/`load` (DCP's collectives); rank 0 alone creates, renames and prunes.
     """
 
-    def __init__(self, root: Path, keep: int | None = None, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None):
-        self.root, self.keep, self.rank, self.world_size, self.barrier = Path(root), keep, rank, world_size, barrier
+    def __init__(
+        self,
+        root: Path,
+        keep: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = lambda: None,
+    ):
+        self.root, self.keep, self.rank, self.world_size, self.barrier = (
+            Path(root),
+            keep,
+            rank,
+            world_size,
+            barrier,
+        )
         self.shared: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
         self.optional: set[str] = set()
@@ -345,7 +376,9 @@ class CheckpointManager:
             try:
                 dcp.save(dict(self.shared), checkpoint_id=tmp / STATE_DIR, no_dist=self.world_size == 1)
             except dcp.CheckpointException as e:  # a BaseException: `except Exception` would miss it
-                raise OSError(f"could not write checkpoint {self.root / checkpoint_name(step)}: {_failures(e)}") from e
+                raise OSError(
+                    f"could not write checkpoint {self.root / checkpoint_name(step)}: {_failures(e)}"
+                ) from e
         self.barrier()  # every rank's files are written before rank 0 makes them the checkpoint
         if self.rank == 0:
             meta["state_files"] = state_digest(tmp / STATE_DIR)
@@ -366,19 +399,27 @@ class CheckpointManager:
         except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError) as e:
             raise _unreadable(path, str(e) or type(e).__name__) from e
         with _reading(path), _single_process_quiet():
-            dcp.load(dict(self.shared), storage_reader=_SafeReader(path / STATE_DIR),
-                     planner=_SafeLoadPlanner(), no_dist=self.world_size == 1)
+            dcp.load(
+                dict(self.shared),
+                storage_reader=_SafeReader(path / STATE_DIR),
+                planner=_SafeLoadPlanner(),
+                no_dist=self.world_size == 1,
+            )
         saved_world = meta["world_size"]
         for name, part in self.per_rank.items():
             if name in self.optional and not _state_file(path, name, 0).exists():
                 continue
             same = saved_world == self.world_size
             if not same and not hasattr(part, "load_resharded"):
-                raise ValueError(f"checkpoint {path} was written by {saved_world} processes and its {name!r} "
-                                 f"state cannot be resharded: resume with {saved_world} processes")
+                raise ValueError(
+                    f"checkpoint {path} was written by {saved_world} processes and its {name!r} "
+                    f"state cannot be resharded: resume with {saved_world} processes"
+                )
             with _reading(path):
-                states = [_read_state_file(_state_file(path, name, r))
-                          for r in ([self.rank] if same else range(saved_world))]
+                states = [
+                    _read_state_file(_state_file(path, name, r))
+                    for r in ([self.rank] if same else range(saved_world))
+                ]
             if same:
                 part.load_state_dict(states[0])
             else:
@@ -408,8 +449,11 @@ def _unreadable(path: Path, problem: str) -> OSError:
     """The error for a damaged checkpoint: which one, why, and the previous one to resume from."""
     path = Path(path)
     earlier = [p for p in list_checkpoints(path.parent) if step_of(p) < step_of(path)]
-    fallback = (f"delete it to resume from the previous checkpoint {earlier[-1]}" if earlier
-                else "no earlier checkpoint is kept: delete it to start the run over")
+    fallback = (
+        f"delete it to resume from the previous checkpoint {earlier[-1]}"
+        if earlier
+        else "no earlier checkpoint is kept: delete it to start the run over"
+    )
     return OSError(f"checkpoint {path} is unreadable ({problem}); {fallback}")
 
 
@@ -417,7 +461,9 @@ def _unreadable(path: Path, problem: str) -> OSError:
 def _single_process_quiet() -> Iterator[None]:
     """DCP warns that it assumes a single process whenever there is no process group: that is intended."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         yield
 
 

@@ -94,8 +94,10 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if 0 in stages:
-            raise ValueError("lora adapts a pretrained decoder: drop stage 0 (plain AR pretraining trains "
-                             "every weight) from curriculum.stages, or set lora.rank=0")
+            raise ValueError(
+                "lora adapts a pretrained decoder: drop stage 0 (plain AR pretraining trains "
+                "every weight) from curriculum.stages, or set lora.rank=0"
+            )
 
 
 @dataclass
@@ -118,7 +120,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | bf16 | fp32
-    parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (sharded, FSDP2 per decoder layer)
+    parallel: str = (
+        "ddp"  # with several processes: ddp (replicated) | fsdp (sharded, FSDP2 per decoder layer)
+    )
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # the run's seed; also every sub-seed left unset (SUB_SEEDS)
     stop_after: int | None = None  # stop at this global step with a checkpoint (time-limited jobs)
@@ -151,12 +155,18 @@ class TrainConfig:
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
         if self.model.path is None and self.data.source != SYNTHETIC and self.model.tokenizer is None:
-            raise ValueError("a model built from scratch (no --model) needs the synthetic data or model.tokenizer")
+            raise ValueError(
+                "a model built from scratch (no --model) needs the synthetic data or model.tokenizer"
+            )
 
 
 # (section, field) of the seeds of one part of a run; None takes the run's `seed` (`TrainConfig.seeded`)
-SUB_SEEDS = (("model", "init_seed"), ("curriculum", "seed"), ("data", "synthetic_seed"),
-             ("data", "mixture_seed"))
+SUB_SEEDS = (
+    ("model", "init_seed"),
+    ("curriculum", "seed"),
+    ("data", "synthetic_seed"),
+    ("data", "mixture_seed"),
+)
 # fields that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE_FIELDS = ("output", "checkpoint", "log", "stop_after")
 # how the rows of a step are split over processes and micro-batches: free to change on resume (e.g.
@@ -174,8 +184,13 @@ def cpu_preset(scale: float = 1.0) -> TrainConfig:
     4 per step (512 tokens); 240 optimizer steps (123k tokens), three-stage curriculum."""
     return TrainConfig(
         data=DataConfig(source="fortunes", seq_len=128, micro_batch_size=4),
-        curriculum=CurriculumConfig(stages=[1, 2, 3], stage1_steps=scaled(20, scale), stage2_steps=scaled(60, scale),
-                                    stage3_steps=scaled(160, scale), infill_share=0.1),
+        curriculum=CurriculumConfig(
+            stages=[1, 2, 3],
+            stage1_steps=scaled(20, scale),
+            stage2_steps=scaled(60, scale),
+            stage3_steps=scaled(160, scale),
+            infill_share=0.1,
+        ),
         optim=OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.01),
         checkpoint=CheckpointConfig(every=20, keep=1),
         log=LogConfig(every=5),
@@ -230,10 +245,17 @@ def paper_preset(model: PaperModel, tokens: int, lora: bool = False) -> TrainCon
         output=f"runs/{model.key}{'-lora' if lora else ''}",
         model=ModelConfig(path=model.hub_id, gradient_checkpointing=True),
         data=DataConfig(source=PAPER_MIXTURE, seq_len=PAPER_SEQ_LEN, micro_batch_size=model.micro_batch),
-        curriculum=CurriculumConfig(stages=[1, 2, 3], stage1_steps=s1, stage2_steps=s2,
-                                    stage3_steps=steps - s1 - s2, infill_share=0.1),
-        optim=OptimConfig(lr=2e-4 if lora else 2e-5, warmup_steps=max(1, steps // 100), grad_accum=accum,
-                          weight_decay=0.0 if lora else 0.1, decay="cosine", min_lr_ratio=0.1),
+        curriculum=CurriculumConfig(
+            stages=[1, 2, 3], stage1_steps=s1, stage2_steps=s2, stage3_steps=steps - s1 - s2, infill_share=0.1
+        ),
+        optim=OptimConfig(
+            lr=2e-4 if lora else 2e-5,
+            warmup_steps=max(1, steps // 100),
+            grad_accum=accum,
+            weight_decay=0.0 if lora else 0.1,
+            decay="cosine",
+            min_lr_ratio=0.1,
+        ),
         lora=LoRAConfig(rank=64, dropout=0.05) if lora else LoRAConfig(),
         checkpoint=CheckpointConfig(every=500, keep=3),
         log=LogConfig(every=10),
@@ -264,9 +286,12 @@ def paper_presets() -> dict[str, TrainConfig]:
     table = {}
     for m in PAPER_MODELS:
         two = paper_preset(m, ABLATION_TOKENS)
-        table |= {m.key: paper_preset(m, PAPER_TOKENS), f"{m.key}-2b": two,
-                  f"{m.key}-2b-stage3-only": stage3_only(two),
-                  f"{m.key}-lora": paper_preset(m, PAPER_TOKENS, True)}
+        table |= {
+            m.key: paper_preset(m, PAPER_TOKENS),
+            f"{m.key}-2b": two,
+            f"{m.key}-2b-stage3-only": stage3_only(two),
+            f"{m.key}-lora": paper_preset(m, PAPER_TOKENS, True),
+        }
     return table
 
 
@@ -282,24 +307,44 @@ def presets(scale: float = 1.0) -> dict[str, TrainConfig]:
     exactly as many steps as "cpu" at every scale.
     """
     tiny = TrainConfig(
-        curriculum=CurriculumConfig(stages=[0, 1, 2, 3], stage0_steps=400, stage1_steps=100, stage2_steps=300,
-                                    stage3_steps=800, infill_share=0.1),
+        curriculum=CurriculumConfig(
+            stages=[0, 1, 2, 3],
+            stage0_steps=400,
+            stage1_steps=100,
+            stage2_steps=300,
+            stage3_steps=800,
+            infill_share=0.1,
+        ),
     )
     base = TrainConfig(
         data=DataConfig(source="HuggingFaceFW/fineweb", name="sample-10BT", seq_len=2048, micro_batch_size=4),
-        curriculum=CurriculumConfig(stages=[1, 2, 3], stage1_steps=500, stage2_steps=2000, stage3_steps=10000,
-                                    infill_share=0.1),
+        curriculum=CurriculumConfig(
+            stages=[1, 2, 3], stage1_steps=500, stage2_steps=2000, stage3_steps=10000, infill_share=0.1
+        ),
         optim=OptimConfig(lr=2e-5, warmup_steps=200, grad_accum=8, weight_decay=0.1),
         checkpoint=CheckpointConfig(every=500, keep=3),
         log=LogConfig(every=10),
     )
     # the ablations train stage 3 alone for as many steps as stages 1-3 together (stage 0 kept)
     tiny_cur = tiny.curriculum
-    tiny_ablation = dataclasses.replace(tiny, curriculum=dataclasses.replace(
-        tiny_cur, stages=[0, 3], stage3_steps=tiny_cur.stage1_steps + tiny_cur.stage2_steps + tiny_cur.stage3_steps))
+    tiny_ablation = dataclasses.replace(
+        tiny,
+        curriculum=dataclasses.replace(
+            tiny_cur,
+            stages=[0, 3],
+            stage3_steps=tiny_cur.stage1_steps + tiny_cur.stage2_steps + tiny_cur.stage3_steps,
+        ),
+    )
     cpu = cpu_preset(scale)
-    return {"tiny": tiny, "base": base, "stage3-only": stage3_only(base), "tiny-stage3-only": tiny_ablation,
-            "cpu": cpu, "cpu-stage3-only": stage3_only(cpu), **paper_presets()}
+    return {
+        "tiny": tiny,
+        "base": base,
+        "stage3-only": stage3_only(base),
+        "tiny-stage3-only": tiny_ablation,
+        "cpu": cpu,
+        "cpu-stage3-only": stage3_only(cpu),
+        **paper_presets(),
+    }
 
 
 def make_config(
@@ -322,7 +367,10 @@ def make_config(
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
     if scale != 1.0 and not name.startswith("cpu"):
-        raise ValueError(f"--scale multiplies the cpu presets' steps, not {name!r}'s: set its steps with -s curriculum.stageK_steps=N")
+        raise ValueError(
+            f"--scale multiplies the cpu presets' steps, not {name!r}'s: "
+            "set its steps with -s curriculum.stageK_steps=N"
+        )
     cfg = table[name]
     if model is not None:
         cfg.model.path = model
@@ -337,8 +385,15 @@ def make_config(
     return cfg
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "curriculum": CurriculumConfig, "optim": OptimConfig,
-            "lora": LoRAConfig, "checkpoint": CheckpointConfig, "log": LogConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "curriculum": CurriculumConfig,
+    "optim": OptimConfig,
+    "lora": LoRAConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
 
 
 def config_from_dict(d: dict) -> TrainConfig:

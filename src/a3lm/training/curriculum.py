@@ -67,7 +67,8 @@ class CurriculumConfig:
         for s in self.stages:
             if self.steps(s) < 1:
                 raise ValueError(
-                    f"stage {s} is listed but has {self.steps(s)} steps; give curriculum.stage{s}_steps >= 1, "
+                    f"stage {s} is listed but has {self.steps(s)} steps; "
+                    f"give curriculum.stage{s}_steps >= 1, "
                     f"or drop {s} from curriculum.stages to skip it"
                 )
         for name in ("stage2_max_size", "stage3_max_size"):
@@ -128,8 +129,12 @@ def _known_around_random_span(n: int, generator: torch.Generator) -> torch.Tenso
     return known
 
 
-def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator: torch.Generator,
-                   known_mask: torch.Tensor | None = None) -> torch.Tensor:
+def draw_group_ids(
+    policy: GroupPolicy,
+    attention_mask: torch.Tensor,
+    generator: torch.Generator,
+    known_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Group ids [B, N] for one micro-batch; every sample draws its own grouping (stage 3).
 
     BOS (each row's first real token) is always the earliest group, so it is context only.
@@ -159,8 +164,9 @@ def draw_group_ids(policy: GroupPolicy, attention_mask: torch.Tensor, generator:
     return torch.cat(rows, dim=0)
 
 
-def _known_first_groups(policy: GroupPolicy, attention_mask: torch.Tensor, known_mask: torch.Tensor,
-                        generator: torch.Generator) -> torch.Tensor:
+def _known_first_groups(
+    policy: GroupPolicy, attention_mask: torch.Tensor, known_mask: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """`draw_group_ids` with `known_mask` tokens first: the same orders, sizes and shares over the rest."""
     if policy.order in ("ar", "contiguous"):
         return groups.infill_groups(known_mask, attention_mask, policy.size, order="left-to-right")

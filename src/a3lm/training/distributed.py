@@ -41,7 +41,7 @@ class Dist:
 
 
 def device_kind(setting: str) -> str:
-    """"auto" -> cuda when available, else cpu; anything else as given."""
+    """ "auto" -> cuda when available, else cpu; anything else as given."""
     return setting if setting != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -100,7 +100,9 @@ def full_state_dict(model: nn.Module, fsdp: bool, all_ranks: bool = False) -> di
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    )
 
 
 def trainable_state_dict(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:

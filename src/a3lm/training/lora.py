@@ -41,8 +41,9 @@ def peft_config(model: nn.Module, cfg: LoRAConfig) -> LoraConfig:
     from peft import LoraConfig
 
     targets = list(cfg.target_modules) or decoder_linear_names(model)
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.scale_alpha, lora_dropout=cfg.dropout,
-                      target_modules=targets, bias="none")
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.scale_alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
+    )
 
 
 def add_adapters(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
@@ -53,8 +54,10 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     LoraModel(model, lora_cfg, ADAPTER)  # injects into `model` and marks only the adapters trainable
     missing = set(lora_cfg.target_modules) - {n.rsplit(".", 1)[-1] for n, _ in adapted_modules(model)}
     if missing:
-        raise ValueError(f"lora.target_modules names no module {sorted(missing)} in the decoder; its linear "
-                         f"layers are {decoder_linear_names(model)}")
+        raise ValueError(
+            f"lora.target_modules names no module {sorted(missing)} in the decoder; its linear "
+            f"layers are {decoder_linear_names(model)}"
+        )
     model.query_embed.requires_grad_(True)  # new in A3: trained in full
     return model
 
@@ -74,8 +77,9 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != wanted:
         missing, unexpected = sorted(wanted - set(state))[:4], sorted(set(state) - wanted)[:4]
-        raise ValueError(f"adapter state does not match the model: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(
+            f"adapter state does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     model.load_state_dict(state, strict=False)
 
 
@@ -125,5 +129,7 @@ def check_4bit(cfg: LoRAConfig) -> None:
     """Refuse lora.load_in_4bit in one line: 4-bit bitsandbytes bases are not wired into the two-stream
     model (its attention and last-layer hooks run on plain nn.Linear), and nothing here could test it."""
     if cfg.load_in_4bit:
-        raise ValueError("lora.load_in_4bit (QLoRA) is not available in this version of a3lm: train the "
-                         "adapters on a bf16 or fp32 base (lora.load_in_4bit=false)")
+        raise ValueError(
+            "lora.load_in_4bit (QLoRA) is not available in this version of a3lm: train the "
+            "adapters on a bf16 or fp32 base (lora.load_in_4bit=false)"
+        )

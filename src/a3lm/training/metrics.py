@@ -62,7 +62,9 @@ class MetricsLog(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.through = trainer.step
-        if self._file is not None and (trainer.step % self.log.every == 0 or trainer.step == trainer.total_steps):
+        if self._file is not None and (
+            trainer.step % self.log.every == 0 or trainer.step == trainer.total_steps
+        ):
             self._file.write(json.dumps(metrics) + "\n")
             self._file.flush()
             os.fsync(self._file.fileno())  # a kill leaves at most a torn last line (dropped on resume)
@@ -89,8 +91,13 @@ class MetricsLog(Callback):
         import wandb  # only when asked for
 
         out = self.path.parent
-        run = wandb.init(project=self.log.project, config=asdict(self.cfg), dir=str(out), id=wandb_run_id(out),
-                         resume="allow")
+        run = wandb.init(
+            project=self.log.project,
+            config=asdict(self.cfg),
+            dir=str(out),
+            id=wandb_run_id(out),
+            resume="allow",
+        )
         self._backends.append(lambda m: run.log(m, step=m["step"]))
         self._closers.append(run.finish)
 
@@ -98,8 +105,13 @@ class MetricsLog(Callback):
         from torch.utils.tensorboard import SummaryWriter  # only when asked for
 
         writer = SummaryWriter(str(self.path.parent / "tensorboard"))
-        self._backends.append(lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items()
-                                         if isinstance(v, int | float) and k != "step"])
+        self._backends.append(
+            lambda m: [
+                writer.add_scalar(k, v, m["step"])
+                for k, v in m.items()
+                if isinstance(v, int | float) and k != "step"
+            ]
+        )
         self._closers.append(writer.close)
 
 

@@ -44,9 +44,21 @@ class Schedule:
     warmup and decay (`OptimConfig.stage_schedule`: one per curriculum stage).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total: int, cfg: OptimConfig,
-                 segments: list[int] | None = None):
-        self.optimizer, self.peak_lr, self.total, self.cfg, self.step_count = optimizer, peak_lr, total, cfg, 0
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        peak_lr: float,
+        total: int,
+        cfg: OptimConfig,
+        segments: list[int] | None = None,
+    ):
+        self.optimizer, self.peak_lr, self.total, self.cfg, self.step_count = (
+            optimizer,
+            peak_lr,
+            total,
+            cfg,
+            0,
+        )
         self.segments = segments or [total]
         if sum(self.segments) != total:
             raise ValueError(f"schedule segments {self.segments} do not add up to the phase's {total} steps")
@@ -78,8 +90,9 @@ class Schedule:
         self._apply()
 
 
-def for_phase(model: nn.Module, cfg: OptimConfig, curriculum: CurriculumConfig, kind: str, start: int,
-              end: int) -> tuple[torch.optim.Optimizer, Schedule]:
+def for_phase(
+    model: nn.Module, cfg: OptimConfig, curriculum: CurriculumConfig, kind: str, start: int, end: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
     """A fresh optimizer and schedule for steps [start, end) of a phase of `kind` ("ar": stage 0's LR)."""
     lr = cfg.stage0_lr if kind == "ar" else cfg.lr
     optimizer = build_optimizer(model, cfg, lr)

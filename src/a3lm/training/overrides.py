@@ -40,7 +40,9 @@ def parse_as(tp: Any, text: str) -> Any:
         return parse_as(rest[0], text)
     if origin is list:
         item = args[0] if args else str
-        values = json.loads(text) if text.startswith("[") else [t.strip() for t in text.split(",") if t.strip()]
+        values = (
+            json.loads(text) if text.startswith("[") else [t.strip() for t in text.split(",") if t.strip()]
+        )
         return [parse_as(item, v if isinstance(v, str) else json.dumps(v)) for v in values]
     if tp is bool:
         if text.lower() not in TRUE + FALSE:
@@ -73,7 +75,9 @@ def locate(cfg: Any, key: str) -> tuple[Any, str, Any]:
     for part in path:
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names or not dataclasses.is_dataclass(getattr(obj, part)):
-            sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+            sections = [
+                f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))
+            ]
             raise ValueError(f"unknown config section {key!r}; sections: {sections}")
         obj = getattr(obj, part)
     names = [f.name for f in dataclasses.fields(obj)]
@@ -81,7 +85,9 @@ def locate(cfg: Any, key: str) -> tuple[Any, str, Any]:
         raise ValueError(f"unknown config key {key!r}; valid keys here: {names}")
     tp = field_types(type(obj))[name]
     if dataclasses.is_dataclass(tp):
-        raise ValueError(f"{key!r} is a section: set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+        raise ValueError(
+            f"{key!r} is a section: set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=..."
+        )
     return obj, name, tp
 
 

@@ -26,8 +26,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(group_gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-             "groups": group_gen.get_state()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "groups": group_gen.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,8 +82,10 @@ class ModelState:
             frozen = self._frozen()
             missing = [k for k in result.missing_keys if k not in frozen]
             if missing or result.unexpected_keys:
-                raise ValueError(f"checkpoint does not match the adapted model: missing {missing[:4]}, "
-                                 f"unexpected {list(result.unexpected_keys)[:4]}")
+                raise ValueError(
+                    f"checkpoint does not match the adapted model: missing {missing[:4]}, "
+                    f"unexpected {list(result.unexpected_keys)[:4]}"
+                )
 
 
 class DataPosition:

@@ -1,13 +1,13 @@
 """The run folder: where a training run keeps everything, and the config that identifies it.
 
-    config.json         the TrainConfig (a rerun with a different config is refused)
-    .a3lm.lock          flock-ed by the process training in the folder (holds its PID): one at a time
-    metrics.jsonl       one line per logged step
-    wandb_id            the run's wandb id (log.wandb), drawn once: a resume continues the same wandb run
-    checkpoints/step_N  see `checkpoint.CheckpointManager`
-    ar_final/           stage 0 only: the plain AR model after pretraining (+ tokenizer)
-    final/              the A3 model (+ tokenizer), `save_pretrained` (LoRA: the adapters merged in)
-    adapter/            LoRA runs: the adapters and query vector in peft's format (`lora.save_adapter`)
+config.json         the TrainConfig (a rerun with a different config is refused)
+.a3lm.lock          flock-ed by the process training in the folder (holds its PID): one at a time
+metrics.jsonl       one line per logged step
+wandb_id            the run's wandb id (log.wandb), drawn once: a resume continues the same wandb run
+checkpoints/step_N  see `checkpoint.CheckpointManager`
+ar_final/           stage 0 only: the plain AR model after pretraining (+ tokenizer)
+final/              the A3 model (+ tokenizer), `save_pretrained` (LoRA: the adapters merged in)
+adapter/            LoRA runs: the adapters and query vector in peft's format (`lora.save_adapter`)
 """
 
 from __future__ import annotations
@@ -130,8 +130,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunFolderBusy(f"run folder {self.out} is in use by another a3lm train (PID {holder}): "
-                               "wait for it to finish, or choose another --output") from None
+            raise RunFolderBusy(
+                f"run folder {self.out} is in use by another a3lm train (PID {holder}): "
+                "wait for it to finish, or choose another --output"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd: int | None = fd

@@ -37,7 +37,9 @@ class GradientStep:
     fsdp: bool
     grad_clip: float
 
-    def _micro_loss(self, batch: dict[str, torch.Tensor], policy: GroupPolicy, group_gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    def _micro_loss(
+        self, batch: dict[str, torch.Tensor], policy: GroupPolicy, group_gen: torch.Generator
+    ) -> tuple[torch.Tensor, int]:
         """(mean loss over the micro-batch's targets, number of targets); batch input_ids [B, N].
 
         Instruction batches carry labels (-100 off the answers) and known_mask (BOS and prompt, the
@@ -56,8 +58,9 @@ class GradientStep:
             return loss, int((targets != -100).sum())
         group_ids = draw_group_ids(policy, batch["attention_mask"], group_gen, batch.get("known_mask"))
         with amp:
-            out = self.ddp_model(input_ids=ids, group_ids=group_ids.to(self.device), attention_mask=mask,
-                                 labels=labels)
+            out = self.ddp_model(
+                input_ids=ids, group_ids=group_ids.to(self.device), attention_mask=mask, labels=labels
+            )
         return out.loss, int(out.num_targets)
 
     def _no_sync(self, last: bool) -> Any:
@@ -78,14 +81,21 @@ class GradientStep:
                 f"{step - 1}; the last checkpoint is intact. Lower optim.lr or use precision=fp32"
             )
 
-    def accumulate(self, batches: list[dict[str, torch.Tensor]], policy: GroupPolicy, group_gen: torch.Generator,
-                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(
+        self,
+        batches: list[dict[str, torch.Tensor]],
+        policy: GroupPolicy,
+        group_gen: torch.Generator,
+        step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradient of the global per-target mean loss; (loss sum, global target count)."""
         # Every grouping puts BOS (and an instruction's prompt) first, so the targets are known before
         # the forward, for exact weighting: every token after BOS of a packed row, the answer's tokens
         # (labels != -100) of an instruction row, under both objectives.
-        counts = [int((b["labels"][:, 1:] != -100).sum()) if "labels" in b else b["input_ids"][:, 1:].numel()
-                  for b in batches]
+        counts = [
+            int((b["labels"][:, 1:] != -100).sum()) if "labels" in b else b["input_ids"][:, 1:].numel()
+            for b in batches
+        ]
         total = self.dist.all_reduce(torch.tensor(float(sum(counts)), device=self.device))
         loss_sum = torch.zeros((), device=self.device)
         for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
@@ -101,11 +111,15 @@ class GradientStep:
 
     def clipped_grad_norm(self, policy: GroupPolicy, step: int) -> float:
         clip = self.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf")
+        )
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"non-finite gradient norm at step {step} ({describe(policy)}): the optimizer "
-                                     "did not step. Lower optim.lr or use precision=fp32")
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {step} ({describe(policy)}): the optimizer "
+                "did not step. Lower optim.lr or use precision=fp32"
+            )
         return float(grad_norm)

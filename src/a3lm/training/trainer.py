@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from a3lm.training.distributed import (
     wrap,
 )
 from a3lm.training.metrics import MetricsLog, ProgressBar
-from a3lm.training.outputs import save_lora_outputs, save_model_folder
+from a3lm.training.outputs import RunSaving
 from a3lm.training.parts import DataPosition, ModelState, RNGState, seed_everything
 from a3lm.training.run_folder import (
     AR_DIR,
@@ -102,7 +102,7 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(s, h)
 
 
-class Trainer:
+class Trainer(RunSaving):
     """Owns the model, optimizer, data and RNG of one rank; `fit()` runs the curriculum to its end.
 
     callbacks: run after the trainer's own metrics log and progress bar, in order (`callbacks.Callback`).
@@ -140,8 +140,9 @@ class Trainer:
         self.ddp_model: nn.Module | None = None
         self.phase: Phase | None = None
         self.ckpt_root = self.out / CHECKPOINTS_DIR
-        self.checkpoints = ckpt.CheckpointManager(self.ckpt_root, cfg.checkpoint.keep, self.dist.rank,
-                                                  self.dist.world_size, self.dist.barrier)
+        self.checkpoints = ckpt.CheckpointManager(
+            self.ckpt_root, cfg.checkpoint.keep, self.dist.rank, self.dist.world_size, self.dist.barrier
+        )
         self.rng = RNGState(cfg.curriculum.seed, self.dist.rank, self.dist.world_size, lambda: self.step)
         latest = self.checkpoints.latest()
         self._enter_phase(*(self._resume_skeleton(latest) if latest is not None else self._first_phase()))
@@ -173,8 +174,13 @@ class Trainer:
         return first, build.initial_model(self.cfg, first.kind, self.tokenizer)
 
     def _build_loader(self) -> PackedLoader:
-        loader = build_loader(self.cfg.data, self.tokenizer, self.dist.rank, self.dist.world_size,
-                              max_positions=max_positions(self.model))
+        loader = build_loader(
+            self.cfg.data,
+            self.tokenizer,
+            self.dist.rank,
+            self.dist.world_size,
+            max_positions=max_positions(self.model),
+        )
         loader.check_readable()
         return loader
 
@@ -201,10 +207,19 @@ class Trainer:
             build.enable_gradient_checkpointing(model)
         self.model = model
         self.ddp_model = wrap(model, self.dist, self.device, self.fsdp)
-        self.optimizer, self.schedule = optim.for_phase(model, self.cfg.optim, self.cfg.curriculum, phase.kind,
-                                                        phase.start, phase.end)
-        self.gradients = GradientStep(model, self.ddp_model, self.optimizer, self.dist, self.device, self.amp_dtype,
-                                      self.fsdp, self.cfg.optim.grad_clip)
+        self.optimizer, self.schedule = optim.for_phase(
+            model, self.cfg.optim, self.cfg.curriculum, phase.kind, phase.start, phase.end
+        )
+        self.gradients = GradientStep(
+            model,
+            self.ddp_model,
+            self.optimizer,
+            self.dist,
+            self.device,
+            self.amp_dtype,
+            self.fsdp,
+            self.cfg.optim.grad_clip,
+        )
         self.checkpoints.register("model", ModelState(model, trainable_only=adapt))
         self.checkpoints.register("optimizer", optim.OptimizerState(model, self.optimizer))
         self.checkpoints.register("schedule", self.schedule)
@@ -218,48 +233,6 @@ class Trainer:
         if self.fsdp:  # gather the shards into a plain CPU copy of the base model
             base = build.base_copy(base, full_state_dict(self.model, True, all_ranks=True))
         self._enter_phase(phase, A3ForCausalLM.from_base(base.eval().cpu()))
-
-    # -- saving ---------------------------------------------------------------------------------
-
-    def _save_model_dir(self, name: str) -> None:
-        """run/<name> = model + tokenizer (under LoRA, run/final merged and run/adapter); every rank calls it."""
-        if name == FINAL_DIR and lora.is_adapted(self.model):
-            save_lora_outputs(self.model, self.tokenizer, self.out, self.cfg, self.dist, self.fsdp)
-        else:
-            save_model_folder(self.model, self.tokenizer, self.out / name, self.dist, self.fsdp)
-
-    def rows_per_step(self) -> int:
-        return self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum * self.dist.world_size
-
-    def save_checkpoint(self) -> Path:
-        """Every registered part (sharded under FSDP), plus what a resume must know before building."""
-        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "phase": self.phase.kind,
-                "rows_per_step": self.rows_per_step(), "model_config": self.model.config.to_dict(),
-                "policy": asdict(policy_at(self.cfg.curriculum, max(self.step - 1, 0)))}
-        path = self.checkpoints.save(self.step, meta)
-        self._emit("on_save", path)
-        return path
-
-    def _resume_skeleton(self, path: Path) -> tuple[Phase, nn.Module]:
-        """The phase of checkpoint `path` and a model of its architecture (weights loaded later)."""
-        try:
-            meta = ckpt.read_meta(path)
-        except FileNotFoundError as e:
-            raise ValueError(f"checkpoint {path} has no {ckpt.META_FILE}: it was written by an older a3lm; "
-                             "start a new --output") from e
-        if meta["rows_per_step"] != self.rows_per_step():
-            raise ValueError(
-                f"checkpoint {path} was trained with {meta['rows_per_step']} rows per step; this run has "
-                f"data.micro_batch_size {self.cfg.data.micro_batch_size} x optim.grad_accum "
-                f"{self.cfg.optim.grad_accum} x {self.dist.world_size} processes = {self.rows_per_step()}: "
-                "change data.micro_batch_size or optim.grad_accum so the product matches"
-            )
-        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
-        # the phase the saved model belongs to (the step may sit exactly at its end)
-        phase = next(p for p in self.phases if p.kind == meta["phase"] and p.start < self.step <= p.end)
-        if self.cfg.lora.enabled:  # the checkpoint holds what trains; the frozen rest is the run's model
-            return phase, build.initial_model(self.cfg, phase.kind, self.tokenizer)
-        return phase, build.skeleton(meta["model_config"])
 
     # -- one optimizer step ---------------------------------------------------------------------
 
@@ -278,9 +251,18 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens
         loss = float(self.dist.all_reduce(loss_sum) / total)
-        return {"step": self.step, "stage": policy.stage, "group_size": policy.size, "order": policy.order,
-                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "step_tokens": tokens, "source_tokens": self._source_tokens()}
+        return {
+            "step": self.step,
+            "stage": policy.stage,
+            "group_size": policy.size,
+            "order": policy.order,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens_seen,
+            "step_tokens": tokens,
+            "source_tokens": self._source_tokens(),
+        }
 
     def _source_tokens(self) -> dict[str, int]:
         """Tokens of each data source put into rows so far, over every rank (BOS and padding not counted)."""
@@ -311,7 +293,8 @@ class Trainer:
         return None
 
     def _advance(self) -> Path | None:
-        """One step, its callbacks and the saves due after it; the checkpoint where `stop_after` ends the run."""
+        """One step, its callbacks and the saves due after it; the checkpoint where `stop_after` ends the
+        run."""
         if self.step >= self.phase.end:
             self._next_phase()
         if self.step == self.phase.start:
