@@ -317,66 +317,26 @@ def dense_two_stream_reference(
     query, key, value, mask, n_self: int, scaling, dropout: float, softcap: float | None = None
 ) -> torch.Tensor:
     """Reference two-stream attention with a dense mask (CUDA's sdpa backend, dropout, soft-capping):
-    [B, H, R, D]."""
+    [B, H, R, D]. The last n_self rows are query slots, each also seeing its own key (after the content
+    keys); the rows before them are content rows."""
     mask = mask if mask.dtype == torch.bool else mask == 0
-    n_content = mask.shape[-1]
+    n_content, rows_content = mask.shape[-1], query.shape[2] - n_self
     key, value = _repeat_kv(key, value, query.shape[1])
-    if softcap:  # SDPA cannot soft-cap: every row through the explicit softmax
-        rows_content = query.shape[2] - n_self
-        parts = [
-            _attend_with_self(
-                query[:, :, :rows_content],
-                key[:, :, :n_content],
-                value[:, :, :n_content],
-                None,
-                None,
-                mask[:, :, :rows_content],
-                scaling,
-                dropout,
-                softcap,
-            )
-        ]
-        if n_self:
-            parts.append(
-                _attend_with_self(
-                    query[:, :, rows_content:],
-                    key[:, :, :n_content],
-                    value[:, :, :n_content],
-                    key[:, :, n_content:],
-                    value[:, :, n_content:],
-                    mask[:, :, rows_content:],
-                    scaling,
-                    dropout,
-                    softcap,
-                )
-            )
-        return torch.cat(parts, dim=2)
-    if n_self == 0:
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-        )
-    rows_content = query.shape[2] - n_self
-    out_query = _attend_with_self(
-        query[:, :, rows_content:],
-        key[:, :, :n_content],
-        value[:, :, :n_content],
-        key[:, :, n_content:],
-        value[:, :, n_content:],
-        mask[:, :, rows_content:],
-        scaling,
-        dropout,
-    )
+    content_kv = key[:, :, :n_content], value[:, :, :n_content]
+    parts = []
     if rows_content:
-        out_content = F.scaled_dot_product_attention(
-            query[:, :, :rows_content],
-            key[:, :, :n_content],
-            value[:, :, :n_content],
-            attn_mask=mask[:, :, :rows_content],
-            dropout_p=dropout,
-            scale=scaling,
-        )
-        out_query = torch.cat([out_content, out_query], dim=2)
-    return out_query
+        q, m = query[:, :, :rows_content], mask[:, :, :rows_content]
+        if softcap:  # SDPA cannot soft-cap: the explicit softmax
+            parts.append(_attend_with_self(q, *content_kv, None, None, m, scaling, dropout, softcap))
+        else:
+            parts.append(
+                F.scaled_dot_product_attention(q, *content_kv, attn_mask=m, dropout_p=dropout, scale=scaling)
+            )
+    if n_self:
+        own_kv = key[:, :, n_content:], value[:, :, n_content:]
+        q, m = query[:, :, rows_content:], mask[:, :, rows_content:]
+        parts.append(_attend_with_self(q, *content_kv, *own_kv, m, scaling, dropout, softcap))
+    return torch.cat(parts, dim=2)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, a3_attention)
