@@ -317,8 +317,8 @@ def convert_command(
     ),
     seed: int = typer.Option(0, help="Seed of the new query vector (zero-shot numbers are reproducible)."),
 ) -> None:
-    """Convert a pretrained Llama/Qwen2/Mistral decoder into an A3 checkpoint (only the query vector is
-    new)."""
+    """Convert a pretrained decoder (Llama, Qwen2/3, Mistral, Gemma 1-3, OLMo 2, Phi-3, Granite, SmolLM3)
+    into an A3 checkpoint (only the query vector is new)."""
     from a3lm.model.convert import convert
 
     out = convert(src, output, gguf_file=gguf_file, seed=seed)
