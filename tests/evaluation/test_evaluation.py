@@ -11,9 +11,10 @@ import torch
 from lm_eval.api.instance import Instance
 
 from a3lm import groups, sequence_logprobs
+from a3lm.decoding.text import cut_at_stop
 from a3lm.evaluation.continuations import request_generator
 from a3lm.evaluation.genppl import judge_perplexity, unigram_entropy
-from a3lm.evaluation.lm_eval_adapter import A3LM, cut_at_stop
+from a3lm.evaluation.lm_eval_adapter import A3LM
 from a3lm.evaluation.rocstories import CLOZE_FILE, find_stories_file, infill_batch, read_stories, rouge
 from a3lm.evaluation.tasks import MissingDataError, run_harness
 from a3lm.evaluation.triviaqa import exact_match
@@ -135,9 +136,9 @@ def test_greedy_continuation_is_greedy(model, tokenizer, lm):
 
 
 def test_cut_at_stop_and_dynamic_generation(model, tokenizer):
-    assert cut_at_stop("paris. france", [".", "\n"]) == "paris"
-    assert cut_at_stop("a, b. c", [".", ","]) == "a"
-    assert cut_at_stop("no stop", ["", "."]) == "no stop"
+    assert cut_at_stop("paris. france", [".", "\n"]) == ("paris", True)
+    assert cut_at_stop("a, b. c", [".", ","]) == ("a", True)
+    assert cut_at_stop("no stop", ["", "."]) == ("no stop", False)
     lm = A3LM(model, tokenizer=tokenizer, gen_mode="dynamic", criterion="entropy", per_step=2, batch_size=2)
     reqs = [
         Instance("generate_until", {}, (c, {"until": ["."], "max_gen_toks": 4}), i)

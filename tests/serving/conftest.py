@@ -10,14 +10,16 @@ import uvicorn
 from a3lm.decoding.api import load_pretrained
 from a3lm.model.debug import tiny_a3_model, tiny_bpe_tokenizer
 from a3lm.serving.app import create_app
-from a3lm.serving.engine import Limits
+from a3lm.serving.engine import ServerLimits
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 NAME = "tiny"
-LIMITS = Limits(max_tokens=100, max_prompt_tokens=120, max_n=4, max_body_bytes=64 * 1024, batch_wait_s=0.02)
+LIMITS = ServerLimits(
+    max_tokens=100, max_prompt_tokens=120, max_n=4, max_body_bytes=64 * 1024, batch_wait_s=0.02
+)
 
 
 def free_port() -> int:

@@ -186,3 +186,10 @@ def infill_text(
     warn_unknown_words(tokenizer, _BLANK.sub(" ", text))
     input_ids, known = encode_with_blanks(tokenizer, text, limits_for(model))
     return _text_and_picture(tokenizer, infill(model, input_ids, known, **kwargs))
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
+    """text up to its first stop string (not included; empty stop strings are ignored), and whether one
+    was hit."""
+    hits = [i for i in (text.find(s) for s in stops or [] if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)

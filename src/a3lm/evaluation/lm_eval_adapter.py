@@ -34,6 +34,7 @@ from transformers import AutoTokenizer
 
 from a3lm.decoding.api import sample
 from a3lm.decoding.config import DecodingConfig
+from a3lm.decoding.text import cut_at_stop
 from a3lm.evaluation.continuations import generation_generator, prefix_token_id, score_continuations
 from a3lm.files import require_a3
 from a3lm.groups import check_order
@@ -319,7 +320,7 @@ class A3LM(TemplateLM):
         rows = self.sample_rows(
             input_ids.to(self.device), attention_mask.to(self.device), length, temperature, gen_kwargs
         )
-        return [cut_at_stop(self.tok_decode(row), until) for row in rows]
+        return [cut_at_stop(self.tok_decode(row), until)[0] for row in rows]
 
     def sample_rows(
         self,
@@ -515,9 +516,3 @@ def describe_decoding(config: DecodingConfig) -> dict[str, Any]:
         "top_p": config.top_p,
         "use_cache": config.use_cache,
     }
-
-
-def cut_at_stop(text: str, until: list[str]) -> str:
-    """text up to the first occurrence of any stop string (stop strings that are empty are ignored)."""
-    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
-    return text[:cut]

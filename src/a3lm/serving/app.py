@@ -32,7 +32,7 @@ from a3lm.decoding.api import load_pretrained
 from a3lm.decoding.config import DecodingConfig
 from a3lm.decoding.text import encode_with_blanks
 from a3lm.model.modeling import A3ForCausalLM, max_positions
-from a3lm.serving.engine import Engine, Job, Limits, RowResult
+from a3lm.serving.engine import Engine, Job, RowResult, ServerLimits
 from a3lm.serving.schemas import A3Options, APIError, ChatRequest, CompletionRequest, parse_request
 from a3lm.serving.text import piece, remaining
 from a3lm.tokenizer import encode_row
@@ -44,7 +44,9 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for completions
 class Server:
     """What the routes need: the model, its tokenizer, its name, the limits and the decoding engine."""
 
-    def __init__(self, model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, name: str, limits: Limits):
+    def __init__(
+        self, model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, name: str, limits: ServerLimits
+    ):
         self.model, self.tokenizer, self.name, self.limits = model, tokenizer, name, limits
         self.max_positions = max_positions(model)
         self.engine = Engine(model, tokenizer, limits)
@@ -324,10 +326,10 @@ async def stream_events(server: Server, job: Job, request: Request, chat: bool) 
 
 
 def create_app(
-    model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, name: str, limits: Limits | None = None
+    model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, name: str, limits: ServerLimits | None = None
 ) -> FastAPI:
     """The FastAPI app serving `model` as `name`; its lifespan starts and stops the decoding worker."""
-    server = Server(model, tokenizer, name, limits or Limits())
+    server = Server(model, tokenizer, name, limits or ServerLimits())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -412,7 +414,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     name: str | None = None,
-    limits: Limits | None = None,
+    limits: ServerLimits | None = None,
     graceful_s: int = 5,
 ) -> None:
     """Load the A3 checkpoint and serve it until SIGINT / SIGTERM (in-flight requests get

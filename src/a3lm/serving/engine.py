@@ -31,13 +31,14 @@ from transformers import PreTrainedTokenizerBase
 
 from a3lm.decoding.api import infill, sample
 from a3lm.decoding.config import DecodingConfig
+from a3lm.decoding.text import cut_at_stop
 from a3lm.model.modeling import A3ForCausalLM
 from a3lm.serving.schemas import APIError
-from a3lm.serving.text import TextStream, cut_at_stop, piece
+from a3lm.serving.text import TextStream, piece
 
 
 @dataclass(frozen=True)
-class Limits:
+class ServerLimits:
     """What one request may ask, and how much the server holds at once."""
 
     max_prompt_tokens: int = 2048
@@ -107,7 +108,7 @@ class Cancelled(Exception):
 class Engine:
     """The queue and its worker thread; `submit` from the event loop, results come back as job events."""
 
-    def __init__(self, model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, limits: Limits):
+    def __init__(self, model: A3ForCausalLM, tokenizer: PreTrainedTokenizerBase, limits: ServerLimits):
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from a3lm.decoding.text import cut_at_stop
+
 
 def piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     """One token as text ("" for special tokens; <id> past the vocabulary, from a padded embedding)."""
     if token_id >= len(tokenizer):
         return f"<{token_id}>"
     return tokenizer.decode([token_id], skip_special_tokens=True)
-
-
-def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
-    """text up to its first stop string (OpenAI: the stop string is not returned), and whether one was hit."""
-    hits = [i for i in (text.find(s) for s in stops or []) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
 
 
 class TextStream:
