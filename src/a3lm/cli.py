@@ -660,9 +660,9 @@ def serve_command(
     """Serve the model over an OpenAI-compatible HTTP API (completions with suffix infilling, chat), and the
     page at /."""
     from a3lm.serving.app import serve
-    from a3lm.serving.engine import Limits
+    from a3lm.serving.engine import ServerLimits
 
-    serve(model, host, port, name, Limits(max_tokens=max_tokens, max_batch_rows=max_batch_rows), graceful)
+    serve(model, host, port, name, ServerLimits(max_tokens=max_tokens, max_batch_rows=max_batch_rows), graceful)
 
 
 if __name__ == "__main__":
