@@ -662,7 +662,9 @@ def serve_command(
     from a3lm.serving.app import serve
     from a3lm.serving.engine import ServerLimits
 
-    serve(model, host, port, name, ServerLimits(max_tokens=max_tokens, max_batch_rows=max_batch_rows), graceful)
+    serve(
+        model, host, port, name, ServerLimits(max_tokens=max_tokens, max_batch_rows=max_batch_rows), graceful
+    )
 
 
 if __name__ == "__main__":
