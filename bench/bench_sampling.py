@@ -32,24 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_model import CPU_CONFIG, QUICK_CONFIG
 
 from a3lm import A3ForCausalLM
 from a3lm.decoding.api import infill, sample
 from a3lm.model.debug import tiny_base_model
 from a3lm.model.modeling import MIN_SKIPPED_ROWS
 
-CONFIG = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
-QUICK_CONFIG = dict(
-    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
 SIZES = dict(prompt=16, new=128, dynamic=256, recompute=512, recompute_k=16)
 QUICK_SIZES = dict(prompt=8, new=16, dynamic=32, recompute=48, recompute_k=8)
 
@@ -100,6 +89,21 @@ def _timer(fn: Callable[[], object], device: str) -> Callable[[], float]:
     return run
 
 
+def generate_timer(base: torch.nn.Module, prompt: torch.Tensor, n: int, device: str) -> Callable[[], float]:
+    """Times the baseline: transformers' greedy `generate()` of exactly n tokens after `prompt`."""
+    return _timer(
+        lambda: base.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        ),
+        device,
+    )
+
+
 def paired(
     baseline: Callable[[], float], candidate: Callable[[], float], repeats: int, warmup: bool = True
 ) -> dict:
@@ -133,17 +137,7 @@ def suite_rows(
     prompt[:, 0] = 1  # BOS
 
     def ar(n: int) -> Callable[[], float]:
-        run = _timer(
-            lambda: base.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            ),
-            device,
-        )
+        run = generate_timer(base, prompt, n, device)
         return lambda: run() / n
 
     def a3_run(n: int, **kwargs) -> Callable[[], float]:
@@ -221,17 +215,7 @@ def speculative_rows(
             return infill(a3, ids, known, temperature=1.0, seed=0, **kw)
         return sample(a3, prompt, length=n, order=order, temperature=1.0, seed=0, stop_at_eos=False, **kw)
 
-    ar = _timer(
-        lambda: base.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        ),
-        device,
-    )
+    ar = generate_timer(base, prompt, n, device)
     rows = []
     for order in ("left-to-right", "random", "infilling"):
         s1 = _timer(lambda order=order: run(order), device)
@@ -327,7 +311,7 @@ def main() -> None:
         a3 = A3ForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
         base, config = base_from_a3(a3), a3.config.text_config.to_dict()
     else:
-        config = QUICK_CONFIG if args.quick else CONFIG
+        config = QUICK_CONFIG if args.quick else CPU_CONFIG
         base = tiny_base_model(args.family, **config).to(device).eval()
         a3 = A3ForCausalLM.from_base(base).eval()
         base.set_attn_implementation("sdpa")

@@ -31,6 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_model  # noqa: E402
 from bench_model import interleaved_times, peak_memory_growth  # noqa: E402
 
 import a3lm  # noqa: E402
@@ -49,15 +50,7 @@ LLAMA_3_2_1B = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
-CPU_CONFIG = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-)
+CPU_CONFIG = {**bench_model.CPU_CONFIG, "max_position_embeddings": 2048}
 QUICK_CONFIG = dict(
     vocab_size=512,
     hidden_size=64,
