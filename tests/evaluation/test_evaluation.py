@@ -284,18 +284,24 @@ def write_csv(path, header, rows):
         writer.writerows(rows)
 
 
+SENTENCES = ("the cat sat .", "a dog ran .", "the dog went home .", "the cat sat on the mat .", "the end .")
+STORY_HEADER = ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))]
+
+
+def write_two_stories(data):
+    """data/rocstories/stories.csv: SENTENCES as one story, and reversed as a second."""
+    write_csv(
+        data / "rocstories" / "stories.csv",
+        STORY_HEADER,
+        [["s1", "t", *SENTENCES], ["s2", "t", *SENTENCES[::-1]]],
+    )
+
+
 def test_read_both_story_layouts_and_infill_inputs(model, tokenizer, tmp_path):
-    sentences = [
-        "the cat sat .",
-        "a dog ran .",
-        "the dog went home .",
-        "the cat sat on the mat .",
-        "the end .",
-    ]
     write_csv(
         tmp_path / "roc.csv",
-        ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
-        [["s1", "t", *sentences]],
+        STORY_HEADER,
+        [["s1", "t", *SENTENCES]],
     )
     header = [
         "InputStoryid",
@@ -305,16 +311,16 @@ def test_read_both_story_layouts_and_infill_inputs(model, tokenizer, tmp_path):
         "AnswerRightEnding",
     ]
     write_csv(
-        tmp_path / "rocstories" / CLOZE_FILE, header, [["c1", *sentences[:4], "bad end .", sentences[4], "2"]]
+        tmp_path / "rocstories" / CLOZE_FILE, header, [["c1", *SENTENCES[:4], "bad end .", SENTENCES[4], "2"]]
     )
     roc = read_stories(tmp_path / "roc.csv")
     cloze = read_stories(find_stories_file(tmp_path))
-    assert roc[0].sentences == cloze[0].sentences == tuple(sentences)
+    assert roc[0].sentences == cloze[0].sentences == SENTENCES
 
     input_ids, known, mask = infill_batch(tokenizer, roc, blank_length=None)
-    story = tokenizer(" ".join(sentences))["input_ids"]  # BOS + the whole story
-    middle = tokenizer.encode(" " + sentences[2], add_special_tokens=False)
-    n_prefix = 1 + len(tokenizer.encode(" ".join(sentences[:2]), add_special_tokens=False))
+    story = tokenizer(" ".join(SENTENCES))["input_ids"]  # BOS + the whole story
+    middle = tokenizer.encode(" " + SENTENCES[2], add_special_tokens=False)
+    n_prefix = 1 + len(tokenizer.encode(" ".join(SENTENCES[:2]), add_special_tokens=False))
     assert input_ids[0][known[0]].tolist() == story[:n_prefix] + story[n_prefix + len(middle) :]
     assert int((~known[0] & mask[0].bool()).sum()) == len(middle)
     assert int((~infill_batch(tokenizer, roc, blank_length=9)[1][0]).sum()) == 9
@@ -372,18 +378,7 @@ def test_registered_and_cli_eval(model, tokenizer, tmp_path):
         data / "piqa" / "validation.jsonl",
         [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": i % 2} for i in range(3)],
     )
-    sentences = [
-        "the cat sat .",
-        "a dog ran .",
-        "the dog went home .",
-        "the cat sat on the mat .",
-        "the end .",
-    ]
-    write_csv(
-        data / "rocstories" / "stories.csv",
-        ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
-        [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]],
-    )
+    write_two_stories(data)
     out = tmp_path / "results.json"
     args = [
         "eval",
@@ -617,18 +612,7 @@ def test_cli_base_and_a3_rows_with_every_generation(model, tokenizer, base_dir, 
     model.save_pretrained(run_dir)
     tokenizer.save_pretrained(run_dir)
     write_likelihood_fixtures(data)
-    sentences = [
-        "the cat sat .",
-        "a dog ran .",
-        "the dog went home .",
-        "the cat sat on the mat .",
-        "the end .",
-    ]
-    write_csv(
-        data / "rocstories" / "stories.csv",
-        ["storyid", "storytitle", *(f"sentence{i}" for i in range(1, 6))],
-        [["s1", "t", *sentences], ["s2", "t", *sentences[::-1]]],
-    )
+    write_two_stories(data)
     out = tmp_path / "results.json"
     args = [
         "eval",

@@ -40,14 +40,7 @@ def write_llama_gguf(path, model, tok: Tokenizer) -> None:
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t.startswith("<|") else 1 for t, _ in vocab])  # 3 = control
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_bos_token_id(tok.token_to_id("<|im_start|>"))
-    w.add_eos_token_id(tok.token_to_id("<|im_end|>"))
+    _add_tokenizer(w, tok)
     names = {
         "self_attn.q_proj": "attn_q",
         "self_attn.k_proj": "attn_k",
@@ -117,6 +110,7 @@ def write_family_gguf(path, model, tok: Tokenizer, arch: str) -> None:
         w.add_sliding_window(cfg.sliding_window)
     w.add_vocab_size(cfg.vocab_size)
     _add_tokenizer(w, tok)
+    w.add_pad_token_id(tok.token_to_id("<|endoftext|>"))  # Phi-3's default pad id (32000) is past this vocab
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.num_hidden_layers
     )
@@ -143,7 +137,6 @@ def _add_tokenizer(w, tok: Tokenizer) -> None:
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_bos_token_id(tok.token_to_id("<|im_start|>"))
     w.add_eos_token_id(tok.token_to_id("<|im_end|>"))
-    w.add_pad_token_id(tok.token_to_id("<|endoftext|>"))  # Phi-3's default pad id (32000) is past this vocab
 
 
 @pytest.mark.parametrize("family", list(GGUF_FAMILIES))
