@@ -596,7 +596,8 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
 # -- data parallel -------------------------------------------------------------------------------------
 
 
-def _dist_worker(rank: int, world: int, port: int, out: str, parallel: str) -> None:
+def _as_rank(rank: int, world: int, port: int) -> None:
+    """In a spawned worker: one thread, and the environment torchrun would give rank `rank` of `world`."""
     import os
 
     torch.set_num_threads(1)
@@ -607,6 +608,10 @@ def _dist_worker(rank: int, world: int, port: int, out: str, parallel: str) -> N
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
+
+
+def _dist_worker(rank: int, world: int, port: int, out: str, parallel: str) -> None:
+    _as_rank(rank, world, port)
     cfg = tiny_cfg(Path(out), stages=[0, 3], stage0_steps=2, stage3_steps=3)
     cfg.parallel = parallel
     cfg.stop_after = 3  # stop mid stage 3, then resume in a new trainer (in the same process group:
@@ -695,16 +700,7 @@ def _reshard_cfg(out: Path, world: int) -> TrainConfig:
 
 
 def _reshard_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    import os
-
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    _as_rank(rank, world, port)
     tmp = Path(tmp)
     cfg = _reshard_cfg(tmp / "two_to_one", world)
     cfg.stop_after = 3  # on 2 processes to step 3 (mid A3 phase); the parent finishes it on 1
