@@ -11,21 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from a3lm.cli import A3Typer, app
-from a3lm.model.debug import tiny_a3_model
-from a3lm.tokenizer import word_tokenizer
 
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", ".", "a", "big"]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny A3 model with 24 positions and a word-level tokenizer."""
-    path = tmp_path_factory.mktemp("a3")
-    tokenizer = word_tokenizer(WORDS)
-    tiny_a3_model("llama", vocab_size=len(tokenizer), max_position_embeddings=24).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
